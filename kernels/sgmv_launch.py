@@ -13,8 +13,14 @@ import triton
 
 from lorafleet.kernels.sgmv_triton import _sgmv_expand_kernel, _sgmv_shrink_kernel
 
-# Enough programs to cover every SM of a large GPU about twice.
-_TARGET_PROGRAMS = 264
+# Enough programs to keep every SM of a large GPU (132 on an H100/H200) busy several times over:
+# these kernels are memory-bound, so parallel loads in flight are what matters.
+_TARGET_PROGRAMS = 528
+# Launch parameters (module-level so benchmarks/bench_sgmv.py --sweep can vary them).
+SHRINK_BLOCK_K = 256
+SHRINK_NUM_WARPS = 4
+EXPAND_BLOCK_N = 128
+EXPAND_NUM_WARPS = 4
 
 
 def _seg_block(num_segs: int) -> int:
@@ -26,9 +32,10 @@ def _seg_block(num_segs: int) -> int:
 
 
 def _block_m(T: int, num_segs: int) -> int:
-    """Short segments (decode) use the smallest tensor-core tile; long ones (prefill) a wider tile."""
+    """Short segments (decode) and small batches use the smallest tensor-core tile, which gives the
+    most programs; long segments of a large batch (prefill) a wider tile that re-reads A and B less."""
     avg_rows = T / max(num_segs, 1)
-    return 16 if avg_rows <= 24 else 64
+    return 16 if avg_rows <= 24 or T <= 256 else 64
 
 
 def _max_tiles(T: int, num_segs: int, block_m: int) -> int:
@@ -41,6 +48,29 @@ def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
     if delta % t.element_size():
         raise ValueError("slice stacks must be aligned to their element size")
     return delta // t.element_size()
+
+
+class _ColumnPlan:
+    """How output columns of 1..3 slices are cut into programs: each program covers N_PER_PROG
+    columns of one slice in a loop over BLOCK_N chunks (several weight loads in flight, one segment
+    lookup), with N_PER_PROG shrunk until the grid covers the GPU."""
+
+    def __init__(self, lora_bs: Sequence[torch.Tensor], tiles: int, block_m: int) -> None:
+        self.block_n = EXPAND_BLOCK_N if block_m == 16 else 64
+        self.widths = [b.shape[1] for b in lora_bs] + [0] * (3 - len(lora_bs))
+        self.cols = [0, self.widths[0], self.widths[0] + self.widths[1]]
+        per_prog = triton.cdiv(max(self.widths), self.block_n)
+        while per_prog > 1 and tiles * self._programs(per_prog * self.block_n) < _TARGET_PROGRAMS:
+            per_prog = triton.cdiv(per_prog, 2)
+        self.n_per_prog = per_prog * self.block_n
+        self.n_progs = [triton.cdiv(w, self.n_per_prog) for w in self.widths]
+        self.grid = (tiles, sum(self.n_progs))
+        b0 = lora_bs[0]
+        self.b_offs = [_elem_offset(b, b0) for b in lora_bs] + [0, 0]
+        self.slot_strides = [b.stride(0) for b in lora_bs] + [0] * (3 - len(lora_bs))
+
+    def _programs(self, n_per_prog: int) -> int:
+        return sum(triton.cdiv(w, n_per_prog) for w in self.widths)
 
 
 def shrink(
@@ -61,14 +91,15 @@ def shrink(
     block_r = min(64, max(16, triton.next_power_of_2(r_max)))
     num_r_tiles = triton.cdiv(r_max, block_r)
     tiles = _max_tiles(T, num_segs, block_m)
-    block_k = 128 if block_m == 16 else 64
-    # Split h_in until the grid covers the GPU, keeping at least 512 columns per program.
+    block_k = SHRINK_BLOCK_K if block_m == 16 else 64
+    # Split h_in until the grid covers the GPU. Expand re-reads every partial, so long (prefill)
+    # tiles, whose partials are large, split less.
+    max_split = 16 if block_m == 16 else 4
     split_k = 1
     while (
         tiles * n_slices * num_r_tiles * split_k < _TARGET_PROGRAMS
-        and h_in // (split_k * 2) >= 512
-        and split_k < 16
-        and block_m == 16
+        and h_in // (split_k * 2) >= block_k
+        and split_k < max_split
     ):
         split_k *= 2
     k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
@@ -105,7 +136,7 @@ def shrink(
         BLOCK_K=block_k,
         SEG_BLOCK=_seg_block(num_segs),
         IEEE=x.dtype == torch.float32,
-        num_warps=4,
+        num_warps=SHRINK_NUM_WARPS,
     )
     return out
 
@@ -127,51 +158,43 @@ def expand(
     n_slices = len(lora_bs)
     r_max = lora_bs[0].shape[2]
     block_m = _block_m(T, num_segs)
-    block_n = 128 if block_m == 16 else 64
     block_r = min(64, max(16, triton.next_power_of_2(r_max)))
-    widths = [b.shape[1] for b in lora_bs] + [0] * (3 - n_slices)
-    cols = [0, widths[0], widths[0] + widths[1]]
-    n_tiles = [triton.cdiv(w, block_n) for w in widths]
-    b0 = lora_bs[0]
-    offs = [_elem_offset(b, b0) for b in lora_bs] + [0, 0]
-    strides = [b.stride(0) for b in lora_bs] + [0, 0]
-    grid = (_max_tiles(T, num_segs, block_m), sum(n_tiles))
-    _sgmv_expand_kernel[grid](
+    cols = _ColumnPlan(lora_bs, _max_tiles(T, num_segs, block_m), block_m)
+    _sgmv_expand_kernel[cols.grid](
         y,
         partials,
-        b0,
+        lora_bs[0],
         seg_indptr,
         seg_slots,
         ranks,
         scales,
-        offs[1],
-        offs[2],
+        cols.b_offs[1],
+        cols.b_offs[2],
         num_segs,
         T,
         r_max,
-        widths[0],
-        widths[1],
-        widths[2],
-        cols[0],
-        cols[1],
-        cols[2],
-        n_tiles[0],
-        n_tiles[0] + n_tiles[1],
+        *cols.widths,
+        *cols.cols,
+        cols.n_progs[0],
+        cols.n_progs[0] + cols.n_progs[1],
         y.stride(0),
         partials.stride(0),
         partials.stride(1),
         partials.stride(2),
-        strides[0],
-        strides[1],
-        strides[2],
+        *cols.slot_strides,
         ranks.stride(0),
         scales.stride(0),
         NUM_SPLITS=partials.shape[0],
         NUM_SLICES=n_slices,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_N=cols.block_n,
         BLOCK_R=block_r,
+        N_PER_PROG=cols.n_per_prog,
+        HOIST=r_max <= block_r,
         SEG_BLOCK=_seg_block(num_segs),
         IEEE=y.dtype == torch.float32,
-        num_warps=4,
+        num_warps=EXPAND_NUM_WARPS,
+        # Without hoisting, pipelining the split-K partial loads of the inner rank loop would
+        # need more shared memory than the GPU has.
+        num_stages=3 if r_max <= block_r else 1,
     )

@@ -22,6 +22,15 @@ BACKEND_DTYPES = [
 POPULARITIES = ["distinct", "uniform", "skewed", "identical"]
 
 
+@pytest.fixture(params=[16, 64], ids=["narrow-tiles", "wide-tiles"])
+def triton_path(request, monkeypatch):
+    """Decode-shaped batches use 16-row tiles, prefill-shaped ones 64; force each on every shape."""
+    from lorafleet.kernels import sgmv_launch
+
+    monkeypatch.setattr(sgmv_launch, "_block_m", lambda T, num_segs: request.param)
+    return request.param
+
+
 def make_problem(
     gen: torch.Generator,
     dtype: torch.dtype,
@@ -71,7 +80,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
 @pytest.mark.parametrize("popularity", POPULARITIES)
-def test_add_lora_popularities(backend, dtype, tol, popularity):
+def test_add_lora_popularities(backend, dtype, tol, popularity, triton_path):
     gen = torch.Generator().manual_seed(hash(popularity) % 1000)
     n_slots = 40
     token_slots = popularity_slots(popularity, 36, n_slots, gen)
@@ -85,7 +94,7 @@ def test_add_lora_popularities(backend, dtype, tol, popularity):
 
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
-def test_empty_segments_and_base_rows(backend, dtype, tol):
+def test_empty_segments_and_base_rows(backend, dtype, tol, triton_path):
     gen = torch.Generator().manual_seed(1)
     # Empty segments at the start, middle and end; two base-model (-1) segments.
     indptr = [0, 0, 5, 5, 9, 30, 31, 31, 40, 40]
@@ -100,8 +109,8 @@ def test_empty_segments_and_base_rows(backend, dtype, tol):
 
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
-def test_prefill_shaped_segments(backend, dtype, tol):
-    """Long segments take the wide-tile path; mixed ranks including the full r_max."""
+def test_prefill_shaped_segments(backend, dtype, tol, triton_path):
+    """Long segments; mixed ranks including the full r_max."""
     gen = torch.Generator().manual_seed(2)
     indptr = [0, 70, 71, 160, 230]
     slots = [2, 0, 5, 1]
@@ -128,7 +137,7 @@ def test_split_k_and_rank_tiles(backend, dtype, tol):
 
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
-def test_fused_slices(backend, dtype, tol):
+def test_fused_slices(backend, dtype, tol, triton_path):
     """One call writes q|k|v column slices, each with its own stacks, widths, ranks and scales."""
     gen = torch.Generator().manual_seed(4)
     indptr, slots = [0, 3, 4, 11, 20], [2, -1, 0, 5]

@@ -1,0 +1,351 @@
+"""`lorafleet bench`: an open-loop load generator against a lorafleet server.
+
+Each planned request is sent at its arrival time (never waiting for earlier ones), streamed to the
+end, and timed: TTFT = first token - send, TPOT = (last token - first token) / (tokens - 1).
+A poller samples GetClusterStatus to record how many workers were in use over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
+
+from lorafleet.client import ApiError, AsyncClient
+from lorafleet.progress import ProgressBar
+from lorafleet.workload import (
+    POPULARITIES,
+    PlannedRequest,
+    TraceRow,
+    percentile,
+    prompt_token_ids,
+    read_azure_trace,
+    synthetic_workload,
+    trace_workload,
+)
+
+ALIAS_PREFIX = "bench-"
+
+
+@dataclass
+class RequestRecord:
+    adapter: str | None
+    prompt_len: int
+    sent_at: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    done_at: float | None = None
+    tokens: int = 0
+    status: str = "ok"  # "ok" or the gRPC status name, lower case
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    t_s: float
+    active: int  # workers taking requests
+    busy: int  # workers running at least one sequence
+    running: int
+    queue_len: int
+
+
+@dataclass
+class BenchReport:
+    requests: int
+    completed: int
+    errors: dict[str, int]
+    wall_s: float
+    generated_tokens: int
+    tokens_per_s: float
+    requests_per_s: float
+    ttft_s: dict[str, float | None]
+    tpot_s: dict[str, float | None]
+    e2e_s: dict[str, float | None]
+    workers_over_time: list[WorkerSample] = field(default_factory=list)
+    max_busy_workers: int = 0
+    mean_busy_workers: float = 0.0
+    migrations: int = 0
+    preemptions: int = 0
+    adapters_used: int = 0
+    clamped: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    return {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
+
+
+def summarize(
+    records: list[RequestRecord], wall_s: float, samples: list[WorkerSample], counters: dict[str, int]
+) -> BenchReport:
+    ok = [r for r in records if r.status == "ok"]
+    ttft = [r.first_token_at - r.sent_at for r in ok if r.first_token_at is not None]
+    tpot = [
+        (r.last_token_at - r.first_token_at) / (r.tokens - 1)
+        for r in ok
+        if r.tokens > 1 and r.first_token_at is not None and r.last_token_at is not None
+    ]
+    e2e = [r.done_at - r.sent_at for r in ok if r.done_at is not None]
+    tokens = sum(r.tokens for r in records)
+    busy = [s.busy for s in samples]
+    return BenchReport(
+        requests=len(records),
+        completed=len(ok),
+        errors=dict(Counter(r.status for r in records if r.status != "ok")),
+        wall_s=wall_s,
+        generated_tokens=tokens,
+        tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
+        requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0,
+        ttft_s=_quantiles(ttft),
+        tpot_s=_quantiles(tpot),
+        e2e_s=_quantiles(e2e),
+        workers_over_time=samples,
+        max_busy_workers=max(busy, default=0),
+        mean_busy_workers=sum(busy) / len(busy) if busy else 0.0,
+        migrations=counters.get("migrations", 0),
+        preemptions=counters.get("preemptions", 0),
+        adapters_used=len({r.adapter for r in records}),
+        first_errors=[f"{r.status}: {r.error}" for r in records if r.status != "ok"][:5],
+    )
+
+
+async def _resolve_adapters(
+    client: AsyncClient, plan: list[PlannedRequest], allow_aliases: int, use_base: bool
+) -> tuple[dict[int, str | None], list[str]]:
+    """Logical adapter index -> registered name; registers aliases of existing adapters if needed.
+
+    Returns the mapping and the aliases registered (to unregister afterwards).
+    """
+    needed = sorted({p.adapter_index for p in plan})
+    if use_base:
+        return dict.fromkeys(needed), []
+    registered = await client.list_adapters()
+    names = sorted(n for n in registered if not n.startswith(ALIAS_PREFIX))
+    if not names:
+        raise ValueError("the server has no adapters registered; register some or pass --base-model")
+    mapping: dict[int, str | None] = {}
+    aliases: list[str] = []
+    for rank, index in enumerate(needed):
+        if rank < len(names):
+            mapping[index] = names[rank]
+        elif rank - len(names) < allow_aliases:
+            # Another name for an existing adapter's files: a distinct adapter to the cache.
+            alias = f"{ALIAS_PREFIX}{rank}"
+            await client.register_adapter(alias, registered[names[rank % len(names)]])
+            aliases.append(alias)
+            mapping[index] = alias
+        else:
+            mapping[index] = names[rank % len(names)]
+    return mapping, aliases
+
+
+async def _one_request(
+    client: AsyncClient,
+    record: RequestRecord,
+    prompt: list[int],
+    max_new_tokens: int,
+    timeout_s: float,
+) -> None:
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+    record.sent_at = time.monotonic()
+    try:
+        async for chunk in client.stream(
+            prompt, adapter=record.adapter, sampling=sampling, timeout=timeout_s
+        ):
+            now = time.monotonic()
+            if chunk.token_ids:
+                if record.first_token_at is None:
+                    record.first_token_at = now
+                record.last_token_at = now
+                record.tokens += len(chunk.token_ids)
+    except ApiError as exc:
+        record.status = exc.code.name.lower()
+        record.error = exc.details
+    finally:
+        record.done_at = time.monotonic()
+
+
+async def _sample_workers(client: AsyncClient, start: float, out: list[WorkerSample], every_s: float) -> None:
+    while True:
+        try:
+            st = await client.status(timeout=5.0)
+            out.append(
+                WorkerSample(
+                    t_s=time.monotonic() - start,
+                    active=st.workers_in("active"),
+                    busy=st.num_busy_workers,
+                    running=sum(w.num_running for w in st.workers),
+                    queue_len=st.queue_len,
+                )
+            )
+        except ApiError:
+            pass  # a missed sample is not worth failing the run over
+        await asyncio.sleep(every_s)
+
+
+async def run_bench(
+    client: AsyncClient,
+    plan: list[PlannedRequest],
+    *,
+    seed: int = 0,
+    request_timeout_s: float = 300.0,
+    sample_every_s: float = 0.1,
+    allow_aliases: int = 256,
+    use_base: bool = False,
+    progress: ProgressBar | None = None,
+) -> BenchReport:
+    """Send `plan` against the server behind `client`; returns the summary."""
+    if not plan:
+        raise ValueError("the workload is empty: raise --rate or --duration")
+    status = await client.status(timeout=10.0)
+    vocab = status.model.vocab_size
+    before = status.counters
+    mapping, aliases = await _resolve_adapters(client, plan, allow_aliases, use_base)
+    rng = random.Random(seed)
+    prompts = [prompt_token_ids(p.prompt_len, vocab, rng) for p in plan]
+    records = [RequestRecord(mapping[p.adapter_index], p.prompt_len, 0.0) for p in plan]
+    samples: list[WorkerSample] = []
+    start = time.monotonic()
+    sampler = asyncio.create_task(_sample_workers(client, start, samples, sample_every_s))
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for p, record, prompt in zip(plan, records, prompts):
+            delay = start + p.at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(
+                _one_request(client, record, prompt, p.max_new_tokens, request_timeout_s)
+            )
+            if progress is not None:
+                task.add_done_callback(lambda _t, r=record: progress.advance(r.tokens, r.status != "ok"))
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        wall = time.monotonic() - start
+        for alias in aliases:
+            # Still in use or already gone: the server keeps serving either way.
+            with contextlib.suppress(ApiError):
+                await client.unregister_adapter(alias, timeout=10.0)
+    after = (await client.status(timeout=10.0)).counters
+    counters = {
+        "migrations": after.migrations - before.migrations,
+        "preemptions": after.preemptions - before.preemptions,
+    }
+    return summarize(records, wall, samples, counters)
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        return (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
+    source.add_argument("--synthetic", action="store_true", help="Poisson arrivals, Punica popularities")
+    p.add_argument(
+        "--popularity", choices=POPULARITIES, default="skewed", help="adapter mix (default skewed)"
+    )
+    p.add_argument("--rate", type=float, default=None, help="requests/s (trace: rescales its timeline)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals to send")
+    p.add_argument("--max-requests", type=int, default=None, help="stop after this many requests")
+    p.add_argument("--prompt-len", type=_int_range, default=(8, 64), help="synthetic: N or LOW-HIGH")
+    p.add_argument("--output-len", type=_int_range, default=(8, 32), help="synthetic: N or LOW-HIGH")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="trace: cap on generated tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="trace: cap on prompt tokens")
+    p.add_argument("--aliases", type=int, default=256, help="adapter aliases the bench may register")
+    p.add_argument("--base-model", action="store_true", help="send every request to the base model")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="deadline of each request (s)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="wait this long for the server (s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_plan(
+    args: argparse.Namespace, max_context_tokens: int, rows: list[TraceRow] | None = None
+) -> tuple[list[PlannedRequest], int]:
+    if args.synthetic:
+        plan = synthetic_workload(
+            popularity=args.popularity,
+            rate=args.rate if args.rate is not None else 4.0,
+            duration_s=args.duration if args.duration is not None else 10.0,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            max_requests=args.max_requests,
+            seed=args.seed,
+        )
+        too_long = [p for p in plan if p.prompt_len + p.max_new_tokens >= max_context_tokens]
+        if too_long:
+            raise ValueError(
+                f"--prompt-len + --output-len reach {too_long[0].prompt_len + too_long[0].max_new_tokens} "
+                f"tokens; the model's context is {max_context_tokens}"
+            )
+        return plan, 0
+    if rows is None:
+        rows = read_azure_trace(args.trace)
+    plan, clamped = trace_workload(
+        rows,
+        popularity=args.popularity,
+        rate=args.rate,
+        duration_s=args.duration,
+        max_context_tokens=max_context_tokens,
+        max_new_tokens_cap=args.max_new_tokens,
+        max_prompt_cap=args.max_prompt_tokens,
+        seed=args.seed,
+    )
+    if args.max_requests is not None:
+        plan = plan[: args.max_requests]
+    return plan, clamped
+
+
+async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
+    from lorafleet.report import format_bench
+
+    rows = read_azure_trace(args.trace) if args.trace else None  # a bad file fails before connecting
+    async with AsyncClient(args.server) as client:
+        await client.wait_ready(args.connect_timeout)
+        status = await client.status(timeout=10.0)
+        plan, clamped = build_plan(args, status.model.max_context_tokens, rows)
+        progress = None if args.no_progress else ProgressBar(len(plan), label="bench")
+        report = await run_bench(
+            client,
+            plan,
+            seed=args.seed,
+            request_timeout_s=args.request_timeout,
+            allow_aliases=args.aliases,
+            use_base=args.base_model,
+            progress=progress,
+        )
+        if progress is not None:
+            progress.close()
+    report.clamped = clamped
+    print(report.to_json() if args.json else format_bench(report), file=out)
+    return report
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    # Failed requests are results (overload shows up as RESOURCE_EXHAUSTED): the report counts them.
+    asyncio.run(_bench_main(args, sys.stdout))
+    return 0

@@ -1,0 +1,328 @@
+"""The `lorafleet` command: serve, generate, status, adapters, bench, demo, make-demo, selfcheck.
+
+User errors (bad flags, unreachable server, a gRPC error status) print one clear line to stderr
+and exit non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lorafleet import __version__
+
+DEFAULT_SERVER = os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051")
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as `lorafleet: error: ...` without a traceback."""
+
+
+METRICS_OFF = "off"
+
+
+def _port_or_off(text: str) -> int | str:
+    if text.lower() in ("off", "none", "no"):
+        return METRICS_OFF
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token ids like 1,2,3, got {text!r}"
+        ) from None
+    return ids
+
+
+def _add_server_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server", default=DEFAULT_SERVER, help=f"HOST:PORT of a lorafleet server (default {DEFAULT_SERVER})"
+    )
+    p.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+
+
+def _add_serve_parser(sub: Any) -> None:
+    # dest == ServeConfig field name for every flag (tests check the 1:1 mapping); default None
+    # means "not given", so YAML values survive unless a flag overrides them.
+    p = sub.add_parser("serve", help="serve a model and its adapters over gRPC")
+    p.add_argument("--config", help="YAML file with any of the settings below (flags win)")
+    p.add_argument("--model", help="base model folder (Hugging Face layout)")
+    p.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR", help="repeatable")
+    p.add_argument("--adapters-dir", help="register every adapter sub-folder of DIR under its folder name")
+    p.add_argument("--workers", type=int, help="workers started at launch (default 1)")
+    p.add_argument("--max-workers", type=int, help="most workers the fleet may grow to (default --workers)")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port (default 9400; 'off')")
+    p.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
+    p.add_argument("--policy", choices=("packing", "round_robin", "least_loaded", "random"))
+    p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--consolidation-interval-s", type=float)
+    p.add_argument("--idle-release-s", type=float)
+    p.add_argument("--drain-timeout-s", type=float, help="how long Ctrl-C waits for running requests")
+    p.add_argument("--metrics-top-adapters", type=int, help="per-adapter metric series kept (rest: 'other')")
+    p.add_argument("--engine", action="append", metavar="KEY=VALUE", help="an EngineConfig field; repeatable")
+    p.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorafleet import bench, demo
+
+    parser = argparse.ArgumentParser(
+        prog="lorafleet", description="Serve thousands of LoRA adapters of one base model on a small fleet."
+    )
+    parser.add_argument("--version", action="version", version=f"lorafleet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve_parser(sub)
+
+    p = sub.add_parser("generate", help="stream one generation from a server")
+    _add_server_flag(p)
+    p.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--request-id", default=None)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    p = sub.add_parser("status", help="show the fleet's workers, queue and counters")
+    _add_server_flag(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("adapters", help="list, register or unregister adapters")
+    adapters = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = adapters.add_parser("list", help="registered adapters")
+    _add_server_flag(q)
+    q.add_argument("--json", action="store_true")
+    q = adapters.add_parser("register", help="register an adapter folder under a name")
+    _add_server_flag(q)
+    q.add_argument("name")
+    q.add_argument("path", help="PEFT adapter folder, as the server's workers see it")
+    q = adapters.add_parser("unregister", help="forget an adapter")
+    _add_server_flag(q)
+    q.add_argument("name")
+
+    bench.add_arguments(sub.add_parser("bench", help="load-test a server (trace replay or synthetic)"))
+    demo.add_arguments(sub.add_parser("demo", help="the whole system on this machine in about a minute"))
+
+    p = sub.add_parser("make-demo", help="write the tiny demo model and adapters into a folder")
+    p.add_argument("out_dir")
+    p.add_argument("--num-adapters", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("selfcheck", help="check the SGMV kernels against a float64 reference")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorafleet.config import ServeConfig, parse_adapter_spec, parse_engine_option
+    from lorafleet.serve import serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {name: getattr(args, name, None) for name in ServeConfig.field_names()}
+    if args.adapters:
+        overrides["adapters"] = tuple(parse_adapter_spec(s) for s in args.adapters)
+    if args.engine:
+        overrides["engine"] = dict(parse_engine_option(s) for s in args.engine)
+    metrics_off = args.metrics_port == METRICS_OFF
+    if metrics_off:
+        overrides["metrics_port"] = None  # None = "not given" to load(); switched off below
+    config = ServeConfig.load(args.config, overrides)
+    if metrics_off:
+        config = dataclasses.replace(config, metrics_port=None)
+
+    def ready(api: Any) -> None:
+        where = f"; metrics at http://{api.host}:{api.metrics_port}/metrics" if api.metrics_port else ""
+        print(f"lorafleet: serving {config.model} on {api.address}{where}", flush=True)
+
+    asyncio.run(serve(config, on_ready=ready))
+    return 0
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos")
+    values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.stop:
+        values["stop"] = list(args.stop)
+    return values
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorafleet.api_types import GenerateResult
+    from lorafleet.client import Client
+
+    prompt: Any = args.prompt if args.prompt is not None else args.prompt_ids
+    with Client(args.server, timeout=args.timeout) as client:
+        chunks = []
+        for chunk in client.stream(
+            prompt, adapter=args.adapter, sampling=_sampling(args), request_id=args.request_id
+        ):
+            chunks.append(chunk)
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        result = GenerateResult.from_chunks(chunks)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "request_id": result.request_id,
+                    "token_ids": list(result.token_ids),
+                    "text": result.text,
+                    "finish_reason": result.finish_reason.value,
+                    "usage": vars(result.usage),
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{result.finish_reason.value}: {result.usage.generated_tokens} tokens, "
+            f"first after {result.usage.time_to_first_token_s * 1000:.0f} ms, "
+            f"total {result.usage.total_time_s:.2f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lorafleet.client import Client
+    from lorafleet.report import format_status
+
+    with Client(args.server, timeout=args.timeout or 10.0) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status)))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from lorafleet.client import Client
+
+    with Client(args.server, timeout=args.timeout or 30.0) as client:
+        if args.action == "list":
+            adapters = client.list_adapters()
+            if args.json:
+                print(json.dumps(adapters))
+            elif not adapters:
+                print("(no adapters registered)")
+            else:
+                width = max(len(n) for n in adapters)
+                for name, path in sorted(adapters.items()):
+                    print(f"{name:<{width}}  {path}")
+        elif args.action == "register":
+            client.register_adapter(args.name, args.path)
+            print(f"registered {args.name} -> {args.path}")
+        else:
+            client.unregister_adapter(args.name)
+            print(f"unregistered {args.name}")
+    return 0
+
+
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    from lorafleet.worker.demo_assets import make_demo
+
+    assets = make_demo(args.out_dir, num_adapters=args.num_adapters, seed=args.seed, overwrite=args.overwrite)
+    print(f"model: {assets.model_dir}")
+    for name, path in assets.adapters.items():
+        print(f"adapter {name}: {path}")
+    return 0
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from lorafleet.kernels.selfcheck import run_selfcheck
+
+    results = run_selfcheck(args.device)
+    for r in results:
+        mark = "ok  " if r.ok else "FAIL"
+        print(
+            f"{mark} {r.backend:<6} {r.dtype:<8} {r.popularity:<9} "
+            f"rel error {r.rel_error:.2e} (tol {r.tolerance:.0e})"
+        )
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed")
+    return 1 if failed else 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from lorafleet import bench, demo
+
+    commands = {
+        "serve": cmd_serve,
+        "generate": cmd_generate,
+        "status": cmd_status,
+        "adapters": cmd_adapters,
+        "bench": bench.run_cli,
+        "demo": demo.run_cli,
+        "make-demo": cmd_make_demo,
+        "selfcheck": cmd_selfcheck,
+    }
+    return commands[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lorafleet.client import ApiError
+    from lorafleet.scheduler.errors import FleetError
+
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("lorafleet: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ApiError as exc:
+        print(f"lorafleet: error from {getattr(args, 'server', 'the server')}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (
+        UserError,
+        FleetError,
+        ValueError,
+        KeyError,
+        TimeoutError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"lorafleet: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"lorafleet: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

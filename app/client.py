@@ -1,0 +1,219 @@
+"""Python clients of a lorafleet server: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Both return plain dataclasses (lorafleet.api_types) and raise `ApiError` carrying the gRPC status
+code and the server's message. Leaving a `stream()` early cancels the call, which aborts the
+sequence on its worker.
+
+    with Client("127.0.0.1:50051") as client:
+        result = client.generate("Hello", adapter="alice", sampling=SamplingParams(temperature=0))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lorafleet import convert
+from lorafleet.api_types import ClusterView, GenerateChunk, GenerateResult
+from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
+from lorafleet.proto.lorafleet.v1 import serving_pb2_grpc
+from lorafleet.worker.types import SamplingParams
+
+SERVICE_NAME = "lorafleet.v1.LoraFleet"
+Sampling = SamplingParams | Mapping[str, Any] | None
+
+
+class ApiError(Exception):
+    """A call failed; `code` is the grpc.StatusCode, `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ApiError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+def _check_target(target: str) -> str:
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server address {target!r} must look like HOST:PORT")
+    return target
+
+
+class Client:
+    """Blocking client; `timeout` (seconds) is the default deadline of every call (None = none)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None) -> None:
+        self.target = _check_target(target)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._stub = serving_pb2_grpc.LoraFleetStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server reports SERVING; TimeoutError (naming the address) otherwise."""
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < end:
+            try:
+                reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(0.1)
+        raise TimeoutError(f"server {self.target} not ready after {timeout:.0f} s ({last})")
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        adapter: str | None = None,
+        sampling: Sampling = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[GenerateChunk]:
+        msg = convert.generate_request_to_proto(
+            prompt, adapter=adapter, sampling=sampling, request_id=request_id
+        )
+        call = self._stub.Generate(msg, timeout=self._deadline(timeout))
+        try:
+            for response in call:
+                yield convert.chunk_from_proto(response)
+        except grpc.RpcError as exc:
+            raise ApiError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()  # no-op once the stream has ended; aborts the sequence if we left early
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
+        return GenerateResult.from_chunks(list(self.stream(prompt, **kwargs)))
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise ApiError.from_rpc_error(exc) from None
+
+    def register_adapter(self, name: str, path: str, *, timeout: float | None = None) -> None:
+        self._unary(self._stub.RegisterAdapter, pb.RegisterAdapterRequest(name=name, path=path), timeout)
+
+    def unregister_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        self._unary(self._stub.UnregisterAdapter, pb.UnregisterAdapterRequest(name=name), timeout)
+
+    def list_adapters(self, *, timeout: float | None = None) -> dict[str, str]:
+        return convert.adapters_from_proto(
+            self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        )
+
+    def status(self, *, timeout: float | None = None) -> ClusterView:
+        return convert.cluster_from_proto(
+            self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
+        )
+
+
+class AsyncClient:
+    """asyncio client; create and use it inside one running event loop."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None) -> None:
+        self.target = _check_target(target)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = serving_pb2_grpc.LoraFleetStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < end:
+            try:
+                reply = await self._health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"server {self.target} not ready after {timeout:.0f} s ({last})")
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        adapter: str | None = None,
+        sampling: Sampling = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[GenerateChunk]:
+        msg = convert.generate_request_to_proto(
+            prompt, adapter=adapter, sampling=sampling, request_id=request_id
+        )
+        call = self._stub.Generate(msg, timeout=self._deadline(timeout))
+        try:
+            async for response in call:
+                yield convert.chunk_from_proto(response)
+        except grpc.RpcError as exc:
+            raise ApiError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> GenerateResult:
+        return GenerateResult.from_chunks([chunk async for chunk in self.stream(prompt, **kwargs)])
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise ApiError.from_rpc_error(exc) from None
+
+    async def register_adapter(self, name: str, path: str, *, timeout: float | None = None) -> None:
+        await self._unary(
+            self._stub.RegisterAdapter, pb.RegisterAdapterRequest(name=name, path=path), timeout
+        )
+
+    async def unregister_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        await self._unary(self._stub.UnregisterAdapter, pb.UnregisterAdapterRequest(name=name), timeout)
+
+    async def list_adapters(self, *, timeout: float | None = None) -> dict[str, str]:
+        reply = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return convert.adapters_from_proto(reply)
+
+    async def status(self, *, timeout: float | None = None) -> ClusterView:
+        reply = await self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest(), timeout)
+        return convert.cluster_from_proto(reply)

@@ -1,0 +1,257 @@
+"""Prometheus metrics of a `lorafleet serve` process (prometheus-client, own registry).
+
+Two sources feed them: the gRPC servicer reports each finished request (`request_finished`), and a
+poller hands the fleet's status snapshot to `observe_cluster` about once a second (gauges, and
+counters advanced by the growth of the fleet's cumulative counters).
+
+Per-adapter series are bounded: `AdapterLabels` keeps at most `top_n` adapter names as label values
+(the busiest by traffic so far) and folds every other adapter into "other", so 10,000 adapters
+cost top_n + 2 series, not 10,000.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from lorafleet.scheduler.status import ClusterStatus
+
+OTHER = "other"
+BASE = "(base)"  # requests without an adapter; parentheses keep it apart from adapter names
+
+# gRPC status names a finished request is counted under ("ok" = completed with STOP or LENGTH).
+REQUEST_STATUSES = (
+    "ok",
+    "cancelled",
+    "deadline_exceeded",
+    "invalid_argument",
+    "not_found",
+    "resource_exhausted",
+    "unavailable",
+    "internal",
+)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+WORKER_STATES = ("starting", "active", "draining", "stopped")
+
+
+class AdapterLabels:
+    """Maps adapter names to a bounded set of label values (sticky top-N by request count).
+
+    An unlabelled adapter takes a free slot, or the slot of the least busy labelled adapter once
+    its own count passes that one's; the evicted adapter's series are removed (callback) and its
+    later traffic goes to "other". Each series therefore only grows, and the total stays exact.
+    """
+
+    def __init__(self, top_n: int, on_evict: Any = None) -> None:
+        if top_n < 0:
+            raise ValueError(f"top_n must be >= 0, got {top_n}")
+        self.top_n = top_n
+        self._counts: dict[str, int] = {}
+        self._labelled: set[str] = set()
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+
+    def label_for(self, adapter: str | None) -> str:
+        """Count one request of this adapter and return the label value to record it under."""
+        if adapter is None:
+            return BASE
+        with self._lock:
+            count = self._counts.get(adapter, 0) + 1
+            self._counts[adapter] = count
+            if adapter in self._labelled:
+                return adapter
+            if len(self._labelled) < self.top_n:
+                self._labelled.add(adapter)
+                return adapter
+            if not self._labelled:
+                return OTHER
+            weakest = min(self._labelled, key=lambda name: (self._counts[name], name))
+            if count <= self._counts[weakest]:
+                return OTHER
+            self._labelled.discard(weakest)
+            self._labelled.add(adapter)
+        if self._on_evict is not None:
+            self._on_evict(weakest)
+        return adapter
+
+    def labelled(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._labelled)
+
+
+class ServerMetrics:
+    """Every metric the server exports, in its own registry (tests build several side by side)."""
+
+    def __init__(self, top_adapters: int = 20, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lorafleet_requests", "Requests by final gRPC status", ["status"], registry=r)
+        for status in REQUEST_STATUSES:
+            self.requests.labels(status=status)
+        self.adapter_requests = Counter(
+            "lorafleet_adapter_requests",
+            "Requests per adapter (top adapters by traffic; the rest under 'other')",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_tokens = Counter(
+            "lorafleet_adapter_generated_tokens",
+            "Generated tokens per adapter (top adapters by traffic; the rest under 'other')",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_requests.labels(adapter=OTHER)
+        self.adapter_tokens.labels(adapter=OTHER)
+        self.adapter_labels = AdapterLabels(top_adapters, on_evict=self._drop_adapter_series)
+        self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.in_flight = Gauge("lorafleet_in_flight_requests", "Generate streams open now", registry=r)
+        self.ttft = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "From receiving a request to its first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "lorafleet_time_per_output_token_seconds",
+            "Mean gap between generated tokens after the first, per request",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "lorafleet_request_duration_seconds",
+            "From receiving a request to its last message",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_length = Gauge("lorafleet_queue_length", "Requests waiting for a worker", registry=r)
+        self.workers = Gauge("lorafleet_workers", "Workers by state", ["state"], registry=r)
+        for state in WORKER_STATES:
+            self.workers.labels(state=state)
+        self.worker_batch = Gauge(
+            "lorafleet_worker_batch_size", "Sequences running on the worker", ["worker"], registry=r
+        )
+        self.worker_max_batch = Gauge(
+            "lorafleet_worker_max_batch_size", "The worker's batch size limit", ["worker"], registry=r
+        )
+        self.worker_kv_free = Gauge(
+            "lorafleet_worker_kv_free_blocks", "Free KV-cache blocks on the worker", ["worker"], registry=r
+        )
+        self.worker_kv_usage = Gauge(
+            "lorafleet_worker_kv_usage_ratio",
+            "Fraction of the worker's KV blocks in use",
+            ["worker"],
+            registry=r,
+        )
+        self.migrations = Counter("lorafleet_migrations", "Sequences moved between workers", registry=r)
+        self.preemptions = Counter("lorafleet_preemptions", "Sequences preempted for KV space", registry=r)
+        self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads into worker slots", registry=r)
+        self.adapter_hits = Counter(
+            "lorafleet_adapter_cache_hits", "Requests whose adapter was already resident", registry=r
+        )
+        self.adapter_misses = Counter(
+            "lorafleet_adapter_cache_misses", "Requests whose adapter had to be loaded", registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "lorafleet_adapter_load_seconds", "Time to load one adapter", buckets=_LOAD_BUCKETS, registry=r
+        )
+        self._last_counters: dict[str, float] = {}
+        self._known_workers: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- per request
+
+    def request_admitted(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def request_finished(
+        self,
+        *,
+        adapter: str | None,
+        status: str,
+        generated_tokens: int,
+        duration_s: float,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+    ) -> None:
+        if status not in REQUEST_STATUSES:
+            raise ValueError(f"unknown request status {status!r} (known: {', '.join(REQUEST_STATUSES)})")
+        self.requests.labels(status=status).inc()
+        label = self.adapter_labels.label_for(adapter)
+        self.adapter_requests.labels(adapter=label).inc()
+        if generated_tokens:
+            self.adapter_tokens.labels(adapter=label).inc(generated_tokens)
+            self.generated_tokens.inc(generated_tokens)
+        self.e2e.observe(duration_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+
+    def _drop_adapter_series(self, adapter: str) -> None:
+        for metric in (self.adapter_requests, self.adapter_tokens):
+            with contextlib.suppress(KeyError):
+                metric.remove(adapter)
+
+    # ---------------------------------------------------------------- cluster snapshot
+
+    def observe_cluster(self, status: ClusterStatus) -> None:
+        """Refresh gauges from the fleet's status; advance counters by how much the fleet's grew."""
+        with self._lock:
+            self.queue_length.set(status.queue_len)
+            by_state = dict.fromkeys(WORKER_STATES, 0)
+            seen: set[str] = set()
+            for w in status.workers:
+                state = w.state
+                by_state[state] = by_state.get(state, 0) + 1
+                wid = str(w.worker_id)
+                seen.add(wid)
+                self.worker_batch.labels(worker=wid).set(w.num_running)
+                self.worker_max_batch.labels(worker=wid).set(w.max_batch_size)
+                self.worker_kv_free.labels(worker=wid).set(w.free_kv_blocks)
+                used = 1.0 - w.free_kv_blocks / w.total_kv_blocks if w.total_kv_blocks else 0.0
+                self.worker_kv_usage.labels(worker=wid).set(used)
+            for state, n in by_state.items():
+                self.workers.labels(state=state).set(n)
+            for gone in self._known_workers - seen:
+                for gauge in (
+                    self.worker_batch,
+                    self.worker_max_batch,
+                    self.worker_kv_free,
+                    self.worker_kv_usage,
+                ):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(gone)
+            self._known_workers = seen
+            c = status.counters
+            for name, counter, value in (
+                ("migrations", self.migrations, c.migrations),
+                ("preemptions", self.preemptions, c.preemptions),
+                ("adapter_loads", self.adapter_loads, c.adapter_loads),
+                ("adapter_cache_hits", self.adapter_hits, c.adapter_cache_hits),
+                ("adapter_cache_misses", self.adapter_misses, c.adapter_cache_misses),
+            ):
+                # A fleet counter can only shrink if it restarted; then count from its new value.
+                grown = value - self._last_counters.get(name, 0)
+                if grown > 0:
+                    counter.inc(grown)
+                self._last_counters[name] = value
+            # The fleet keeps its latest load times (up to 1,024); the ones new since the last
+            # snapshot are the last `adapter_load_count` growth of them.
+            new_loads = c.adapter_load_count - self._last_counters.get("adapter_load_count", 0)
+            if new_loads > 0 and status.recent_adapter_load_seconds:
+                for seconds in status.recent_adapter_load_seconds[-new_loads:]:
+                    self.adapter_load_seconds.observe(seconds)
+            self._last_counters["adapter_load_count"] = c.adapter_load_count
+
+    # ---------------------------------------------------------------- exposition
+
+    def serve(self, host: str, port: int) -> tuple[Any, int]:
+        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_port

@@ -1,0 +1,263 @@
+"""Wiring of `lorafleet serve`: the Fleet, the gRPC server (+ health, reflection), metrics, shutdown.
+
+`start_api` puts the gRPC and metrics endpoints in front of any fleet (tests use a fake one);
+`start_serving` also starts the real Fleet and registers the configured adapters; `serve` runs
+until SIGINT/SIGTERM, then drains: new calls get UNAVAILABLE, admitted requests finish (up to
+`drain_timeout_s`), the workers stop, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lorafleet.api_types import ModelView
+from lorafleet.config import ServeConfig
+from lorafleet.metrics import ServerMetrics
+from lorafleet.proto.lorafleet.v1 import serving_pb2, serving_pb2_grpc
+from lorafleet.server import FleetLike, LoraFleetServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraFleet"].full_name
+METRICS_POLL_S = 1.0
+
+
+@dataclass
+class ApiServer:
+    """A running gRPC (+ metrics) front end; `stop` closes it but leaves the fleet to its owner."""
+
+    grpc_server: grpc.aio.Server
+    servicer: LoraFleetServicer
+    health: health.aio.HealthServicer
+    host: str
+    port: int
+    metrics: ServerMetrics | None = None
+    metrics_port: int | None = None
+    _metrics_http: Any = None
+    _poller: asyncio.Task[None] | None = None
+    fleet: Any = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def begin_shutdown(self) -> None:
+        """New calls get UNAVAILABLE and health says NOT_SERVING; running streams go on."""
+        self.servicer.closing = True
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.begin_shutdown()
+        await self.grpc_server.stop(grace_s)
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._metrics_http is not None:
+            # shutdown() waits for the serving thread's 0.5 s poll; keep the event loop free meanwhile.
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+
+
+def model_view(model_dir: str | Path, engine_options: dict[str, Any]) -> ModelView:
+    """Name, vocabulary and context limit of the served model (config.json only, no weights)."""
+    from lorafleet.worker.model_config import ModelConfig
+
+    config = ModelConfig.from_dir(model_dir)
+    max_len = engine_options.get("max_model_len") or config.max_position_embeddings
+    return ModelView(
+        name=Path(model_dir).resolve().name, vocab_size=config.vocab_size, max_context_tokens=int(max_len)
+    )
+
+
+def text_encoder(model_dir: str | Path) -> Callable[[str], Sequence[int]]:
+    """Encode prompts exactly as the engine's offline `generate` does (with special tokens)."""
+    from lorafleet.worker.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_dir(model_dir)
+    except FileNotFoundError:
+
+        def no_tokenizer(text: str) -> Sequence[int]:
+            raise ValueError("this model has no tokenizer.json: send token_ids instead of text")
+
+        return no_tokenizer
+    return lambda text: tokenizer.encode(text, add_special_tokens=True)
+
+
+async def _poll_metrics(fleet: FleetLike, metrics: ServerMetrics) -> None:
+    while True:
+        try:
+            metrics.observe_cluster(fleet.status())
+        except Exception:  # a failing status read must not kill the poller
+            log.warning("reading the fleet status for metrics failed", exc_info=True)
+        await asyncio.sleep(METRICS_POLL_S)
+
+
+async def start_api(
+    fleet: FleetLike,
+    *,
+    model: ModelView,
+    encode: Callable[[str], Sequence[int]],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics_port: int | None = None,
+    top_adapters: int = 20,
+) -> ApiServer:
+    """Serve `fleet` over gRPC on host:port (0 = any free port) and /metrics on metrics_port."""
+    metrics = ServerMetrics(top_adapters=top_adapters)
+    servicer = LoraFleetServicer(fleet, model=model, encode=encode, metrics=metrics)
+    server = grpc.aio.server()
+    serving_pb2_grpc.add_LoraFleetServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(f"cannot listen on {host}:{port}: address in use or not on this machine") from exc
+    await server.start()
+    api = ApiServer(server, servicer, health_servicer, host, bound, metrics=metrics, fleet=fleet)
+    if metrics_port is not None:
+        try:
+            api._metrics_http, api.metrics_port = metrics.serve(host, metrics_port)
+        except OSError as exc:
+            await server.stop(0)
+            raise OSError(f"cannot serve metrics on {host}:{metrics_port}: {exc}") from exc
+    api._poller = asyncio.create_task(_poll_metrics(fleet, metrics))
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return api
+
+
+def fleet_config(config: ServeConfig) -> Any:
+    from lorafleet.scheduler.fleet_config import FleetConfig
+
+    return FleetConfig(
+        model_dir=config.model,
+        device=config.device,
+        dtype=config.dtype,
+        min_workers=config.workers,
+        max_workers=config.max_workers or config.workers,
+        policy=config.policy,
+        max_queue=config.max_queue,
+        consolidation_interval_s=config.consolidation_interval_s,
+        idle_release_s=config.idle_release_s,
+        engine=dict(config.engine),
+        ray_address=config.ray_address,
+    )
+
+
+def check_port_free(host: str, port: int | None, what: str) -> None:
+    """Fail fast, before Ray and the workers start, when a fixed port is taken."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
+
+
+def check_model_dir(model: str) -> None:
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model folder {model!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {model!r} has no config.json (not a Hugging Face model folder)")
+
+
+async def start_serving(config: ServeConfig) -> ApiServer:
+    """Start the Fleet, register the configured adapters, and open the API. Errors name the culprit."""
+    from lorafleet.scheduler.fleet import Fleet
+    from lorafleet.worker.engine_config import EngineConfig
+
+    check_model_dir(config.model)
+    check_port_free(config.host, config.port, "gRPC")
+    check_port_free(config.host, config.metrics_port, "metrics")
+    EngineConfig.from_dict(dict(config.engine))  # a typo in an engine option fails before Ray starts
+    adapters = config.adapter_sources()
+    model = model_view(config.model, dict(config.engine))
+    encode = text_encoder(config.model)
+    fleet = await Fleet.start(fleet_config(config))
+    try:
+        for name, path in adapters:
+            try:
+                fleet.register_adapter(name, path)
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"adapter {name!r} ({path}): {exc}") from exc
+        api = await start_api(
+            fleet,
+            model=model,
+            encode=encode,
+            host=config.host,
+            port=config.port,
+            metrics_port=config.metrics_port,
+            top_adapters=config.metrics_top_adapters,
+        )
+    except BaseException:
+        await fleet.shutdown(drain=False)
+        raise
+    return api
+
+
+async def shutdown_serving(
+    api: ApiServer, drain_timeout_s: float, abort_now: asyncio.Event | None = None
+) -> None:
+    """Drain: refuse new calls, let admitted requests finish, stop the workers, close the API.
+
+    Running requests are aborted (their streams end with ABORT) when `drain_timeout_s` passes or
+    `abort_now` is set, whichever comes first.
+    """
+    await api.begin_shutdown()
+    fleet = api.fleet
+    drain = asyncio.create_task(fleet.shutdown(drain=True))
+    waiters: set[asyncio.Task[Any]] = {drain}
+    if abort_now is not None:
+        waiters.add(asyncio.create_task(abort_now.wait()))
+    done, _ = await asyncio.wait(waiters, timeout=drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    for task in waiters - {drain}:
+        task.cancel()
+    if drain in done:
+        drain.result()
+    else:
+        log.warning("aborting the requests still running")
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+        await fleet.shutdown(drain=False)
+    await api.stop(grace_s=2.0)
+
+
+async def serve(config: ServeConfig, *, on_ready: Callable[[ApiServer], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down cleanly (a second signal skips the drain)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    api = await start_serving(config)
+    if on_ready is not None:
+        on_ready(api)
+    await stop.wait()
+    stop.clear()
+    print(
+        f"lorafleet: shutting down; running requests get {config.drain_timeout_s:.0f} s "
+        "(Ctrl-C again to abort them)",
+        file=sys.stderr,
+        flush=True,
+    )
+    await shutdown_serving(api, config.drain_timeout_s, abort_now=stop)

@@ -1,0 +1,1 @@
+"""Namespace for the lorafleet.v1 protobuf package (generated stubs live in v1/)."""

@@ -1,0 +1,64 @@
+"""The fleet-wide adapter registry: name -> adapter directory, validated once at registration.
+
+Workers learn an adapter's path with the first request that needs it and load it on demand, so
+registering is cheap and needs no worker. Unregistering only stops new requests from using the name;
+sequences already running with it finish normally.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorafleet.scheduler.errors import UnknownAdapterError
+from lorafleet.worker.adapters import read_adapter_config, validate_adapter_dir
+from lorafleet.worker.engine_config import EngineConfig
+
+
+class AdapterRegistry:
+    def __init__(self, engine_config: EngineConfig, model_config: Any | None) -> None:
+        # model_config is None when the head cannot read the model (it lives only on the workers of
+        # a remote cluster); registration then checks the adapter's own files only.
+        self._engine_config = engine_config
+        self._model_config = model_config
+        self._paths: dict[str, str] = {}
+
+    def register(self, name: str, path: str) -> None:
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ValueError(
+                f"adapter name must be a non-empty string without surrounding spaces, got {name!r}"
+            )
+        resolved = Path(path).expanduser().resolve()
+        if self._model_config is None:
+            read_adapter_config(resolved)
+            if not (resolved / "adapter_model.safetensors").is_file():
+                raise ValueError(f"adapter {resolved}: adapter_model.safetensors is missing")
+        else:
+            weights = validate_adapter_dir(resolved, self._model_config)
+            cfg = self._engine_config
+            for (layer, proj), pw in weights.projs.items():
+                if proj not in cfg.lora_target_modules:
+                    raise ValueError(
+                        f"adapter {name!r} targets {proj}, which the workers' LoRA pool does not hold "
+                        f"(lora_target_modules={cfg.lora_target_modules})"
+                    )
+                if pw.a.shape[0] > cfg.max_lora_rank:
+                    raise ValueError(
+                        f"adapter {name!r}: rank {pw.a.shape[0]} of layer {layer} {proj} exceeds the "
+                        f"workers' max_lora_rank {cfg.max_lora_rank}"
+                    )
+        self._paths[name] = str(resolved)
+
+    def unregister(self, name: str) -> None:
+        if name not in self._paths:
+            raise UnknownAdapterError(f"unknown adapter {name!r}")
+        del self._paths[name]
+
+    def get(self, name: str) -> str | None:
+        return self._paths.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self._paths)

@@ -1,0 +1,36 @@
+"""Errors the fleet raises to its callers (the gRPC layer maps each one to a status code)."""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Base class of every error `Fleet` raises on purpose."""
+
+
+class UnknownAdapterError(FleetError, KeyError):
+    """The request names an adapter that is not registered (gRPC NOT_FOUND)."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ quotes its argument; callers show this message to users as is.
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+class InvalidRequestError(FleetError, ValueError):
+    """The request or one of its parameters is invalid (gRPC INVALID_ARGUMENT)."""
+
+
+class QueueFullError(FleetError):
+    """The bounded request queue is full (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDownError(FleetError):
+    """The fleet is shutting down or not started (gRPC UNAVAILABLE)."""
+
+
+class RequestFailedError(FleetError):
+    """An admitted request could not be completed; the message says why (gRPC INTERNAL/ABORTED)."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(f"request {request_id} failed: {reason}")
+        self.request_id = request_id
+        self.reason = reason

@@ -1,0 +1,96 @@
+"""FleetConfig: everything `Fleet.start` needs, frozen and validated on construction.
+
+Loaded from YAML by the application (one key per CLI flag); `from_mapping` refuses unknown keys so a
+typo in a config file is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+POLICIES = ("packing", "round_robin", "least_loaded", "random")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    model_dir: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    min_workers: int = 1
+    max_workers: int = 1
+    policy: str = "packing"
+    max_queue: int = 1024
+    consolidation_interval_s: float = 2.0
+    idle_release_s: float = 30.0
+    engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig keyword arguments
+    ray_address: str | None = None  # None: start a local Ray; "auto" or an address: join a cluster
+    # --- finer settings (defaults suit both the CPU demo and a GPU fleet) ---
+    seed: int = 0  # the "random" baseline's generator
+    worker_num_cpus: float = 0.0  # Ray CPUs reserved per worker (GPU workers always ask num_gpus=1)
+    worker_start_timeout_s: float = 600.0  # a worker not ready by then counts as a failed start
+    max_start_attempts: int = 5  # consecutive failed starts before the fleet stops retrying
+    start_backoff_s: float = 1.0  # first retry delay; doubles per consecutive failure (max 60 s)
+    max_migrations_per_pass: int = 32
+    min_remaining_tokens: int = 4  # sequences this close to done are not worth migrating
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_dir, str) or not self.model_dir:
+            raise ValueError("model_dir must be a non-empty path")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check_int("min_workers", self.min_workers, 1)
+        _check_int("max_workers", self.max_workers, 1)
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        _check_int("max_queue", self.max_queue, 1)
+        _check_positive("consolidation_interval_s", self.consolidation_interval_s)
+        _check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
+        if not isinstance(self.engine, Mapping) or not all(isinstance(k, str) for k in self.engine):
+            raise ValueError(f"engine must be a mapping of EngineConfig field names, got {self.engine!r}")
+        object.__setattr__(self, "engine", dict(self.engine))
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
+            raise ValueError(f"ray_address must be None, 'auto' or an address, got {self.ray_address!r}")
+        _check_int("seed", self.seed, 0)
+        _check_positive("worker_num_cpus", self.worker_num_cpus, allow_zero=True)
+        _check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
+        _check_int("max_start_attempts", self.max_start_attempts, 1)
+        _check_positive("start_backoff_s", self.start_backoff_s, allow_zero=True)
+        _check_int("max_migrations_per_pass", self.max_migrations_per_pass, 0)
+        _check_int("min_remaining_tokens", self.min_remaining_tokens, 0)
+
+    @property
+    def worker_num_gpus(self) -> float:
+        return 1.0 if self.device == "cuda" else 0.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FleetConfig:
+        """Build from a parsed YAML mapping; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown fleet config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        return cls(**values)

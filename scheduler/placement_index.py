@@ -1,0 +1,162 @@
+"""A working copy of the fleet's placeable workers, indexed so one placement costs ~O(log W).
+
+Workers are bucketed by current batch size (and block size, which fixes how many blocks a prompt
+needs); inside a bucket they are kept sorted by free KV blocks. The packing rule then walks the
+buckets from the largest batch down and, in each, bisects to the first worker with enough free
+blocks: every worker after it in the bucket is feasible too. Placing a request updates the copy, so a
+planning pass sees its own earlier decisions.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Iterable
+
+from lorafleet.scheduler.policy_types import WorkerSnapshot, WorkerState, blocks_for
+
+
+class WorkerSlot:
+    """Mutable planning copy of one active worker."""
+
+    __slots__ = ("batch", "block_size", "free", "max_batch", "order", "resident", "total", "worker_id")
+
+    def __init__(self, order: int, snap: WorkerSnapshot) -> None:
+        self.order = order
+        self.worker_id = snap.worker_id
+        self.batch = snap.num_running
+        self.max_batch = snap.max_batch_size
+        self.free = snap.free_kv_blocks
+        self.total = snap.total_kv_blocks
+        self.block_size = snap.block_size
+        self.resident: frozenset[str] | set[str] = snap.resident_adapters  # copied on first write
+
+    def need(self, prompt_len: int) -> int:
+        """KV blocks the rule asks for: the prompt's plus one spare block per running sequence."""
+        return blocks_for(prompt_len, self.block_size) + self.batch
+
+    def feasible(self, prompt_len: int) -> bool:
+        return self.batch < self.max_batch and self.free >= self.need(prompt_len)
+
+
+class PlacementIndex:
+    def __init__(self, workers: Iterable[WorkerSnapshot]) -> None:
+        self.slots: list[WorkerSlot] = []
+        self.by_id: dict[str, WorkerSlot] = {}
+        # batch size -> block size -> sorted [(free blocks, order)] of workers below their max batch
+        self._levels: dict[int, dict[int, list[tuple[int, int]]]] = {}
+        self._level_keys: list[int] = []  # non-empty batch sizes, ascending
+        self._resident: dict[str, set[int]] = {}  # adapter -> orders of workers holding it
+        for snap in workers:
+            if snap.state is not WorkerState.ACTIVE:
+                continue
+            if snap.block_size < 1 or snap.max_batch_size < 1:
+                raise ValueError(f"worker {snap.worker_id}: block_size and max_batch_size must be >= 1")
+            slot = WorkerSlot(len(self.slots), snap)
+            self.slots.append(slot)
+            self.by_id[slot.worker_id] = slot
+            for adapter in slot.resident:
+                self._resident.setdefault(adapter, set()).add(slot.order)
+        for slot in self.slots:
+            if slot.batch < slot.max_batch:
+                self._levels.setdefault(slot.batch, {}).setdefault(slot.block_size, []).append(
+                    (slot.free, slot.order)
+                )
+        for groups in self._levels.values():
+            for entries in groups.values():
+                entries.sort()
+        self._level_keys = sorted(self._levels)
+        self.max_total_blocks = max((s.total for s in self.slots), default=0)
+
+    # ------------------------------------------------------------ queries
+
+    def best_packing(self, adapter: str | None, prompt_len: int) -> WorkerSlot | None:
+        """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks."""
+        holders = self._resident.get(adapter) if adapter is not None else None
+        for batch in reversed(self._level_keys):
+            best: tuple[int, int, int] | None = None  # (not resident, free, order)
+            for block_size, entries in self._levels[batch].items():
+                need = blocks_for(prompt_len, block_size) + batch
+                i = bisect_left(entries, (need, -1))
+                if i == len(entries):
+                    continue
+                key = (1, *entries[i])
+                if holders:
+                    resident = self._first_resident(holders, entries, i, batch, block_size, need)
+                    if resident is not None:
+                        key = (0, *resident)
+                if best is None or key < best:
+                    best = key
+            if best is not None:
+                return self.slots[best[2]]
+        return None
+
+    def _first_resident(
+        self,
+        holders: set[int],
+        entries: list[tuple[int, int]],
+        start: int,
+        batch: int,
+        block_size: int,
+        need: int,
+    ) -> tuple[int, int] | None:
+        # Walk whichever is shorter: the bucket's feasible tail or the adapter's holders.
+        if len(entries) - start <= len(holders):
+            for j in range(start, len(entries)):
+                if entries[j][1] in holders:
+                    return entries[j]
+            return None
+        best: tuple[int, int] | None = None
+        for order in holders:
+            s = self.slots[order]
+            if s.batch == batch and s.batch < s.max_batch and s.block_size == block_size and s.free >= need:
+                key = (s.free, order)
+                if best is None or key < best:
+                    best = key
+        return best
+
+    def least_loaded(self, prompt_len: int) -> WorkerSlot | None:
+        """Smallest batch among feasible workers; ties: the most free blocks."""
+        for batch in self._level_keys:
+            best: tuple[int, int] | None = None
+            for block_size, entries in self._levels[batch].items():
+                last = entries[-1]
+                if last[0] >= blocks_for(prompt_len, block_size) + batch and (best is None or last > best):
+                    best = last
+            if best is not None:
+                return self.slots[best[1]]
+        return None
+
+    def feasible_slots(self, prompt_len: int) -> list[WorkerSlot]:
+        return [s for s in self.slots if s.feasible(prompt_len)]
+
+    # ------------------------------------------------------------ updates
+
+    def assign(self, slot: WorkerSlot, adapter: str | None, prompt_len: int) -> None:
+        """Record a placement on the working copy."""
+        if not slot.feasible(prompt_len):
+            raise ValueError(f"worker {slot.worker_id} cannot take a {prompt_len}-token prompt")
+        self._unlink(slot)
+        slot.free -= blocks_for(prompt_len, slot.block_size)
+        slot.batch += 1
+        if adapter is not None and adapter not in slot.resident:
+            slot.resident = set(slot.resident) | {adapter}
+            self._resident.setdefault(adapter, set()).add(slot.order)
+        if slot.batch < slot.max_batch:
+            self._link(slot)
+
+    def _link(self, slot: WorkerSlot) -> None:
+        groups = self._levels.get(slot.batch)
+        if groups is None:
+            groups = self._levels[slot.batch] = {}
+            insort(self._level_keys, slot.batch)
+        insort(groups.setdefault(slot.block_size, []), (slot.free, slot.order))
+
+    def _unlink(self, slot: WorkerSlot) -> None:
+        groups = self._levels[slot.batch]
+        entries = groups[slot.block_size]
+        del entries[bisect_left(entries, (slot.free, slot.order))]
+        if not entries:
+            del groups[slot.block_size]
+            if not groups:
+                del self._levels[slot.batch]
+                del self._level_keys[bisect_left(self._level_keys, slot.batch)]

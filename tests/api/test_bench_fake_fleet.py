@@ -1,0 +1,54 @@
+"""run_bench against the fake-fleet server: every request accounted for, aliases cleaned up."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from lorafleet.bench import run_bench
+from lorafleet.client import AsyncClient
+from lorafleet.progress import ProgressBar
+from lorafleet.workload import synthetic_workload
+
+
+def test_bench_registers_aliases_for_distinct_and_removes_them(fake_server) -> None:
+    api, fleet, _ = fake_server
+    fleet.max_running = 100
+    before = dict(fleet.adapters)
+    plan = synthetic_workload(
+        popularity="distinct", rate=200, duration_s=1, prompt_len=(2, 6), output_len=(2, 5), max_requests=12
+    )
+    out = io.StringIO()
+
+    async def main():
+        async with AsyncClient(api.address) as client:
+            return await run_bench(
+                client, plan, progress=ProgressBar(len(plan), stream=out), sample_every_s=0.05
+            )
+
+    report = asyncio.run(main())
+    assert report.requests == report.completed == 12
+    assert report.adapters_used == 12  # 2 real adapters + 10 aliases
+    assert report.generated_tokens == sum(p.max_new_tokens for p in plan)
+    assert report.ttft_s["p50"] is not None and report.tpot_s["p99"] is not None
+    assert report.workers_over_time and report.max_busy_workers <= 1
+    assert fleet.adapters == before
+    assert "12/12 requests" in out.getvalue()
+
+
+def test_bench_counts_errors_by_status(fake_server) -> None:
+    api, fleet, _ = fake_server
+    fleet.max_running = 1  # everything beyond one in flight is RESOURCE_EXHAUSTED
+    plan = synthetic_workload(
+        popularity="identical", rate=500, duration_s=1, prompt_len=(2, 2), output_len=(20, 20), max_requests=6
+    )
+
+    async def main():
+        async with AsyncClient(api.address) as client:
+            return await run_bench(client, plan, use_base=True)
+
+    report = asyncio.run(main())
+    assert report.requests == 6
+    assert report.completed + report.errors.get("resource_exhausted", 0) == 6
+    assert report.errors.get("resource_exhausted", 0) >= 1
+    assert report.first_errors and "full" in report.first_errors[0]

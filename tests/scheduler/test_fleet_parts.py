@@ -1,0 +1,87 @@
+"""FleetConfig validation and the head's per-request bookkeeping (no Ray needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lorafleet.scheduler.errors import RequestFailedError, UnknownAdapterError
+from lorafleet.scheduler.fleet_config import FleetConfig
+from lorafleet.scheduler.tracked_request import Failure, TrackedRequest
+from lorafleet.worker.types import FinishReason, Request, SamplingParams, SequenceState, TokenDelta
+
+
+def test_fleet_config_defaults_and_validation() -> None:
+    cfg = FleetConfig(model_dir="/m")
+    assert (cfg.min_workers, cfg.max_workers, cfg.policy, cfg.worker_num_gpus) == (1, 1, "packing", 0.0)
+    assert FleetConfig(model_dir="/m", device="cuda").worker_num_gpus == 1.0
+    bad = [
+        ({"model_dir": ""}, "model_dir"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"min_workers": 0}, "min_workers must be an integer >= 1"),
+        ({"min_workers": 3, "max_workers": 2}, r"max_workers \(2\) must be >= min_workers \(3\)"),
+        ({"policy": "fastest"}, "policy must be one of"),
+        ({"max_queue": 0}, "max_queue"),
+        ({"consolidation_interval_s": 0}, "consolidation_interval_s must be > 0"),
+        ({"idle_release_s": -1}, "idle_release_s must be >= 0"),
+        ({"engine": {1: 2}}, "engine must be a mapping"),
+        ({"ray_address": ""}, "ray_address"),
+        ({"max_start_attempts": 0}, "max_start_attempts"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ValueError, match=message):
+            FleetConfig(**{"model_dir": "/m", **overrides})
+
+
+def test_fleet_config_from_mapping_refuses_unknown_keys() -> None:
+    assert FleetConfig.from_mapping({"model_dir": "/m", "max_workers": 3}).max_workers == 3
+    with pytest.raises(ValueError, match="unknown fleet config keys: max_wrokers"):
+        FleetConfig.from_mapping({"model_dir": "/m", "max_wrokers": 3})
+
+
+def test_errors_read_well() -> None:
+    assert str(UnknownAdapterError("unknown adapter 'x'")) == "unknown adapter 'x'"
+    assert isinstance(UnknownAdapterError("x"), KeyError)
+    err = RequestFailedError("r1", "boom")
+    assert (err.request_id, err.reason, str(err)) == ("r1", "boom", "request r1 failed: boom")
+
+
+def _tracked() -> TrackedRequest:
+    request = Request("r", (1, 2, 3), "a", SamplingParams(max_new_tokens=10, logprobs=True))
+    return TrackedRequest(request)
+
+
+def test_delivered_tokens_make_the_resume_state() -> None:
+    async def main():
+        tr = _tracked()
+        tr.deliver(TokenDelta("r", (7, 8), "ab", (-0.1, -0.2)), 1.0)
+        tr.deliver(TokenDelta("r", (9,), "c", (-0.3,)), 2.0)
+        state = tr.resume_state()
+        assert state == SequenceState(tr.request, (7, 8, 9), (-0.1, -0.2, -0.3), "abc")
+        assert (tr.num_tokens, tr.remaining_tokens) == (6, 7)
+        assert [tr.stream.get_nowait()[1] for _ in range(2)] == [1.0, 2.0]
+        tr.fail("gone")
+        assert tr.finished and tr.stream.get_nowait() == Failure("gone")
+
+    asyncio.run(main())
+
+
+def test_catch_up_delivers_exactly_the_tokens_the_caller_missed() -> None:
+    async def main():
+        tr = _tracked()
+        tr.deliver(TokenDelta("r", (7,), "a", (-0.1,)), 1.0)
+        exported = SequenceState(tr.request, (7, 8, 9), (-0.1, -0.2, -0.3), "abc")
+        missing = tr.catch_up(exported)
+        assert missing == TokenDelta("r", (8, 9), "bc", (-0.2, -0.3), num_prompt_tokens=3)
+        tr.deliver(missing, 2.0)
+        assert tr.catch_up(exported) is None
+        with pytest.raises(RuntimeError, match="disagree"):
+            tr.catch_up(SequenceState(tr.request, (5, 8, 9, 10)))
+        tr.finish_aborted()
+        assert tr.finished and tr.tokens == [7, 8, 9]
+        last = [tr.stream.get_nowait() for _ in range(3)][-1][0]
+        assert last.finish_reason is FinishReason.ABORT
+
+    asyncio.run(main())

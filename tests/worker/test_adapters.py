@@ -1,0 +1,204 @@
+"""PEFT adapter loading/validation, the LoRA slot pool and the adapter cache (LRU, pins, stats)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafleet.worker.adapter_cache import AdapterCache
+from lorafleet.worker.adapters import AdapterFormatError, load_adapter, validate_adapter_dir
+from lorafleet.worker.demo_assets import make_demo
+from lorafleet.worker.lora_pool import PROJECTIONS, LoraSlotPool
+from lorafleet.worker.model_config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    return make_demo(tmp_path_factory.mktemp("adapters") / "demo", num_adapters=6, seed=2)
+
+
+@pytest.fixture(scope="module")
+def config(demo) -> ModelConfig:
+    return ModelConfig.from_dir(demo.model_dir)
+
+
+def copy_adapter(demo, name: str, dst: Path) -> Path:
+    shutil.copytree(demo.adapters[name], dst)
+    return dst
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_loads_ranks_scales_and_targets(demo, config) -> None:
+    # adapter-2: r=16, alpha=16, rsLoRA on attention; adapter-5: rank/alpha pattern on down_proj.
+    rs = load_adapter(demo.adapters["adapter-2"], config)
+    assert rs.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert rs.projs[(0, "q_proj")].scale == pytest.approx(16 / math.sqrt(16))
+    pat = load_adapter(demo.adapters["adapter-5"], config)
+    assert pat.projs[(1, "down_proj")].rank == 4 and pat.projs[(1, "down_proj")].scale == pytest.approx(8 / 4)
+    assert pat.projs[(1, "up_proj")].rank == 16 and pat.projs[(1, "up_proj")].scale == pytest.approx(32 / 16)
+    raw = load_file(str(demo.adapters["adapter-5"] / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    assert torch.equal(pat.projs[(1, "down_proj")].b, raw[key])
+    header_only = validate_adapter_dir(demo.adapters["adapter-5"], config)
+    assert header_only.nbytes == pat.nbytes and header_only.projs.keys() == pat.projs.keys()
+
+
+def test_all_linear_regex_and_exclude(demo, config, tmp_path: Path) -> None:
+    path = copy_adapter(demo, "adapter-1", tmp_path / "a")  # all projections
+    edit_config(path, target_modules="all-linear")
+    assert load_adapter(path, config).target_modules == PROJECTIONS
+    edit_config(path, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+    assert len(load_adapter(path, config).projs) == 7 * config.num_hidden_layers
+    edit_config(path, target_modules="all-linear", exclude_modules=["down_proj"])
+    with pytest.raises(AdapterFormatError, match="down_proj, not in target_modules"):
+        load_adapter(path, config)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"use_dora": True}, "use_dora"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias"),
+        ({"layers_to_transform": [0]}, "layers_to_transform"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"peft_type": "IA3"}, "peft_type"),
+        ({"target_modules": ["q_proj", "foo_proj"]}, "unknown target module 'foo_proj'"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
+        ({"target_modules": "(unclosed"}, "regex"),
+        ({"r": 0}, "field r"),
+        ({"some_future_feature": {"on": True}}, "some_future_feature"),
+        ({"r": 3}, "do not match the base model"),
+    ],
+)
+def test_refuses_unsupported_configs(demo, config, tmp_path: Path, change, match) -> None:
+    path = copy_adapter(demo, "adapter-0", tmp_path / "a")
+    edit_config(path, **change)
+    with pytest.raises(AdapterFormatError, match=match):
+        load_adapter(path, config)
+    with pytest.raises(ValueError, match=match):
+        validate_adapter_dir(path, config)
+
+
+def test_refuses_pickles_missing_files_and_bad_tensors(demo, config, tmp_path: Path) -> None:
+    path = copy_adapter(demo, "adapter-0", tmp_path / "bin")
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match="arbitrary code"):
+        load_adapter(path, config)
+    with pytest.raises(AdapterFormatError, match="is not a directory"):
+        load_adapter(tmp_path / "nowhere", config)
+    path = copy_adapter(demo, "adapter-0", tmp_path / "json")
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        load_adapter(path, config)
+    # Wrong shape: an adapter made for a wider model.
+    path = copy_adapter(demo, "adapter-0", tmp_path / "shape")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match="do not match the base model"):
+        load_adapter(path, config)
+    # DoRA magnitudes and missing halves in the tensor file.
+    path = copy_adapter(demo, "adapter-0", tmp_path / "dora")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(8)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        load_adapter(path, config)
+    path = copy_adapter(demo, "adapter-0", tmp_path / "half")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    del tensors[next(k for k in tensors if k.endswith("lora_B.weight"))]
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match="lacks lora_B"):
+        load_adapter(path, config)
+    path = copy_adapter(demo, "adapter-0", tmp_path / "nan")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        load_adapter(path, config)
+
+
+def make_pool(config: ModelConfig, n_slots: int = 2, r_max: int = 16, targets=PROJECTIONS) -> LoraSlotPool:
+    return LoraSlotPool(
+        config.num_hidden_layers, config.lora_shapes(), n_slots, r_max, torch.float32, "cpu", targets
+    )
+
+
+def test_pool_zero_pads_records_rank_and_clears(demo, config) -> None:
+    pool = make_pool(config)
+    w = load_adapter(demo.adapters["adapter-0"], config)  # r=8 on q, v
+    pool.write_slot(1, w)
+    q, k = pool.get(0, "q_proj"), pool.get(0, "k_proj")
+    assert q is not None and k is not None
+    assert q.ranks.tolist() == [0, 8] and k.ranks.tolist() == [0, 0]
+    assert torch.equal(q.a[1, :8], w.projs[(0, "q_proj")].a) and not q.a[1, 8:].any()
+    assert torch.equal(q.b[1, :, :8], w.projs[(0, "q_proj")].b) and not q.b[1, :, 8:].any()
+    assert q.scales[1] == pytest.approx(w.projs[(0, "q_proj")].scale)
+    pool.clear_slot(1)
+    assert q.ranks.tolist() == [0, 0] and not q.a.any()
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        make_pool(config, r_max=4).write_slot(0, w)
+    with pytest.raises(ValueError, match="does not hold"):
+        make_pool(config, targets=("k_proj",)).write_slot(0, w)
+    assert make_pool(config, targets=("k_proj",)).get(0, "q_proj") is None
+    with pytest.raises(ValueError, match="slot"):
+        pool.write_slot(2, w)
+
+
+def test_cache_lru_pins_and_stats(demo, config) -> None:
+    pool = make_pool(config, n_slots=2)
+    cache = AdapterCache(config, pool, host_cache_bytes=1 << 30, dtype=torch.float32)
+    for name, path in demo.adapters.items():
+        cache.register(name, path)
+    with pytest.raises(KeyError):
+        cache.acquire("missing")
+    s0 = cache.acquire("adapter-0")
+    s1 = cache.acquire("adapter-1")
+    assert {s0, s1} == {0, 1} and cache.acquire(None) == -1
+    assert not cache.can_acquire("adapter-2")
+    with pytest.raises(RuntimeError, match="pinned"):
+        cache.acquire("adapter-2")
+    cache.release("adapter-0")
+    assert cache.can_acquire("adapter-2")
+    assert cache.acquire("adapter-2") == s0  # evicted the unpinned adapter-0
+    assert cache.slot_of("adapter-0") is None and cache.slot_of("adapter-1") == s1
+    assert cache.acquire("adapter-1") == s1  # a hit
+    assert (cache.hits, cache.misses, cache.loads) == (1, 3, 3)
+    cache.release("adapter-2")
+    cache.acquire("adapter-0")  # back from the host cache: no disk read
+    assert cache.loads == 3 and cache.host_hits == 1
+    with pytest.raises(ValueError, match="in use"):
+        cache.unregister("adapter-1")
+    with pytest.raises(ValueError, match="released more often"):
+        cache.release("adapter-3")
+    assert len(cache.take_load_seconds()) == 4 and cache.take_load_seconds() == ()
+
+
+def test_host_cache_respects_byte_budget(demo, config) -> None:
+    pool = make_pool(config, n_slots=1)
+    one = load_adapter(demo.adapters["adapter-1"], config).nbytes
+    cache = AdapterCache(config, pool, host_cache_bytes=one, dtype=torch.float32)
+    for name, path in demo.adapters.items():
+        cache.register(name, path)
+    for name in ("adapter-1", "adapter-0", "adapter-1"):
+        cache.acquire(name)
+        cache.release(name)
+    # adapter-1 alone fills the budget, so reading adapter-0 pushed it out: three disk reads.
+    assert cache.loads == 3
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        AdapterCache(config, make_pool(config, r_max=4), host_cache_bytes=0, dtype=torch.float32).register(
+            "big", demo.adapters["adapter-2"]
+        )

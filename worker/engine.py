@@ -1,0 +1,367 @@
+"""The worker engine: requests in, tokens out, one batched forward pass per ``step``.
+
+Life of a request here: ``add_request`` validates it and queues a ``Sequence``; each ``step`` the
+scheduler picks running and newly admitted sequences (pinning their adapters' GPU slots and
+allocating KV blocks), the batch builder lays their rows out by adapter slot, the model runs one
+forward pass, the sampler draws one token for every sequence whose prompt is fully in the cache,
+and the stop checker decides whether it is done. Finished sequences free their blocks and pins at
+once. ``export`` / ``import_`` move a sequence between engines by its tokens alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafleet.worker.adapter_cache import AdapterCache
+from lorafleet.worker.batch_builder import build_batch
+from lorafleet.worker.batching import Scheduler, SchedulerOutput
+from lorafleet.worker.block_allocator import KVBlockAllocator
+from lorafleet.worker.engine_config import EngineConfig
+from lorafleet.worker.kv_cache import KVCache, resolve_dtype
+from lorafleet.worker.loader import LoadedModel, load_model
+from lorafleet.worker.lora_pool import LoraSlotPool
+from lorafleet.worker.sampling import Sampler
+from lorafleet.worker.sequence import SeqStatus, Sequence
+from lorafleet.worker.stop_checker import StopChecker
+from lorafleet.worker.types import (
+    EngineStats,
+    FinishReason,
+    GenerationOutput,
+    Request,
+    SamplingParams,
+    SequenceState,
+    TokenDelta,
+)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = loaded.model
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.device = self.model.device
+        self.dtype = self.model.dtype
+        cfg, mc = self.config, self.model_config
+        if cfg.max_model_len is not None and cfg.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {cfg.max_model_len} exceeds the model's max_position_embeddings "
+                f"{mc.max_position_embeddings}"
+            )
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        self.lora_pool = LoraSlotPool(
+            mc.num_hidden_layers,
+            mc.lora_shapes(),
+            cfg.max_loras,
+            cfg.max_lora_rank,
+            self.dtype,
+            self.device,
+            cfg.lora_target_modules,
+        )
+        self.adapters = AdapterCache(
+            mc, self.lora_pool, host_cache_bytes=cfg.host_cache_bytes, dtype=self.dtype
+        )
+        num_blocks = self._num_kv_blocks()
+        self.kv = KVCache(mc, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.allocator = KVBlockAllocator(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(
+            self.allocator,
+            self.adapters,
+            max_batch_size=cfg.max_batch_size,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+        )
+        self.sampler = Sampler(cfg.seed)
+        eos = mc.eos_token_ids
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = (self.tokenizer.eos_token_id,)
+        self.stop_checker = StopChecker(self.tokenizer, eos, self.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        config: EngineConfig | None = None,
+        **tuning: Any,
+    ) -> Engine:
+        """Load a Hugging Face model directory; ``tuning`` keywords are EngineConfig fields."""
+        if config is not None and tuning:
+            raise ValueError("pass either config or tuning keywords, not both")
+        engine_config = config or EngineConfig.from_dict(tuning)
+        loaded = load_model(model_dir, device=device, dtype=resolve_dtype(dtype))
+        return cls(loaded, engine_config)
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        if cfg.kv_cache_bytes is not None:
+            return KVCache.num_blocks_for_budget(
+                self.model_config, cfg.block_size, self.dtype, cfg.kv_cache_bytes
+            )
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_fraction)
+        else:
+            budget = cfg.cpu_kv_cache_bytes
+        # Never more than a full batch of maximal sequences can use.
+        useful = cfg.max_batch_size * -(-self.max_model_len // cfg.block_size)
+        blocks = min(budget // per_block, useful)
+        if blocks < 1:
+            raise ValueError(f"the KV budget of {budget} bytes holds no block ({per_block} bytes each)")
+        return blocks
+
+    # --- adapters ---
+    def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
+        """Register a PEFT adapter directory (validated now, loaded on first use)."""
+        self.adapters.register(name, adapter_dir)
+
+    def remove_adapter(self, name: str) -> None:
+        users = [s.request_id for s in self._seqs.values() if s.adapter == name]
+        if users:
+            raise ValueError(f"adapter {name!r} is used by unfinished request {users[0]!r}")
+        self.adapters.unregister(name)
+
+    def list_adapters(self) -> dict[str, str]:
+        return self.adapters.registered()
+
+    # --- requests ---
+    def _validate(self, request: Request, num_output_tokens: int = 0) -> None:
+        rid = request.request_id
+        if rid in self._seqs:
+            raise ValueError(f"request {rid!r} is already in the engine")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise KeyError(f"request {rid}: unknown adapter {request.adapter!r}")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {rid}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        params = request.sampling
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {rid}: stop token id {bad[0]} outside the vocabulary [0, {vocab})")
+        n = len(request.prompt_token_ids) + num_output_tokens
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"request {rid}: {n} tokens leave no room to generate within the context limit of "
+                f"{self.max_model_len} tokens"
+            )
+        if num_output_tokens >= params.max_new_tokens:
+            raise ValueError(f"request {rid}: already has max_new_tokens={params.max_new_tokens} tokens")
+        longest = min(len(request.prompt_token_ids) + params.max_new_tokens, self.max_model_len)
+        if self.allocator.blocks_needed(longest) > self.allocator.num_blocks:
+            raise ValueError(
+                f"request {rid}: up to {longest} tokens need {self.allocator.blocks_needed(longest)} KV "
+                f"blocks but the cache holds only {self.allocator.num_blocks}"
+            )
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request. ValueError for a bad request, KeyError for an unknown adapter."""
+        if not isinstance(request, Request):
+            raise ValueError(f"add_request expects a Request, got {type(request).__name__}")
+        self._validate(request)
+        seq = Sequence(request, next(self._arrivals))
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def abort(self, request_id: str) -> TokenDelta | None:
+        """Cancel a request; its final delta (ABORT), or None when it is not here."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        return TokenDelta(
+            request_id, (), finish_reason=FinishReason.ABORT, num_prompt_tokens=seq.num_prompt_tokens
+        )
+
+    def export(self, request_ids: Seq[str]) -> list[SequenceState]:
+        """Remove unfinished sequences and return what resumes them elsewhere (KeyError if unknown)."""
+        missing = [r for r in request_ids if r not in self._seqs]
+        if missing:
+            raise KeyError(f"cannot export unknown or finished request {missing[0]!r}")
+        states = []
+        for rid in request_ids:
+            seq = self._seqs.pop(rid)
+            self.scheduler.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            states.append(seq.to_state())
+        return states
+
+    def import_(self, states: Seq[SequenceState]) -> None:
+        """Resume exported sequences here; their KV cache is recomputed before the next token."""
+        ids = [s.request.request_id for s in states]
+        if len(set(ids)) != len(ids):
+            raise ValueError("import_: the same request id appears twice")
+        for state in states:
+            if not isinstance(state, SequenceState):
+                raise ValueError(f"import_ expects SequenceState, got {type(state).__name__}")
+            self._validate(state.request, len(state.output_token_ids))
+            vocab = self.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in state.output_token_ids):
+                raise ValueError(f"request {state.request.request_id}: output token outside the vocabulary")
+        for state in states:
+            seq = Sequence(state.request, next(self._arrivals))
+            self.stop_checker.restore(seq, state)
+            self._seqs[state.request.request_id] = seq
+            self.scheduler.add(seq)
+
+    # --- stepping ---
+    def step(self) -> list[TokenDelta]:
+        """Run one batched forward pass; a delta for every sequence that got tokens or finished."""
+        out = self.scheduler.schedule()
+        deltas = [self._fail(seq, msg) for seq, msg in self.scheduler.take_failed()]
+        if not out.scheduled:
+            return deltas
+        try:
+            sample_ids, tokens, logprobs = self._forward_and_sample(out)
+        except Exception as exc:  # fail this batch's requests with the reason, never lose them
+            msg = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+            return deltas + [self._fail(s.seq, msg) for s in out.scheduled]
+        sampled = {rid: i for i, rid in enumerate(sample_ids)}
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_tokens
+            i = sampled.get(seq.request_id)
+            if i is None:
+                continue
+            sent = seq.delivered_len
+            reason = self.stop_checker.append_token(seq, tokens[i], logprobs[i] if logprobs else None)
+            new_tokens, new_logprobs = seq.take_pending()
+            if reason is not None:
+                self._finish(seq)
+            deltas.append(
+                TokenDelta(
+                    seq.request_id,
+                    tuple(new_tokens),
+                    seq.text[sent : seq.delivered_len],
+                    tuple(new_logprobs) if new_logprobs is not None else None,
+                    reason,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                )
+            )
+        return deltas
+
+    def _forward_and_sample(
+        self, out: SchedulerOutput
+    ) -> tuple[tuple[str, ...], list[int], list[float] | None]:
+        batch = build_batch(out.scheduled, self.config.block_size, self.device)
+        names = [s.seq.adapter for s in out.scheduled]
+        self.adapters.wait_for(names)
+        uses_lora = any(s.seq.lora_slot >= 0 for s in out.scheduled)
+        logits = self.model(batch, self.kv, self.lora_pool if uses_lora else None)
+        seqs = [self._seqs[rid] for rid in batch.sample_seq_ids]
+        tokens, logprobs = self.sampler.sample(
+            logits, [s.request.sampling for s in seqs], [len(s.output_token_ids) for s in seqs]
+        )
+        return batch.sample_seq_ids, tokens, logprobs
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        self._seqs.pop(seq.request_id, None)
+
+    def _fail(self, seq: Sequence, message: str) -> TokenDelta:
+        self._finish(seq)
+        return TokenDelta(
+            seq.request_id,
+            (),
+            finish_reason=FinishReason.ERROR,
+            error=message,
+            num_prompt_tokens=seq.num_prompt_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            max_batch_size=self.config.max_batch_size,
+            num_free_kv_blocks=self.allocator.num_free,
+            num_total_kv_blocks=self.allocator.num_blocks,
+            block_size=self.config.block_size,
+            resident_adapters=self.adapters.resident(),
+            running_request_ids=tuple(s.request_id for s in self.scheduler.running),
+            num_preemptions=self.scheduler.num_preemptions,
+            num_adapter_loads=self.adapters.loads,
+            adapter_cache_hits=self.adapters.hits,
+            adapter_cache_misses=self.adapters.misses,
+            adapter_load_seconds=self.adapters.take_load_seconds(),
+        )
+
+    # --- offline API ---
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]],
+        adapters: str | Seq[str | None] | None = None,
+        sampling: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
+        """Run ``prompts`` (text or token ids) to completion; one output per prompt, in order."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list (of strings or token-id lists), not one string")
+        prompts = list(prompts)
+        n = len(prompts)
+        adapter_list = [adapters] * n if adapters is None or isinstance(adapters, str) else list(adapters)
+        params = [sampling or SamplingParams()] * n if not isinstance(sampling, Seq) else list(sampling)
+        if len(adapter_list) != n or len(params) != n:
+            raise ValueError(
+                f"{n} prompts but {len(adapter_list)} adapters and {len(params)} sampling params"
+            )
+        if self._seqs:
+            raise RuntimeError("generate() needs an idle engine; drive online requests with step()")
+        batch_id = next(self._generate_ids)
+        requests = []
+        for i, (prompt, adapter, p) in enumerate(zip(prompts, adapter_list, params)):
+            ids = self._encode(prompt, i)
+            req = Request(f"generate-{batch_id}-{i}", tuple(ids), adapter, p)
+            self._validate(req)
+            requests.append(req)
+        for req in requests:
+            self.add_request(req)
+        collected: dict[str, list[TokenDelta]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished():
+            for delta in self.step():
+                collected[delta.request_id].append(delta)
+        return [self._output(r, collected[r.request_id]) for r in requests]
+
+    def _encode(self, prompt: str | Seq[int], index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token-id lists")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        return ids
+
+    @staticmethod
+    def _output(request: Request, deltas: list[TokenDelta]) -> GenerationOutput:
+        final = deltas[-1]
+        assert final.finish_reason is not None
+        logprobs = None
+        if request.sampling.logprobs:
+            logprobs = tuple(lp for d in deltas for lp in (d.new_logprobs or ()))
+        return GenerationOutput(
+            request.request_id,
+            request.prompt_token_ids,
+            tuple(t for d in deltas for t in d.new_token_ids),
+            "".join(d.new_text for d in deltas),
+            final.finish_reason,
+            logprobs,
+            final.error,
+        )

@@ -1,0 +1,70 @@
+"""The engine's tuning knobs: one frozen, validated dataclass (YAML keys and CLI flags map 1:1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lorafleet.worker.lora_pool import PROJECTIONS
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # sequences per step
+    max_num_batched_tokens: int = 2048  # token rows per step (prefill chunks + decodes)
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # explicit KV capacity in blocks ...
+    kv_cache_bytes: int | None = None  # ... or as a byte budget ...
+    gpu_memory_fraction: float = 0.85  # ... or, on CUDA with neither set, this share of free memory
+    cpu_kv_cache_bytes: int = 1 * _GIB  # ... or, on the CPU with neither set, this budget
+    max_model_len: int | None = None  # context limit; default the model's max_position_embeddings
+    max_loras: int = 8  # GPU adapter slots
+    max_lora_rank: int = 64  # r_max of the slot pool
+    host_cache_bytes: int = 4 * _GIB  # host-memory adapter LRU budget
+    lora_target_modules: tuple[str, ...] = PROJECTIONS
+    seed: int = 0  # the engine generator that unseeded sampled requests draw from
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes, 1)
+        _check_int("host_cache_bytes", self.host_cache_bytes, 0)
+        _check_int("seed", self.seed, 0)
+        if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
+            raise ValueError("set at most one of num_kv_blocks and kv_cache_bytes")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
+        if self.max_lora_rank > 256:
+            raise ValueError(f"max_lora_rank {self.max_lora_rank} exceeds the kernels' limit of 256")
+        targets = self.lora_target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        targets = tuple(targets)
+        if not targets:
+            raise ValueError("lora_target_modules must name at least one projection")
+        bad = [t for t in targets if t not in PROJECTIONS]
+        if bad:
+            raise ValueError(f"lora_target_modules: unknown projection {bad[0]!r}; known: {PROJECTIONS}")
+        object.__setattr__(self, "lora_target_modules", tuple(p for p in PROJECTIONS if p in targets))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> EngineConfig:
+        """Build from a mapping (YAML section / CLI flags); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option {unknown[0]!r}; known: {sorted(known)}")
+        values = dict(raw)
+        if "lora_target_modules" in values and isinstance(values["lora_target_modules"], list):
+            values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        return cls(**values)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,136 @@
+"""Building blocks of the decoder: RMSNorm, fused projections with multi-LoRA, SwiGLU."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.kernels import add_lora_slices
+
+if TYPE_CHECKING:
+    from lorafleet.worker.batch import BatchLayout
+    from lorafleet.worker.lora_pool import LoraSlotPool
+
+
+class RMSNorm(torch.nn.Module):
+    """Root-mean-square norm, statistics in float32 as the reference computes them."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(in_dtype)
+
+
+class FusedLinear(torch.nn.Module):
+    """Several projections of the same input in one matmul (q|k|v, gate|up, or just one).
+
+    The output's column ranges are the slices, in order; LoRA adds to each slice through column
+    views of the fused output, which keep a contiguous last dimension as the kernels require.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        slices: dict[str, int],
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.slice_names: tuple[str, ...] = tuple(slices)
+        self.slice_widths: tuple[int, ...] = tuple(slices.values())
+        offsets, acc = [], 0
+        for w in self.slice_widths:
+            offsets.append(acc)
+            acc += w
+        self.slice_offsets: tuple[int, ...] = tuple(offsets)
+        self.out_features = acc
+        self.weight = torch.nn.Parameter(
+            torch.empty(acc, in_features, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.zeros(acc, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lora: LoraSlotPool | None = None,
+        layer: int = 0,
+        batch: BatchLayout | None = None,
+    ) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None and batch is not None:
+            self.add_lora(y, x, lora, layer, batch)
+        return y
+
+    def add_lora(
+        self, y: torch.Tensor, x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout
+    ) -> None:
+        """Add each targeted slice's per-segment LoRA delta to ``y`` in place.
+
+        Adjacent targeted slices go to the kernel together (one shrink + one expand launch for a
+        fully targeted q|k|v); a slice the pool does not hold is skipped.
+        """
+        run: list[int] = []
+        for i, name in enumerate(self.slice_names):
+            if lora.get(layer, name) is not None:
+                run.append(i)
+                continue
+            self._apply_run(run, y, x, lora, layer, batch)
+            run = []
+        self._apply_run(run, y, x, lora, layer, batch)
+
+    def _apply_run(
+        self,
+        run: list[int],
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora: LoraSlotPool,
+        layer: int,
+        batch: BatchLayout,
+    ) -> None:
+        if not run:
+            return
+        projs = [lora.get(layer, self.slice_names[i]) for i in run]
+        start = self.slice_offsets[run[0]]
+        stop = self.slice_offsets[run[-1]] + self.slice_widths[run[-1]]
+        add_lora_slices(
+            y[:, start:stop],
+            x,
+            [p.a for p in projs],  # type: ignore[union-attr]
+            [p.b for p in projs],  # type: ignore[union-attr]
+            batch.lora_seg_indptr,
+            batch.lora_seg_slots,
+            ranks=[p.ranks for p in projs],  # type: ignore[union-attr]
+            scales=[p.scales for p in projs],  # type: ignore[union-attr]
+        )
+
+    def load_slices(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None) -> None:
+        """Copy per-slice checkpoint tensors (in slice order) into the fused parameters."""
+        if len(weights) != len(self.slice_names):
+            raise ValueError(f"expected {len(self.slice_names)} weight slices, got {len(weights)}")
+        for off, width, w in zip(self.slice_offsets, self.slice_widths, weights):
+            self.weight[off : off + width].copy_(w)
+        if self.bias is not None:
+            if biases is None or len(biases) != len(self.slice_names):
+                raise ValueError(f"expected {len(self.slice_names)} bias slices")
+            for off, width, b in zip(self.slice_offsets, self.slice_widths, biases):
+                self.bias[off : off + width].copy_(b)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [T, 2 * I] gate|up output: ``silu(gate) * up``."""
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :half]) * gate_up[:, half:]
