@@ -20,6 +20,7 @@ from typing import TextIO
 
 from lorafleet.client import ApiError, AsyncClient
 from lorafleet.progress import ProgressBar
+from lorafleet.worker.types import FinishReason
 from lorafleet.workload import (
     POPULARITIES,
     PlannedRequest,
@@ -43,7 +44,7 @@ class RequestRecord:
     last_token_at: float | None = None
     done_at: float | None = None
     tokens: int = 0
-    status: str = "ok"  # "ok" or the gRPC status name, lower case
+    status: str = "ok"  # "ok", "aborted", "incomplete" or the gRPC status name, lower case
     error: str = ""
 
 
@@ -158,6 +159,7 @@ async def _one_request(
 ) -> None:
     sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
     record.sent_at = time.monotonic()
+    finish: FinishReason | None = None
     try:
         async for chunk in client.stream(
             prompt, adapter=record.adapter, sampling=sampling, timeout=timeout_s
@@ -168,6 +170,12 @@ async def _one_request(
                     record.first_token_at = now
                 record.last_token_at = now
                 record.tokens += len(chunk.token_ids)
+            finish = chunk.finish_reason
+        # Only a stream that ends with STOP or LENGTH is a completed request.
+        if finish is None:
+            record.status, record.error = "incomplete", "the stream ended without a finish reason"
+        elif finish is FinishReason.ABORT:
+            record.status, record.error = "aborted", "the server aborted the request"
     except ApiError as exc:
         record.status = exc.code.name.lower()
         record.error = exc.details

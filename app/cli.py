@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorafleet import __version__
+from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES
 
 DEFAULT_SERVER = os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051")
 EXIT_ERROR = 1
@@ -67,13 +68,13 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--adapters-dir", help="register every adapter sub-folder of DIR under its folder name")
     p.add_argument("--workers", type=int, help="workers started at launch (default 1)")
     p.add_argument("--max-workers", type=int, help="most workers the fleet may grow to (default --workers)")
-    p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port (default 9400; 'off')")
     p.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
-    p.add_argument("--policy", choices=("packing", "round_robin", "least_loaded", "random"))
+    p.add_argument("--policy", choices=POLICIES)
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--consolidation-interval-s", type=float)
     p.add_argument("--idle-release-s", type=float)

@@ -24,7 +24,7 @@ from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.proto.lorafleet.v1 import serving_pb2_grpc
 from lorafleet.worker.types import SamplingParams
 
-SERVICE_NAME = "lorafleet.v1.LoraFleet"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraFleet"].full_name  # what health checks name
 Sampling = SamplingParams | Mapping[str, Any] | None
 
 

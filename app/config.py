@@ -7,7 +7,6 @@ the field names (`metrics_port`), flags the same names with dashes (`--metrics-p
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,8 @@ from typing import Any
 
 import yaml
 
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "float16", "bfloat16")
-POLICIES = ("packing", "round_robin", "least_loaded", "random")
+# The fleet's own choices and number check: one definition, so serve flags and FleetConfig agree.
+from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES, check_int, check_positive
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, str]:
@@ -39,13 +37,6 @@ def parse_engine_option(spec: str) -> tuple[str, Any]:
 def _check_port(name: str, port: int) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"{name} must be an integer port in 0..65535 (0 = any free port), got {port!r}")
-
-
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,11 +74,14 @@ class ServeConfig:
         if duplicates:
             raise ValueError(f"adapter names given twice: {', '.join(duplicates)}")
         object.__setattr__(self, "adapters", pairs)
-        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
+        check_int("workers", self.workers, 1)
         if self.max_workers is None:
             object.__setattr__(self, "max_workers", self.workers)
-        elif not isinstance(self.max_workers, int) or self.max_workers < self.workers:
+        elif (
+            not isinstance(self.max_workers, int)
+            or isinstance(self.max_workers, bool)
+            or self.max_workers < self.workers
+        ):
             raise ValueError(
                 f"max_workers must be an integer >= workers ({self.workers}), got {self.max_workers!r}"
             )
@@ -102,15 +96,11 @@ class ServeConfig:
             _check_port("metrics_port", self.metrics_port)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if not isinstance(self.max_queue, int) or isinstance(self.max_queue, bool) or self.max_queue < 1:
-            raise ValueError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
-        _check_positive("consolidation_interval_s", self.consolidation_interval_s)
-        _check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
-        _check_positive("drain_timeout_s", self.drain_timeout_s, allow_zero=True)
-        if not isinstance(self.metrics_top_adapters, int) or self.metrics_top_adapters < 0:
-            raise ValueError(
-                f"metrics_top_adapters must be an integer >= 0, got {self.metrics_top_adapters!r}"
-            )
+        check_int("max_queue", self.max_queue, 1)
+        check_positive("consolidation_interval_s", self.consolidation_interval_s)
+        check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
+        check_positive("drain_timeout_s", self.drain_timeout_s, allow_zero=True)
+        check_int("metrics_top_adapters", self.metrics_top_adapters, 0)
         if not isinstance(self.engine, Mapping) or not all(isinstance(k, str) for k in self.engine):
             raise ValueError(f"engine must map EngineConfig field names to values, got {self.engine!r}")
         object.__setattr__(self, "engine", dict(self.engine))

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorafleet.scheduler.fleet_config import POLICIES
 from lorafleet.workload import POPULARITIES
 
 DEMO_ADAPTERS = 8
@@ -66,9 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--popularity", choices=POPULARITIES, default="skewed", help="adapter mix (default skewed)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--policy", default="packing", choices=("packing", "round_robin", "least_loaded", "random")
-    )
+    p.add_argument("--policy", default="packing", choices=POLICIES)
     p.add_argument("--no-progress", action="store_true")
 
 

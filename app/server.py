@@ -171,9 +171,14 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
         """Relay the fleet's deltas; returns the failure to answer with, or None on success."""
         request_id = request.request_id
         stream = self.fleet.generate(request)
+        admitted = False
         try:
             async for delta in stream:
                 now = time.monotonic()
+                if not admitted and self.metrics is not None:
+                    # The fleet raises before its first delta if it refuses the request.
+                    self.metrics.request_admitted(len(request.prompt_token_ids))
+                admitted = True
                 if delta.finish_reason is FinishReason.ERROR:
                     await self._abort_quietly(request_id)
                     return (

@@ -29,7 +29,7 @@ case "$cmd" in
     [[ $# -ge 2 ]] || usage
     gpus=()
     if [[ -n "${NUM_GPUS:-}" ]]; then gpus=(--num-gpus "$NUM_GPUS"); fi
-    ray start --address "$2:$RAY_PORT" "${gpus[@]}"
+    ray start --address "$2:$RAY_PORT" ${gpus[@]+"${gpus[@]}"}  # bash < 4.4: empty array + set -u
     ;;
   serve)
     [[ $# -ge 2 ]] || usage

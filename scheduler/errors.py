@@ -34,3 +34,11 @@ class RequestFailedError(FleetError):
         super().__init__(f"request {request_id} failed: {reason}")
         self.request_id = request_id
         self.reason = reason
+
+
+def short_reason(exc: BaseException) -> str:
+    """One line naming an exception and its cause (for logs, statuses and failed requests)."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray wraps the actor's traceback around the cause; the last line names the cause.
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"

@@ -90,7 +90,11 @@ class Fleet:
         ShuttingDownError; later RequestFailedError if it cannot complete. Leaving the iteration
         early (client cancelled) aborts the request and frees its blocks.
         """
-        tr = self._admit(request)
+        try:
+            tr = self._admit(request)
+        except FleetError:
+            self._runtime.counters["requests_rejected"] += 1
+            raise
         done = False
         try:
             while True:
@@ -146,7 +150,6 @@ class Fleet:
         if len(rt.queue) >= self.config.max_queue:
             rt.place()  # admissions of this burst may not have been placed yet: the queue may clear
         if len(rt.queue) >= self.config.max_queue:
-            rt.counters["requests_rejected"] += 1
             raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
         tr = TrackedRequest(request)
         rt.admit(tr)

@@ -17,14 +17,14 @@ DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
+def check_int(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -58,27 +58,27 @@ class FleetConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _check_int("min_workers", self.min_workers, 1)
-        _check_int("max_workers", self.max_workers, 1)
+        check_int("min_workers", self.min_workers, 1)
+        check_int("max_workers", self.max_workers, 1)
         if self.max_workers < self.min_workers:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        _check_int("max_queue", self.max_queue, 1)
-        _check_positive("consolidation_interval_s", self.consolidation_interval_s)
-        _check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
+        check_int("max_queue", self.max_queue, 1)
+        check_positive("consolidation_interval_s", self.consolidation_interval_s)
+        check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
         if not isinstance(self.engine, Mapping) or not all(isinstance(k, str) for k in self.engine):
             raise ValueError(f"engine must be a mapping of EngineConfig field names, got {self.engine!r}")
         object.__setattr__(self, "engine", dict(self.engine))
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
             raise ValueError(f"ray_address must be None, 'auto' or an address, got {self.ray_address!r}")
-        _check_int("seed", self.seed, 0)
-        _check_positive("worker_num_cpus", self.worker_num_cpus, allow_zero=True)
-        _check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
-        _check_int("max_start_attempts", self.max_start_attempts, 1)
-        _check_positive("start_backoff_s", self.start_backoff_s, allow_zero=True)
-        _check_int("max_migrations_per_pass", self.max_migrations_per_pass, 0)
-        _check_int("min_remaining_tokens", self.min_remaining_tokens, 0)
+        check_int("seed", self.seed, 0)
+        check_positive("worker_num_cpus", self.worker_num_cpus, allow_zero=True)
+        check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
+        check_int("max_start_attempts", self.max_start_attempts, 1)
+        check_positive("start_backoff_s", self.start_backoff_s, allow_zero=True)
+        check_int("max_migrations_per_pass", self.max_migrations_per_pass, 0)
+        check_int("min_remaining_tokens", self.min_remaining_tokens, 0)
 
     @property
     def worker_num_gpus(self) -> float:

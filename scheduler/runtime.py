@@ -26,6 +26,7 @@ from typing import Any
 import ray
 
 from lorafleet.scheduler.consolidation import ConsolidationPolicy
+from lorafleet.scheduler.errors import short_reason
 from lorafleet.scheduler.fleet_config import FleetConfig
 from lorafleet.scheduler.policy import make_placement_policy
 from lorafleet.scheduler.policy_types import (
@@ -41,21 +42,13 @@ from lorafleet.scheduler.policy_types import (
 from lorafleet.scheduler.request_queue import RequestQueue
 from lorafleet.scheduler.tracked_request import TrackedRequest
 from lorafleet.scheduler.worker_actor import StepReport, WorkerActor, WorkerInfo, WorkItem
-from lorafleet.scheduler.worker_record import WorkerRecord
+from lorafleet.scheduler.worker_record import WorkerRecord, add_engine_totals
 from lorafleet.worker.types import FinishReason, SequenceState
 
 log = logging.getLogger("lorafleet.scheduler")
 
 MAX_RESUMES = 3  # a request whose workers keep dying with it is failed, not retried forever
 MAX_BACKOFF_S = 60.0
-_STAT_TOTALS = ("num_preemptions", "num_adapter_loads", "adapter_cache_hits", "adapter_cache_misses")
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray wraps the actor's traceback around the cause; the last line names the cause.
-    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 class FleetRuntime:
@@ -84,7 +77,7 @@ class FleetRuntime:
             clock=clock,
         )
         self.counters: dict[str, float] = defaultdict(int)
-        self._retired_totals: dict[str, int] = defaultdict(int)  # engine totals of stopped workers
+        self._retired_totals: dict[str, int] = {}  # engine totals of stopped workers
         self.recent_load_seconds: deque[float] = deque(maxlen=1024)
         self.info: WorkerInfo | None = None  # limits of the first ready worker (all are built alike)
         self.last_start_error: str | None = None
@@ -151,7 +144,9 @@ class FleetRuntime:
         )
 
     def _request_start(self, reason: str) -> asyncio.Task | None:
-        if self.closing or self.start_gave_up is not None or self.clock() < self._start_not_before:
+        # Not refused while draining: the admitted requests a drain waits for may need a new worker
+        # (e.g. theirs died), and refusing it would leave them, and the drain, waiting forever.
+        if self._torn_down or self.start_gave_up is not None or self.clock() < self._start_not_before:
             return None
         if len(self.live_workers()) >= self.config.max_workers:
             return None
@@ -200,7 +195,7 @@ class FleetRuntime:
         self._wake.set()
 
     def _start_failed(self, rec: WorkerRecord, exc: BaseException) -> None:
-        reason = _short(exc)
+        reason = short_reason(exc)
         log.warning("worker %s failed to start: %s", rec.worker_id, reason)
         rec.last_error = self.last_start_error = reason
         self._kill(rec)
@@ -211,8 +206,7 @@ class FleetRuntime:
         if self._start_failures >= self.config.max_start_attempts:
             self.start_gave_up = f"{self._start_failures} consecutive worker starts failed; last: {reason}"
             self._ready.set()
-            if not any(w.state is WorkerState.ACTIVE for w in self.workers.values()):
-                self._fail_queued(f"no worker could start ({self.start_gave_up})")
+            self._fail_queued_if_stranded()
             return
         delay = min(MAX_BACKOFF_S, self.config.start_backoff_s * 2 ** (self._start_failures - 1))
         self._start_not_before = self.clock() + delay
@@ -236,24 +230,17 @@ class FleetRuntime:
         log.info("stopping %s (%s)", rec.worker_id, reason)
         rec.state = WorkerState.STOPPED
         self.workers.pop(rec.worker_id, None)
-        self._retire(rec)
+        add_engine_totals(self._retired_totals, rec.stats)
         if count_release:
             self.counters["workers_released"] += 1
         if rec.stream_task is not None and rec.stream_task is not asyncio.current_task():
             rec.stream_task.cancel()
         self._kill(rec)
 
-    def _retire(self, rec: WorkerRecord) -> None:
-        if rec.stats is not None:
-            for key in _STAT_TOTALS:
-                self._retired_totals[key] += getattr(rec.stats, key)
-
     def engine_totals(self) -> dict[str, int]:
         totals = dict(self._retired_totals)
         for w in self.workers.values():
-            if w.stats is not None:
-                for key in _STAT_TOTALS:
-                    totals[key] = totals.get(key, 0) + getattr(w.stats, key)
+            add_engine_totals(totals, w.stats)
         return totals
 
     async def _consume(self, rec: WorkerRecord) -> None:
@@ -264,7 +251,7 @@ class FleetRuntime:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # actor died (killed, node lost, engine crashed)
-            reason = _short(exc)
+            reason = short_reason(exc)
         if rec.state is not WorkerState.STOPPED:
             self._on_worker_dead(rec, reason)
 
@@ -280,6 +267,7 @@ class FleetRuntime:
         for tr in reversed(orphans):  # pushed to the front: the oldest ends up first
             self._requeue(tr, tr.resume_state(), after_fault=reason)
         self._ensure_min_workers()
+        self._fail_queued_if_stranded()
         self._wake.set()
 
     # ------------------------------------------------------------ reports
@@ -324,11 +312,16 @@ class FleetRuntime:
         if not self.requests:
             self._drained.set()
 
-    def _fail_queued(self, reason: str) -> None:
+    def _fail_queued_if_stranded(self) -> None:
+        """Once starting has been given up, queued requests with no worker left to run them fail."""
+        if self.start_gave_up is None:
+            return
+        if any(w.state in (WorkerState.ACTIVE, WorkerState.STARTING) for w in self.workers.values()):
+            return
         for pending in list(self.queue):
             tr = self.requests.get(pending.request_id)
             if tr is not None:
-                tr.fail(reason)
+                tr.fail(f"no worker could start ({self.start_gave_up})")
                 self._finalize(tr, "requests_failed")
 
     # ------------------------------------------------------------ admission and placement
@@ -389,17 +382,28 @@ class FleetRuntime:
             elif isinstance(d, StartWorker):
                 self._request_start(d.reason)
         for wid, items in batches.items():
-            self._spawn(self._send(self.workers[wid], items), f"add-{wid}")
+            self._send(self.workers[wid], items)
 
     def _work_item(self, state: SequenceState) -> WorkItem:
         adapter = state.request.adapter
         return WorkItem(state, self._adapter_path(adapter) if adapter is not None else None)
 
-    async def _send(self, rec: WorkerRecord, items: list[WorkItem]) -> None:
+    def _send(self, rec: WorkerRecord, items: list[WorkItem]) -> None:
+        # Submitted now, not from a task: Ray runs one caller's calls to an actor in submission
+        # order, so an abort of these requests issued after this line reaches the worker after the
+        # add (instead of finding nothing there and letting the sequence run unobserved).
         try:
-            results = await rec.handle.add.remote(items)
+            ref = rec.handle.add.remote(items)
         except Exception as exc:
-            self._on_worker_dead(rec, f"add failed: {_short(exc)}")
+            self._on_worker_dead(rec, f"add failed: {short_reason(exc)}")
+            return
+        self._spawn(self._added(rec, ref), f"add-{rec.worker_id}")
+
+    async def _added(self, rec: WorkerRecord, ref: Any) -> None:
+        try:
+            results = await ref
+        except Exception as exc:
+            self._on_worker_dead(rec, f"add failed: {short_reason(exc)}")
             return
         for r in results:
             tr = rec.assigned.get(r.request_id)
@@ -449,7 +453,7 @@ class FleetRuntime:
         except Exception as exc:
             for tr in trs:
                 tr.migrating = False
-            self._on_worker_dead(src, f"export failed: {_short(exc)}")
+            self._on_worker_dead(src, f"export failed: {short_reason(exc)}")
             return
         exported = {s.request.request_id: s for s in states}
         items: list[WorkItem] = []
@@ -459,7 +463,12 @@ class FleetRuntime:
             state = exported.get(tr.request_id)
             if state is None or tr.owner != src.worker_id or tr.finished:
                 continue  # it finished on the source; its final delta is in the source's stream
-            missing = tr.catch_up(state)
+            try:
+                missing = tr.catch_up(state)
+            except RuntimeError as exc:  # already off the source: fail it rather than lose it
+                tr.fail(str(exc))
+                self._finalize(tr, "requests_failed")
+                continue
             if missing is not None:
                 tr.deliver(missing, time.time())
                 self.counters["tokens_generated"] += len(missing.new_token_ids)
@@ -474,7 +483,7 @@ class FleetRuntime:
         if src.state is WorkerState.DRAINING and not src.assigned:
             self._stop_worker(src, "drained")
         if items and dst is not None:
-            await self._send(dst, items)
+            self._send(dst, items)
         self._wake.set()
 
     # ------------------------------------------------------------ abort

@@ -25,7 +25,7 @@ class FleetCounters:
     requests_completed: int = 0  # finished with STOP or LENGTH
     requests_aborted: int = 0
     requests_failed: int = 0
-    requests_rejected: int = 0  # refused at admission (unknown adapter, invalid, queue full)
+    requests_rejected: int = 0  # refused at admission (unknown adapter, invalid, queue full, closing)
     tokens_generated: int = 0
     migrations: int = 0
     evictions: int = 0  # KV-pressure evictions by the consolidation pass

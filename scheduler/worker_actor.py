@@ -91,7 +91,6 @@ class WorkerActor:
         self._live: set[str] = set()  # requests in the engine (finished ones leave on their final delta)
         self._adapters: dict[str, str] = dict(self._engine.list_adapters())
         self._seq_no = 0
-        self._stopped = False
         self._reports: asyncio.Queue = asyncio.Queue()  # (deltas, produced_at, stats) | Exception | None
         self._loop_task: asyncio.Task | None = None
 
@@ -145,18 +144,6 @@ class WorkerActor:
         self._engine.add_adapter(name, path)
         self._adapters[name] = path
 
-    async def remove_adapter(self, name: str) -> bool:
-        """Forget an unregistered adapter; False if sequences here still use it (kept until they end)."""
-        async with self._lock:
-            if name not in self._adapters:
-                return True
-            try:
-                self._engine.remove_adapter(name)
-            except ValueError:
-                return False
-            del self._adapters[name]
-            return True
-
     async def abort(self, request_ids: list[str]) -> list[TokenDelta]:
         async with self._lock:
             deltas = []
@@ -172,26 +159,21 @@ class WorkerActor:
         """Remove and return the still-unfinished ones of `request_ids` (finished ones are skipped:
         their final delta is already in the stream)."""
         async with self._lock:
-            ids = [r for r in request_ids if r in self._live]
+            # dict.fromkeys: the engine refuses a repeated id rather than lose the sequence.
+            ids = list(dict.fromkeys(r for r in request_ids if r in self._live))
             states = self._engine.export(ids) if ids else []
             self._live.difference_update(ids)
         self._wake.set()
         return states
 
-    async def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-
     async def _engine_loop(self) -> None:
         """Step while there is work; queue a report per step, and one after each idle wake-up."""
         loop = asyncio.get_running_loop()
         try:
-            while not self._stopped:
+            while True:  # until the head kills the actor
                 if not self._engine.has_unfinished():
                     await self._wake.wait()
                 self._wake.clear()
-                if self._stopped:
-                    break
                 async with self._lock:
                     deltas: list[TokenDelta] = []
                     if self._engine.has_unfinished():

@@ -11,6 +11,15 @@ from lorafleet.scheduler.tracked_request import TrackedRequest
 from lorafleet.scheduler.worker_actor import WorkerInfo
 from lorafleet.worker.types import EngineStats
 
+# Cumulative engine counters the fleet reports summed over its workers, stopped ones included.
+ENGINE_TOTALS = ("num_preemptions", "num_adapter_loads", "adapter_cache_hits", "adapter_cache_misses")
+
+
+def add_engine_totals(totals: dict[str, int], stats: EngineStats | None) -> None:
+    if stats is not None:
+        for key in ENGINE_TOTALS:
+            totals[key] = totals.get(key, 0) + getattr(stats, key)
+
 
 @dataclass
 class WorkerRecord:

@@ -13,12 +13,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lorafleet.worker.adapters import AdapterWeights, load_adapter, validate_adapter_dir
 from lorafleet.worker.lora_pool import LoraSlotPool
+from lorafleet.worker.model_config import ModelConfig
 
 
 @dataclass
@@ -32,7 +32,7 @@ class _PendingUpload:
 class AdapterCache:
     def __init__(
         self,
-        model_config: Any,
+        model_config: ModelConfig,
         pool: LoraSlotPool,
         *,
         host_cache_bytes: int,
@@ -59,7 +59,6 @@ class AdapterCache:
         self.loads = 0
         self.host_hits = 0
         self._load_seconds: list[float] = []
-        self.total_load_seconds = 0.0
 
     # --- registry ---
     def register(self, name: str, path: str | Path) -> None:
@@ -96,10 +95,6 @@ class AdapterCache:
         return self._slot_of.get(name)
 
     # --- host tier ---
-    def host_weights(self, name: str) -> AdapterWeights:
-        """The adapter's host tensors, read from disk on a host-cache miss."""
-        return self._host_weights(name)[0]
-
     def _host_weights(self, name: str) -> tuple[AdapterWeights, float]:
         """(weights, seconds spent reading them from disk now: 0 on a host-cache hit)."""
         if name not in self._registry:
@@ -170,14 +165,6 @@ class AdapterCache:
         else:
             self._pins[name] = count - 1
 
-    def num_pins(self, name: str) -> int:
-        return self._pins.get(name, 0)
-
-    def is_ready(self, name: str | None) -> bool:
-        """False while the adapter's upload is still in flight (never blocks)."""
-        self._collect()
-        return name is None or name not in self._pending
-
     def wait_for(self, names: list[str | None] | tuple[str | None, ...]) -> None:
         """Order the current stream after the uploads of ``names`` (device-side wait, no host sync)."""
         if not self._cuda:
@@ -211,7 +198,7 @@ class AdapterCache:
         if not self._cuda or self._stream is None:
             t0 = time.perf_counter()
             self.pool.write_slot(slot, weights)
-            self._record(disk_seconds + time.perf_counter() - t0)
+            self._load_seconds.append(disk_seconds + time.perf_counter() - t0)
             return
         main = torch.cuda.current_stream(self.pool.device)
         # The slot's previous adapter may still be read by kernels queued on the main stream.
@@ -226,11 +213,7 @@ class AdapterCache:
     def _collect(self) -> None:
         for name in [n for n, p in self._pending.items() if p.done.query()]:
             p = self._pending.pop(name)
-            self._record(p.host_seconds + p.start.elapsed_time(p.done) / 1000.0)
-
-    def _record(self, seconds: float) -> None:
-        self._load_seconds.append(seconds)
-        self.total_load_seconds += seconds
+            self._load_seconds.append(p.host_seconds + p.start.elapsed_time(p.done) / 1000.0)
 
     def _drop(self, name: str) -> None:
         weights = self._host.pop(name, None)

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from lorafleet.worker.lora_pool import PROJECTIONS
+from lorafleet.worker.model_config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,10 +87,6 @@ class AdapterWeights:
         self.nbytes = sum(p.a.nbytes + p.b.nbytes for p in self.projs.values())
 
     @property
-    def max_rank(self) -> int:
-        return max((p.rank for p in self.projs.values()), default=0)
-
-    @property
     def target_modules(self) -> tuple[str, ...]:
         present = {proj for _, proj in self.projs}
         return tuple(p for p in PROJECTIONS if p in present)
@@ -98,26 +95,6 @@ class AdapterWeights:
         """A copy in page-locked memory, so host->device copies can run asynchronously."""
         projs = {k: ProjWeights(p.a.pin_memory(), p.b.pin_memory(), p.scale) for k, p in self.projs.items()}
         return AdapterWeights(self.name, self.source, projs, self.use_rslora, self.load_seconds)
-
-
-def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """(h_in, h_out) of every projection of a Llama-family layer described by ``config``."""
-    if hasattr(config, "lora_shapes"):
-        return dict(config.lora_shapes())
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    inter = int(config.intermediate_size)
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
 
 
 def module_key(layer: int, proj: str) -> str:
@@ -248,7 +225,7 @@ def _scan_keys(path: Path, keys: list[str]) -> dict[tuple[int, str], dict[str, s
 
 def load_adapter(
     path: str | Path,
-    model_config: Any,
+    model_config: ModelConfig,
     *,
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -261,8 +238,8 @@ def load_adapter(
     """
     path = Path(path)
     cfg = read_adapter_config(path)
-    num_layers = int(model_config.num_hidden_layers)
-    shapes = projection_shapes(model_config)
+    num_layers = model_config.num_hidden_layers
+    shapes = model_config.lora_shapes()
     wanted = targeted_modules(cfg, num_layers, path)
     weights_path = _weights_file(path)
     rank_pattern = cfg.get("rank_pattern") or {}
@@ -315,6 +292,6 @@ def load_adapter(
     return AdapterWeights(name or path.name, str(path), projs, use_rslora)
 
 
-def validate_adapter_dir(path: str | Path, model_config: Any) -> AdapterWeights:
+def validate_adapter_dir(path: str | Path, model_config: ModelConfig) -> AdapterWeights:
     """Check an adapter directory without reading its tensors (for registration)."""
     return load_adapter(path, model_config, load_tensors=False)

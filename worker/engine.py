@@ -106,22 +106,18 @@ class Engine:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = KVCache.bytes_per_block(self.model_config, cfg.block_size, self.dtype)
         if cfg.kv_cache_bytes is not None:
-            return KVCache.num_blocks_for_budget(
-                self.model_config, cfg.block_size, self.dtype, cfg.kv_cache_bytes
-            )
-        if self.device.type == "cuda":
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * cfg.gpu_memory_fraction)
         else:
             budget = cfg.cpu_kv_cache_bytes
-        # Never more than a full batch of maximal sequences can use.
-        useful = cfg.max_batch_size * -(-self.max_model_len // cfg.block_size)
-        blocks = min(budget // per_block, useful)
-        if blocks < 1:
-            raise ValueError(f"the KV budget of {budget} bytes holds no block ({per_block} bytes each)")
-        return blocks
+        blocks = KVCache.num_blocks_for_budget(self.model_config, cfg.block_size, self.dtype, budget)
+        if cfg.kv_cache_bytes is not None:
+            return blocks
+        # A derived budget is capped at what a full batch of maximal sequences can use.
+        return min(blocks, cfg.max_batch_size * -(-self.max_model_len // cfg.block_size))
 
     # --- adapters ---
     def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
@@ -195,6 +191,10 @@ class Engine:
         missing = [r for r in request_ids if r not in self._seqs]
         if missing:
             raise KeyError(f"cannot export unknown or finished request {missing[0]!r}")
+        # Checked before removing anything: a repeated id would otherwise fail half-way and drop
+        # the sequences already taken out.
+        if len(set(request_ids)) != len(request_ids):
+            raise ValueError("export: the same request id appears twice")
         states = []
         for rid in request_ids:
             seq = self._seqs.pop(rid)
@@ -205,16 +205,23 @@ class Engine:
 
     def import_(self, states: Seq[SequenceState]) -> None:
         """Resume exported sequences here; their KV cache is recomputed before the next token."""
+        bad_type = [s for s in states if not isinstance(s, SequenceState)]
+        if bad_type:
+            raise ValueError(f"import_ expects SequenceState, got {type(bad_type[0]).__name__}")
         ids = [s.request.request_id for s in states]
         if len(set(ids)) != len(ids):
             raise ValueError("import_: the same request id appears twice")
+        vocab = self.model_config.vocab_size
         for state in states:
-            if not isinstance(state, SequenceState):
-                raise ValueError(f"import_ expects SequenceState, got {type(state).__name__}")
+            rid = state.request.request_id
             self._validate(state.request, len(state.output_token_ids))
-            vocab = self.model_config.vocab_size
             if any(not 0 <= t < vocab for t in state.output_token_ids):
-                raise ValueError(f"request {state.request.request_id}: output token outside the vocabulary")
+                raise ValueError(f"request {rid}: output token outside the vocabulary")
+            lps = state.output_logprobs
+            if lps is not None and len(lps) != len(state.output_token_ids):
+                raise ValueError(
+                    f"request {rid}: {len(lps)} output logprobs for {len(state.output_token_ids)} tokens"
+                )
         for state in states:
             seq = Sequence(state.request, next(self._arrivals))
             self.stop_checker.restore(seq, state)
@@ -333,9 +340,15 @@ class Engine:
         for req in requests:
             self.add_request(req)
         collected: dict[str, list[TokenDelta]] = {r.request_id: [] for r in requests}
-        while self.has_unfinished():
-            for delta in self.step():
-                collected[delta.request_id].append(delta)
+        try:
+            while self.has_unfinished():
+                for delta in self.step():
+                    collected[delta.request_id].append(delta)
+        except BaseException:
+            # Leave the engine idle (blocks and adapter pins freed) so the caller can go on using it.
+            for req in requests:
+                self.abort(req.request_id)
+            raise
         return [self._output(r, collected[r.request_id]) for r in requests]
 
     def _encode(self, prompt: str | Seq[int], index: int) -> list[int]:

@@ -93,10 +93,3 @@ class KVCache:
                 f"({per_block} bytes each)"
             )
         return n
-
-
-def num_blocks_for_budget(
-    config: ModelConfig, block_size: int, dtype: torch.dtype | str, budget_bytes: int
-) -> int:
-    """Module-level alias of ``KVCache.num_blocks_for_budget``."""
-    return KVCache.num_blocks_for_budget(config, block_size, dtype, budget_bytes)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from lorafleet.worker.types import FinishReason, Request, SequenceState
 
+_DETOKENIZE_CONTEXT = 6
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -42,7 +44,9 @@ class Sequence:
         n = len(self.request.prompt_token_ids)
         if self.read_offset == 0:
             self.read_offset = n
-            self.prefix_offset = max(0, n - 6)
+            # A few prompt tokens of context make the first decoded token come out with the spacing
+            # it has in the whole text (byte-level and SentencePiece decoders depend on neighbours).
+            self.prefix_offset = max(0, n - _DETOKENIZE_CONTEXT)
 
     @property
     def request_id(self) -> str:

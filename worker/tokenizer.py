@@ -91,9 +91,7 @@ class Tokenizer:
         after = self._stable(
             self.decode(window + list(new_ids), skip_special_tokens=skip_special_tokens), final
         )
-        if not after.startswith(before):
-            # A decoder that rewrites earlier text (rare): emit only what is past the old length.
-            return after[len(before) :] if len(after) > len(before) else ""
+        # A decoder may rewrite earlier text (rare); only what lies past the old length is new.
         return after[len(before) :]
 
     @staticmethod

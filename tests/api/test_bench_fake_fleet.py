@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 
-from lorafleet.bench import run_bench
+from lorafleet.api_types import GenerateChunk
+from lorafleet.bench import RequestRecord, _one_request, run_bench
 from lorafleet.client import AsyncClient
 from lorafleet.progress import ProgressBar
+from lorafleet.worker.types import FinishReason
 from lorafleet.workload import synthetic_workload
 
 
@@ -52,3 +54,25 @@ def test_bench_counts_errors_by_status(fake_server) -> None:
     assert report.completed + report.errors.get("resource_exhausted", 0) == 6
     assert report.errors.get("resource_exhausted", 0) >= 1
     assert report.first_errors and "full" in report.first_errors[0]
+
+
+def test_only_streams_ending_in_stop_or_length_count_as_completed() -> None:
+    class ScriptedClient:
+        """Answers every stream with the same chunks."""
+
+        def __init__(self, chunks: list[GenerateChunk]) -> None:
+            self.chunks = chunks
+
+        async def stream(self, *args, **kwargs):
+            for chunk in self.chunks:
+                yield chunk
+
+    def status_of(chunks: list[GenerateChunk]) -> tuple[str, int]:
+        record = RequestRecord(adapter=None, prompt_len=2, sent_at=0.0)
+        asyncio.run(_one_request(ScriptedClient(chunks), record, [1, 2], 4, 5.0))
+        return record.status, record.tokens
+
+    tokens = GenerateChunk("r", (7, 8), "ab")
+    assert status_of([tokens, GenerateChunk("r", (9,), "c", finish_reason=FinishReason.LENGTH)]) == ("ok", 3)
+    assert status_of([tokens, GenerateChunk("r", (), "", finish_reason=FinishReason.ABORT)]) == ("aborted", 2)
+    assert status_of([tokens]) == ("incomplete", 2)

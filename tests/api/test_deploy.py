@@ -28,8 +28,11 @@ def _exported_names() -> set[str]:
 
 
 def test_example_serve_config_is_valid() -> None:
+    from lorafleet.worker.engine_config import EngineConfig
+
     config = ServeConfig.load(DEPLOY / "serve.example.yaml")
     assert config.device == "cuda" and config.ray_address == "auto" and config.max_workers == 4
+    assert EngineConfig.from_dict(dict(config.engine)).max_batch_size == 32  # serve would refuse a typo
 
 
 def test_dashboard_queries_only_exported_metrics() -> None:

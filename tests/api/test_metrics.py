@@ -146,6 +146,8 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
         value(metrics, "lorafleet_adapter_requests", "lorafleet_adapter_requests_total", adapter="alice") == 3
     )
     assert value(metrics, "lorafleet_generated_tokens", "lorafleet_generated_tokens_total") >= 3 * 4 + 2
+    # Admitted prompts only: 3 x [1, 2, i], [7, 7] and the cancelled [1, 2]; not the unknown adapter's.
+    assert value(metrics, "lorafleet_prompt_tokens", "lorafleet_prompt_tokens_total") == 3 * 3 + 2 + 2
     assert (
         value(
             metrics,

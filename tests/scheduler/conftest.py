@@ -79,6 +79,20 @@ def run_async() -> Callable:
 
 
 @pytest.fixture
+def wait_for() -> Callable:
+    """`await wait_for(predicate)`: poll until it holds; AssertionError after `timeout` seconds."""
+
+    async def wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.01)
+
+    return wait
+
+
+@pytest.fixture
 def register_all(demo) -> Callable:
     def register(fleet) -> list[str]:
         for name, path in demo.adapters.items():

@@ -14,14 +14,6 @@ from lorafleet.worker.types import Request, SamplingParams  # noqa: E402
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-async def wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 class Collector:
     """Consumes one stream, checking that tokens only grow and nothing follows the final delta."""
 
@@ -49,7 +41,7 @@ def make_requests(prefix: str, names: list[str], lengths: list[int]) -> tuple[li
 
 
 def test_consolidation_migrates_and_releases_with_outputs_unchanged(
-    fleet_config, offline, register_all, run_async
+    fleet_config, offline, register_all, run_async, wait_for
 ):
     config = fleet_config(
         min_workers=3,
@@ -87,7 +79,7 @@ def test_consolidation_migrates_and_releases_with_outputs_unchanged(
 
 
 def test_killed_worker_requests_resume_elsewhere_with_outputs_unchanged(
-    fleet_config, offline, register_all, run_async
+    fleet_config, offline, register_all, run_async, wait_for
 ):
     async def main():
         fleet = await Fleet.start(fleet_config(min_workers=2, max_workers=2, engine={"max_batch_size": 4}))
@@ -116,7 +108,7 @@ def test_killed_worker_requests_resume_elsewhere_with_outputs_unchanged(
 
 
 def test_kv_pressure_evicts_and_replaces_with_outputs_unchanged(
-    fleet_config, offline, register_all, run_async
+    fleet_config, offline, register_all, run_async, wait_for
 ):
     # 14 blocks of 16 tokens per worker: three 184-token sequences packed on one worker outgrow it.
     config = fleet_config(

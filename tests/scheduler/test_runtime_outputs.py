@@ -90,6 +90,7 @@ def test_errors_queue_limit_abort_and_shutdown(fleet_config, register_all, run_a
             await first(Request("q3", (5, 6), None, greedy(4)))
         with pytest.raises(InvalidRequestError, match="already in flight"):
             await first(Request("q0", (5, 6), None, greedy(4)))
+        assert fleet.status().counters.requests_rejected == 5  # e1, e2, e3, q3 and the second q0
 
         await fleet.abort("q2")  # queued
         delta = await firsts[2]

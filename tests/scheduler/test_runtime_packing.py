@@ -14,15 +14,7 @@ from lorafleet.worker.types import FinishReason, Request, SamplingParams
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-async def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-def test_requests_pack_onto_the_fewest_workers(fleet_config, register_all, run_async):
+def test_requests_pack_onto_the_fewest_workers(fleet_config, register_all, run_async, wait_for):
     async def main():
         fleet = await Fleet.start(fleet_config(min_workers=3, max_workers=3, engine={"max_batch_size": 3}))
         try:

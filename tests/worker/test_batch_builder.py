@@ -66,11 +66,10 @@ def test_layout_groups_rows_by_sequence_and_adapter() -> None:
     assert batch.lora_seg_slots.tolist() == [-1, slot["s0"], slot["s2"]]
     assert batch.logits_indices.tolist() == [2, 7, 9, 15] and batch.sample_seq_ids == batch.seq_ids
     s0 = seqs[0]
-    rows = range(3, 8)
     assert batch.positions[3:8].tolist() == list(range(5))
     assert batch.input_ids[3:8].tolist() == list(s0.request.prompt_token_ids)
     assert batch.slot_mapping[3:8].tolist() == [s0.block_table[p // 4] * 4 + p % 4 for p in range(5)]
-    assert batch.block_tables[1, :2].tolist() == s0.block_table and len(rows) == 5
+    assert batch.block_tables[1, :2].tolist() == s0.block_table
     assert batch.seq_lens.tolist() == [3, 5, 2, 6] and batch.max_query_len == 6
 
 
@@ -122,7 +121,6 @@ def test_admission_respects_batch_size_and_adapter_slots_fcfs() -> None:
 
 
 def test_builder_rejects_inconsistent_schedules() -> None:
-
     s = seq(0, 4)
     with pytest.raises(ValueError, match="no scheduled"):
         build_batch([], 4, "cpu")

@@ -3,6 +3,7 @@ stop conditions and request validation. (Parity with transformers is in test_eng
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -248,3 +249,36 @@ def test_adapter_removal_and_failed_load(demo, tmp_path: Path) -> None:
     got = _run(engine)
     assert got["c"][-1].finish_reason == FinishReason.ERROR and "gone" in got["c"][-1].error
     assert got["d"][-1].finish_reason == FinishReason.LENGTH
+
+
+def test_bad_export_and_import_lose_nothing(demo) -> None:
+    engine = make_engine(demo)
+    engine.add_request(Request("e", (5, 6, 7), None, GREEDY))
+    engine.step()
+    with pytest.raises(ValueError, match="appears twice"):
+        engine.export(["e", "e"])
+    assert engine.has_unfinished()  # the failed export took nothing out
+    (state,) = engine.export(["e"])
+    other = make_engine(demo)
+    with pytest.raises(ValueError, match="expects SequenceState"):
+        other.import_([object()])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="logprobs"):
+        other.import_([dataclasses.replace(state, output_logprobs=(0.0, 0.0))])
+    assert not other.has_unfinished()
+    other.import_([state])
+    assert _run(other)["e"][-1].finish_reason == FinishReason.LENGTH
+
+
+def test_generate_leaves_the_engine_idle_when_a_step_raises(demo, monkeypatch) -> None:
+    engine = make_engine(demo)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("detokenizer broke")
+
+    monkeypatch.setattr(engine.stop_checker, "append_token", broken)
+    with pytest.raises(RuntimeError, match="detokenizer broke"):
+        engine.generate(prompts(3), adapters=ADAPTERS[:3], sampling=GREEDY)
+    stats = engine.stats()
+    assert not engine.has_unfinished() and stats.num_free_kv_blocks == stats.num_total_kv_blocks
+    monkeypatch.undo()
+    assert len(engine.generate(prompts(1), sampling=GREEDY)[0].token_ids) == GREEDY.max_new_tokens
