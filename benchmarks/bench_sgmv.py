@@ -252,31 +252,31 @@ SWEEP_CASES = (
 )
 
 
+# kernel, its block parameter, its warps parameter, block values to try
+SWEEP_PARAMS = (
+    ("shrink", "SHRINK_BLOCK_K", "SHRINK_NUM_WARPS", (128, 256, 512)),
+    ("expand", "EXPAND_BLOCK_N", "EXPAND_NUM_WARPS", (64, 128, 256)),
+)
+
+
 def sweep(timer: Timer, gen: torch.Generator, reps: int) -> list[dict]:
     """Shrink and expand medians under other launch parameters, to guide the defaults."""
-    defaults = {
-        k: getattr(sgmv_launch, k)
-        for k in ("SHRINK_BLOCK_K", "SHRINK_NUM_WARPS", "EXPAND_BLOCK_N", "EXPAND_NUM_WARPS")
-    }
     out = []
     for spec in SWEEP_CASES:
         case = Case(*spec, gen)
-        for block_k in (128, 256, 512):
-            for warps in (4, 8):
-                sgmv_launch.SHRINK_BLOCK_K, sgmv_launch.SHRINK_NUM_WARPS = block_k, warps
-                us = statistics.median(timer(case.shrink, reps))
-                out.append(dict(case=spec, kernel="shrink", block=block_k, warps=warps, us=us))
-                print(f"sweep {spec} shrink BLOCK_K={block_k} warps={warps}: {us:.1f} us", flush=True)
-        for k, v in defaults.items():
-            setattr(sgmv_launch, k, v)
-        for block_n in (64, 128, 256):
-            for warps in (4, 8):
-                sgmv_launch.EXPAND_BLOCK_N, sgmv_launch.EXPAND_NUM_WARPS = block_n, warps
-                us = statistics.median(timer(case.expand, reps))
-                out.append(dict(case=spec, kernel="expand", block=block_n, warps=warps, us=us))
-                print(f"sweep {spec} expand BLOCK_N={block_n} warps={warps}: {us:.1f} us", flush=True)
-        for k, v in defaults.items():
-            setattr(sgmv_launch, k, v)
+        for kernel, block_name, warps_name, blocks in SWEEP_PARAMS:
+            defaults = getattr(sgmv_launch, block_name), getattr(sgmv_launch, warps_name)
+            for block in blocks:
+                for warps in (4, 8):
+                    setattr(sgmv_launch, block_name, block)
+                    setattr(sgmv_launch, warps_name, warps)
+                    us = statistics.median(timer(getattr(case, kernel), reps))
+                    out.append(dict(case=spec, kernel=kernel, block=block, warps=warps, us=us))
+                    print(
+                        f"sweep {spec} {kernel} {block_name}={block} warps={warps}: {us:.1f} us", flush=True
+                    )
+            setattr(sgmv_launch, block_name, defaults[0])
+            setattr(sgmv_launch, warps_name, defaults[1])
     return out
 
 
