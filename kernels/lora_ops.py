@@ -352,8 +352,9 @@ def add_lora_slices(
         return
     from lorafleet.kernels import sgmv_launch
 
-    partials = sgmv_launch.shrink(x, c.lora_as, seg_indptr, seg_slots, c.ranks, zero_fill=False)
-    sgmv_launch.expand(y, partials, c.lora_bs, seg_indptr, seg_slots, c.ranks, c.scales)
+    pdl = sgmv_launch.pdl_enabled(y)
+    partials = sgmv_launch.shrink(x, c.lora_as, seg_indptr, seg_slots, c.ranks, zero_fill=False, pdl=pdl)
+    sgmv_launch.expand(y, partials, c.lora_bs, seg_indptr, seg_slots, c.ranks, c.scales, pdl=pdl)
 
 
 def add_lora(

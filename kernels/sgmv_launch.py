@@ -6,10 +6,13 @@ choice needs no host sync and a captured CUDA graph replays the same kernels.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 from lorafleet.kernels.sgmv_triton import _sgmv_expand_kernel, _sgmv_shrink_kernel
 
@@ -19,8 +22,40 @@ _TARGET_PROGRAMS = 528
 # Launch parameters (module-level so benchmarks/bench_sgmv.py --sweep can vary them).
 SHRINK_BLOCK_K = 256
 SHRINK_NUM_WARPS = 4
-EXPAND_BLOCK_N = 128
-EXPAND_NUM_WARPS = 4
+SHRINK_NUM_STAGES = 3
+# 64-wide rank tiles take half the K chunk: two pipeline stages of A and x then fit in ~40 KB of
+# shared memory, so several programs share an SM instead of one or two.
+SHRINK_BLOCK_K_WIDE_R = 128
+SHRINK_NUM_WARPS_WIDE_R = 4
+# Expand column chunks: wide by default; narrow where the wide grid would not cover the GPU, and in
+# the pipelined multi-chunk loop when a wide chunk of B would exceed EXPAND_MAX_CHUNK_BYTES (its
+# pipeline stages would then leave room for only two programs per SM).
+EXPAND_BLOCK_N = 256
+EXPAND_NUM_WARPS = 8
+EXPAND_NARROW_BLOCK_N = 128
+EXPAND_NARROW_NUM_WARPS = 4
+EXPAND_MAX_CHUNK_BYTES = 16384
+EXPAND_NUM_STAGES = 3
+# Expand re-reads a tile's split-K partials once per column program, so split_k is capped at
+# REREAD_ROWS // (rows per tile): one adapter with many rows splits less.
+REREAD_ROWS = 128
+# Programmatic dependent launch (Hopper and later): expand starts while shrink runs and loads B and y
+# before waiting for shrink's partials. LORAFLEET_PDL=0 turns it off.
+USE_PDL = os.environ.get("LORAFLEET_PDL", "1") != "0"
+# It needs expand programs of a single column chunk (so each has all its loads ahead of the wait),
+# and is used only where that makes at most PDL_MAX_PROGRAMS programs: beyond that, early programs
+# mostly hold SM resources and the plain launch was faster.
+PDL_MAX_PROGRAMS = 3072
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    return USE_PDL and t.device.type == "cuda" and _pdl_capable(t.device.index)
+
+
+@functools.cache
+def _pdl_capable(index: int | None) -> bool:
+    gdc = getattr(getattr(tl, "extra", None), "cuda", None)
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(gdc, "gdc_wait")
 
 
 def _seg_block(num_segs: int) -> int:
@@ -38,6 +73,19 @@ def _block_m(T: int, num_segs: int) -> int:
     return 16 if avg_rows <= 24 or T <= 256 else 64
 
 
+def _shrink_config(block_m: int, block_r: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of shrink."""
+    if block_m != 16:
+        return 64, SHRINK_NUM_WARPS
+    if block_r >= 64:
+        return SHRINK_BLOCK_K_WIDE_R, SHRINK_NUM_WARPS_WIDE_R
+    return SHRINK_BLOCK_K, SHRINK_NUM_WARPS
+
+
+def _block_r(r_max: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(r_max)))
+
+
 def _max_tiles(T: int, num_segs: int, block_m: int) -> int:
     # Each segment wastes at most one partial tile.
     return max(1, min(num_segs, T) + triton.cdiv(T, block_m))
@@ -53,13 +101,27 @@ def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
 class _ColumnPlan:
     """How output columns of 1..3 slices are cut into programs: each program covers N_PER_PROG
     columns of one slice in a loop over BLOCK_N chunks (several weight loads in flight, one segment
-    lookup), with N_PER_PROG shrunk until the grid covers the GPU."""
+    lookup), with N_PER_PROG shrunk until the grid covers the GPU. With ``prefetch`` (programmatic
+    dependent launch) every program gets a single chunk, unless that makes too many programs."""
 
-    def __init__(self, lora_bs: Sequence[torch.Tensor], tiles: int, block_m: int) -> None:
-        self.block_n = EXPAND_BLOCK_N if block_m == 16 else 64
+    def __init__(
+        self, lora_bs: Sequence[torch.Tensor], tiles: int, block_m: int, block_r: int, prefetch: bool
+    ) -> None:
         self.widths = [b.shape[1] for b in lora_bs] + [0] * (3 - len(lora_bs))
         self.cols = [0, self.widths[0], self.widths[0] + self.widths[1]]
-        per_prog = triton.cdiv(max(self.widths), self.block_n)
+        if block_m != 16:
+            self.block_n, self.num_warps = 64, 4
+        else:
+            self.block_n, self.num_warps = EXPAND_BLOCK_N, EXPAND_NUM_WARPS
+        self.single = prefetch and tiles * self._programs(self.block_n) <= PDL_MAX_PROGRAMS
+        if block_m == 16 and self.block_n > EXPAND_NARROW_BLOCK_N:
+            if self.single:
+                narrow = tiles * self._programs(self.block_n) < _TARGET_PROGRAMS
+            else:
+                narrow = self.block_n * block_r * 2 > EXPAND_MAX_CHUNK_BYTES
+            if narrow:
+                self.block_n, self.num_warps = EXPAND_NARROW_BLOCK_N, EXPAND_NARROW_NUM_WARPS
+        per_prog = 1 if self.single else triton.cdiv(max(self.widths), self.block_n)
         while per_prog > 1 and tiles * self._programs(per_prog * self.block_n) < _TARGET_PROGRAMS:
             per_prog = triton.cdiv(per_prog, 2)
         self.n_per_prog = per_prog * self.block_n
@@ -81,20 +143,27 @@ def shrink(
     ranks: torch.Tensor,
     *,
     zero_fill: bool,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """Returns float32 partial sums ``[split_k, n_slices, T, r_max]`` (summed over split_k by expand)."""
+    """Returns float32 partial sums ``[split_k, n_slices, T, r_max]`` (summed over split_k by expand).
+
+    ``pdl``: let the programmatic dependent launched next (expand) start at once."""
     T, h_in = x.shape
     n_slices = len(lora_as)
     _, r_max, _ = lora_as[0].shape
     num_segs = seg_slots.shape[0]
     block_m = _block_m(T, num_segs)
-    block_r = min(64, max(16, triton.next_power_of_2(r_max)))
+    block_r = _block_r(r_max)
     num_r_tiles = triton.cdiv(r_max, block_r)
     tiles = _max_tiles(T, num_segs, block_m)
-    block_k = SHRINK_BLOCK_K if block_m == 16 else 64
-    # Split h_in until the grid covers the GPU. Expand re-reads every partial, so long (prefill)
-    # tiles, whose partials are large, split less.
-    max_split = 16 if block_m == 16 else 4
+    block_k, num_warps = _shrink_config(block_m, block_r)
+    # Split h_in until the grid covers the GPU. Expand re-reads every partial, so tiles with many
+    # rows (one adapter with many tokens, prefill) split less.
+    if block_m == 16:
+        rows_per_tile = min(block_m, triton.cdiv(T, max(num_segs, 1)))
+        max_split = max(1, min(16, REREAD_ROWS // rows_per_tile))
+    else:
+        max_split = 4
     split_k = 1
     while (
         tiles * n_slices * num_r_tiles * split_k < _TARGET_PROGRAMS
@@ -136,7 +205,9 @@ def shrink(
         BLOCK_K=block_k,
         SEG_BLOCK=_seg_block(num_segs),
         IEEE=x.dtype == torch.float32,
-        num_warps=SHRINK_NUM_WARPS,
+        USE_PDL=pdl,
+        num_warps=num_warps,
+        num_stages=SHRINK_NUM_STAGES,
     )
     return out
 
@@ -149,8 +220,14 @@ def expand(
     seg_slots: torch.Tensor,
     ranks: torch.Tensor,
     scales: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> None:
-    """``y[:, slice cols] += scale * sum_k(partials[k]) @ B.T`` for 1..3 slices, one launch."""
+    """``y[:, slice cols] += scale * sum_k(partials[k]) @ B.T`` for 1..3 slices, one launch.
+
+    ``pdl``: the launch just before this one on the stream is the shrink that wrote ``partials``.
+    Expand is then launched as its programmatic dependent: it starts while shrink runs and loads
+    the metadata, B and y (which shrink does not write) before its grid-dependency wait."""
     T = y.shape[0]
     num_segs = seg_slots.shape[0]
     if T == 0 or num_segs == 0:
@@ -158,8 +235,12 @@ def expand(
     n_slices = len(lora_bs)
     r_max = lora_bs[0].shape[2]
     block_m = _block_m(T, num_segs)
-    block_r = min(64, max(16, triton.next_power_of_2(r_max)))
-    cols = _ColumnPlan(lora_bs, _max_tiles(T, num_segs, block_m), block_m)
+    block_r = _block_r(r_max)
+    hoist = r_max <= block_r
+    cols = _ColumnPlan(lora_bs, _max_tiles(T, num_segs, block_m), block_m, block_r, pdl and hoist)
+    # Only a program with a single column chunk has all its loads ahead of the wait; without that,
+    # starting early only holds SM resources shrink could use.
+    pdl = pdl and hoist and cols.single
     _sgmv_expand_kernel[cols.grid](
         y,
         partials,
@@ -190,11 +271,13 @@ def expand(
         BLOCK_N=cols.block_n,
         BLOCK_R=block_r,
         N_PER_PROG=cols.n_per_prog,
-        HOIST=r_max <= block_r,
+        HOIST=hoist,
         SEG_BLOCK=_seg_block(num_segs),
         IEEE=y.dtype == torch.float32,
-        num_warps=EXPAND_NUM_WARPS,
+        USE_PDL=pdl,
+        num_warps=cols.num_warps,
         # Without hoisting, pipelining the split-K partial loads of the inner rank loop would
         # need more shared memory than the GPU has.
-        num_stages=3 if r_max <= block_r else 1,
+        num_stages=EXPAND_NUM_STAGES if hoist else 1,
+        **({"launch_pdl": True} if pdl else {}),
     )

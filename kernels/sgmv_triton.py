@@ -8,7 +8,12 @@ tiles) and nothing is read back to the host: the launch is CUDA-graph capturable
 Shrink splits h_in over ``SPLIT_K`` programs and writes float32 partials
 ``[SPLIT_K, n_slices, T, r_max]`` without atomics; expand sums those partials while loading them,
 so no zero-fill or reduction launch is needed. Both kernels stop at each slot's true rank: rows of A
-and columns of B past it are never loaded, and expand's rank loop runs only to the true rank.
+past it are never loaded, columns of B only up to the end of the rank's 8-entry run (see
+``_rank_masks``), and expand's rank loop runs only to the true rank.
+
+On Hopper, expand is launched as shrink's programmatic dependent (``USE_PDL``): shrink lets it start
+at once, and expand loads the segment metadata, its chunk of B and y, none of which shrink writes,
+before ``gdc_wait`` blocks it until shrink's partials are complete and visible.
 
 Fused projections (q|k|v, gate|up) are up to three *slices*, each with its own A/B stack, rank,
 scale and output width. Their stacks are separate allocations; the kernel addresses slices 1 and 2
@@ -52,35 +57,67 @@ def _tile_to_segment(
 
 
 @triton.jit
-def _expand_columns(
-    inter_lp,
+def _rank_masks(r, rank, R_MAX, GRANULE: tl.constexpr):
+    """(exact, load) masks for rank positions ``r``: exact is ``r < rank``; load extends it to whole
+    aligned runs of GRANULE entries (within R_MAX).
+
+    A mask that may end at any element forces the compiler into one scalar load per element, which
+    starves these memory-bound kernels; a mask constant over aligned runs lets it issue 16-byte
+    vector loads. The lanes between the rank and the end of its run may hold garbage (even NaN), so
+    loaded values are zeroed with the exact mask before use. They share their memory sector with
+    valid entries, so the bytes moved still follow the true rank.
+    """
+    exact = r < rank
+    load = ((r // GRANULE) < (rank + GRANULE - 1) // GRANULE) & (r < R_MAX)
+    return exact, load
+
+
+@triton.jit
+def _dot(a, b_t, IEEE: tl.constexpr):
+    """a @ b_t.T in float32 (IEEE for float32 inputs, where TF32 would lose precision)."""
+    if IEEE:
+        return tl.dot(a, tl.trans(b_t), input_precision="ieee")
+    return tl.dot(a, tl.trans(b_t))
+
+
+@triton.jit
+def _load_b(b_base, n, n_mask, r, r_mask, r_load, R_MAX):
+    """B[n, r] with columns past the rank zeroed: [BLOCK_N, BLOCK_R]."""
+    bt = tl.load(
+        b_base + n.to(tl.int64)[:, None] * R_MAX + r[None, :],
+        mask=n_mask[:, None] & r_load[None, :],
+        other=0.0,
+    )
+    return tl.where(r_mask[None, :], bt, 0.0)
+
+
+@triton.jit
+def _sum_partials(
+    t_rows,
     r,
     r_mask,
-    b_base,
-    y_rows,
+    r_load,
     row_mask,
-    n_begin,
-    n_stop,
-    R_MAX,
-    BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    scale,
+    stride_split,
+    dtype: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """y[rows, n_begin:n_stop] += inter_lp @ B[n_begin:n_stop, r].T, one BLOCK_N chunk at a time."""
-    for n0 in range(n_begin, n_stop, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < n_stop
-        bt = tl.load(
-            b_base + n.to(tl.int64)[:, None] * R_MAX + r[None, :],
-            mask=n_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        if IEEE:
-            acc = tl.dot(inter_lp, tl.trans(bt), input_precision="ieee")
-        else:
-            acc = tl.dot(inter_lp, tl.trans(bt))
-        y_mask = row_mask[:, None] & n_mask[None, :]
-        yt = tl.load(y_rows + n[None, :], mask=y_mask, other=0.0)
-        tl.store(y_rows + n[None, :], (yt.to(tl.float32) + acc).to(y_rows.dtype.element_ty), mask=y_mask)
+    """scale * sum over split-K partials of tmp[rows, r], cast to the output dtype: [BLOCK_M, BLOCK_R]."""
+    inter = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    mask = row_mask[:, None] & r_load[None, :]
+    for sp in tl.static_range(NUM_SPLITS):
+        inter += tl.load(t_rows + sp * stride_split + r[None, :], mask=mask, other=0.0)
+    return (tl.where(r_mask[None, :], inter, 0.0) * scale).to(dtype)
+
+
+@triton.jit
+def _add_to_y(y_rows, n, n_mask, row_mask, acc):
+    y_mask = row_mask[:, None] & n_mask[None, :]
+    yt = tl.load(y_rows + n[None, :], mask=y_mask, other=0.0)
+    tl.store(y_rows + n[None, :], (yt.to(tl.float32) + acc).to(y_rows.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -124,7 +161,11 @@ def _sgmv_shrink_kernel(
     BLOCK_K: tl.constexpr,
     SEG_BLOCK: tl.constexpr,
     IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        # Let expand's programs start loading B and y while this grid still runs.
+        tl.extra.cuda.gdc_launch_dependents()
     tile_id = tl.program_id(0)
     split = tl.program_id(1) // NUM_R_TILES
     r_tile = tl.program_id(1) % NUM_R_TILES
@@ -157,13 +198,12 @@ def _sgmv_shrink_kernel(
         k_mask = k < H_IN
         xt = tl.load(x_rows + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_rows + k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(at))
+        acc += _dot(xt, at, IEEE)
     out = out_ptr + split * stride_o_split + sl * stride_o_slice
     out_ptrs = out + rows.to(tl.int64)[:, None] * stride_o_m + r[None, :]
-    tl.store(out_ptrs, acc, mask=row_mask[:, None] & r_mask[None, :])
+    # Columns past the rank hold zeros (their A rows were not loaded); storing them up to R_MAX keeps
+    # the store vectorised.
+    tl.store(out_ptrs, acc, mask=row_mask[:, None] & (r < R_MAX)[None, :])
 
 
 @triton.jit
@@ -206,6 +246,7 @@ def _sgmv_expand_kernel(
     HOIST: tl.constexpr,
     SEG_BLOCK: tl.constexpr,
     IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     nid = tl.program_id(1)
@@ -236,38 +277,76 @@ def _sgmv_expand_kernel(
     y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + col
     n_begin = n_tile * N_PER_PROG
     n_stop = tl.minimum(n_begin + N_PER_PROG, width)
+    dtype = y_ptr.dtype.element_ty
     if HOIST:
         # The whole rank fits one tile: sum the split-K partials once, reuse for every column chunk.
         r = tl.arange(0, BLOCK_R)
-        r_mask = r < rank
-        t_mask = row_mask[:, None] & r_mask[None, :]
-        inter = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sp in tl.static_range(NUM_SPLITS):
-            inter += tl.load(t_rows + sp * stride_t_split + r[None, :], mask=t_mask, other=0.0)
-        inter_lp = (inter * scale).to(y_ptr.dtype.element_ty)
-        _expand_columns(inter_lp, r, r_mask, b_base, y_rows, row_mask, n_begin, n_stop, R_MAX, BLOCK_N, IEEE)
+        r_mask, r_load = _rank_masks(r, rank, R_MAX, 8)
+        if USE_PDL:
+            # Launched as shrink's programmatic dependent, with one column chunk per program: load
+            # everything shrink does not write (B, y) before waiting for it, so the loads overlap it.
+            tl.static_assert(N_PER_PROG == BLOCK_N, "programmatic dependent launch needs one chunk")
+            n = n_begin + tl.arange(0, BLOCK_N)
+            n_mask = n < n_stop
+            bt = _load_b(b_base, n, n_mask, r, r_mask, r_load, R_MAX)
+            y_mask = row_mask[:, None] & n_mask[None, :]
+            yt = tl.load(y_rows + n[None, :], mask=y_mask, other=0.0)
+            tl.extra.cuda.gdc_wait()
+            inter_lp = _sum_partials(
+                t_rows,
+                r,
+                r_mask,
+                r_load,
+                row_mask,
+                scale,
+                stride_t_split,
+                dtype,
+                NUM_SPLITS,
+                BLOCK_M,
+                BLOCK_R,
+            )
+            acc = _dot(inter_lp, bt, IEEE)
+            tl.store(y_rows + n[None, :], (yt.to(tl.float32) + acc).to(dtype), mask=y_mask)
+        else:
+            inter_lp = _sum_partials(
+                t_rows,
+                r,
+                r_mask,
+                r_load,
+                row_mask,
+                scale,
+                stride_t_split,
+                dtype,
+                NUM_SPLITS,
+                BLOCK_M,
+                BLOCK_R,
+            )
+            for n0 in range(n_begin, n_stop, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = n < n_stop
+                bt = _load_b(b_base, n, n_mask, r, r_mask, r_load, R_MAX)
+                _add_to_y(y_rows, n, n_mask, row_mask, _dot(inter_lp, bt, IEEE))
     else:
+        tl.static_assert(not USE_PDL, "programmatic dependent launch needs the hoisted path")
         for n0 in range(n_begin, n_stop, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < n_stop
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, rank, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = r < rank
-                t_mask = row_mask[:, None] & r_mask[None, :]
-                inter = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for sp in tl.static_range(NUM_SPLITS):
-                    inter += tl.load(t_rows + sp * stride_t_split + r[None, :], mask=t_mask, other=0.0)
-                inter_lp = (inter * scale).to(y_ptr.dtype.element_ty)
-                bt = tl.load(
-                    b_base + n.to(tl.int64)[:, None] * R_MAX + r[None, :],
-                    mask=n_mask[:, None] & r_mask[None, :],
-                    other=0.0,
+                r_mask, r_load = _rank_masks(r, rank, R_MAX, 8)
+                inter_lp = _sum_partials(
+                    t_rows,
+                    r,
+                    r_mask,
+                    r_load,
+                    row_mask,
+                    scale,
+                    stride_t_split,
+                    dtype,
+                    NUM_SPLITS,
+                    BLOCK_M,
+                    BLOCK_R,
                 )
-                if IEEE:
-                    acc += tl.dot(inter_lp, tl.trans(bt), input_precision="ieee")
-                else:
-                    acc += tl.dot(inter_lp, tl.trans(bt))
-            y_mask = row_mask[:, None] & n_mask[None, :]
-            yt = tl.load(y_rows + n[None, :], mask=y_mask, other=0.0)
-            tl.store(y_rows + n[None, :], (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+                acc += _dot(inter_lp, _load_b(b_base, n, n_mask, r, r_mask, r_load, R_MAX), IEEE)
+            _add_to_y(y_rows, n, n_mask, row_mask, acc)

@@ -103,7 +103,9 @@ class FusedLinear(torch.nn.Module):
     ) -> None:
         if not run:
             return
-        projs = [lora.get(layer, self.slice_names[i]) for i in run]
+        names = [self.slice_names[i] for i in run]
+        projs = [lora.get(layer, name) for name in names]
+        ranks, scales = lora.rank_scale_tables(layer, names)
         start = self.slice_offsets[run[0]]
         stop = self.slice_offsets[run[-1]] + self.slice_widths[run[-1]]
         add_lora_slices(
@@ -113,8 +115,8 @@ class FusedLinear(torch.nn.Module):
             [p.b for p in projs],  # type: ignore[union-attr]
             batch.lora_seg_indptr,
             batch.lora_seg_slots,
-            ranks=[p.ranks for p in projs],  # type: ignore[union-attr]
-            scales=[p.scales for p in projs],  # type: ignore[union-attr]
+            ranks=ranks,
+            scales=scales,
         )
 
     def load_slices(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None) -> None:

@@ -8,6 +8,7 @@ to ``r_max`` and its true rank is recorded in ``ranks`` so the kernels never rea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ class ProjLora:
     b: torch.Tensor  # [n_slots, h_out, r_max] PEFT lora_B.weight per slot, zero columns past the rank
     ranks: torch.Tensor  # [n_slots] int32 true rank per slot (0 = the slot's adapter skips this proj)
     scales: torch.Tensor  # [n_slots] float32 lora_alpha / r (or / sqrt(r) for rsLoRA)
+    # ranks and scales are rows of per-layer [n_projections, n_slots] tables (see rank_scale_tables).
 
 
 class LoraSlotPool:
@@ -64,14 +66,24 @@ class LoraSlotPool:
         self.target_modules: tuple[str, ...] = tuple(p for p in PROJECTIONS if p in target_modules)
         self.shapes = {p: (int(shapes[p][0]), int(shapes[p][1])) for p in self.target_modules}
         self._projs: dict[tuple[int, str], ProjLora] = {}
+        self._row = {proj: i for i, proj in enumerate(self.target_modules)}
+        n_proj = len(self.target_modules)
+        self._tables = [
+            (
+                torch.zeros(n_proj, n_slots, dtype=torch.int32, device=self.device),
+                torch.zeros(n_proj, n_slots, dtype=torch.float32, device=self.device),
+            )
+            for _ in range(num_layers)
+        ]
         for layer in range(num_layers):
+            ranks, scales = self._tables[layer]
             for proj in self.target_modules:
                 h_in, h_out = self.shapes[proj]
                 self._projs[(layer, proj)] = ProjLora(
                     a=torch.zeros(n_slots, r_max, h_in, dtype=dtype, device=self.device),
                     b=torch.zeros(n_slots, h_out, r_max, dtype=dtype, device=self.device),
-                    ranks=torch.zeros(n_slots, dtype=torch.int32, device=self.device),
-                    scales=torch.zeros(n_slots, dtype=torch.float32, device=self.device),
+                    ranks=ranks[self._row[proj]],
+                    scales=scales[self._row[proj]],
                 )
 
     def get(self, layer: int, proj: str) -> ProjLora | None:
@@ -81,6 +93,19 @@ class LoraSlotPool:
         if proj not in PROJECTIONS:
             raise ValueError(f"unknown projection {proj!r}; known: {PROJECTIONS}")
         return self._projs.get((layer, proj))
+
+    def rank_scale_tables(self, layer: int, projs: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[len(projs), n_slots]`` rank and scale tables for the slices of one fused projection.
+
+        Adjacent targeted projections (q|k|v, gate|up) are consecutive rows of the layer's tables,
+        so this is a view the kernels take as is; building the tables per call would cost two small
+        copy kernels per fused projection per layer per step.
+        """
+        rows = [self._row[p] for p in projs]
+        ranks, scales = self._tables[layer]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return ranks[rows[0] : rows[-1] + 1], scales[rows[0] : rows[-1] + 1]
+        return ranks[rows], scales[rows]
 
     @property
     def nbytes(self) -> int:

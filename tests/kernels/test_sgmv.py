@@ -137,6 +137,22 @@ def test_split_k_and_rank_tiles(backend, dtype, tol):
 
 
 @pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
+@pytest.mark.parametrize("r_max,ranks", [(12, [12, 5, 9, 1]), (20, [20, 17, 3, 8]), (8, [8, 7, 1, 4])])
+def test_rank_runs_past_r_max(backend, dtype, tol, r_max, ranks, triton_path):
+    """The kernels load whole 8-entry runs of rank positions; where r_max (or a rank) is not a
+    multiple of 8 the run must stop at r_max and NaN garbage past the rank must not leak in."""
+    gen = torch.Generator().manual_seed(r_max)
+    indptr = [0, 1, 5, 6, 30]
+    slots = [0, 1, 2, 3]
+    x, y, a, b, seg_indptr, seg_slots, ranks_t, scales = make_problem(
+        gen, dtype, indptr, slots, h_in=64, h_out=40, n_slots=4, r_max=r_max, ranks=ranks
+    )
+    ref = reference_add_lora(y, x, a, b, seg_indptr, seg_slots, ranks_t, scales)
+    add_lora(y, x, a, b, seg_indptr, seg_slots, ranks=ranks_t, scales=scales, backend=backend)
+    assert rel_err(y, ref) < tol
+
+
+@pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
 def test_fused_slices(backend, dtype, tol, triton_path):
     """One call writes q|k|v column slices, each with its own stacks, widths, ranks and scales."""
     gen = torch.Generator().manual_seed(4)

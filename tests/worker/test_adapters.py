@@ -158,6 +158,26 @@ def test_pool_zero_pads_records_rank_and_clears(demo, config) -> None:
         pool.write_slot(2, w)
 
 
+def test_pool_rank_scale_tables_are_views_of_adjacent_slices(demo, config) -> None:
+    pool = make_pool(config)
+    w = load_adapter(demo.adapters["adapter-0"], config)  # r=8 on q, v
+    pool.write_slot(1, w)
+    ranks, scales = pool.rank_scale_tables(0, ["q_proj", "k_proj", "v_proj"])
+    assert ranks.tolist() == [[0, 8], [0, 0], [0, 8]]
+    assert scales[:, 1].tolist() == pytest.approx(
+        [w.projs[(0, "q_proj")].scale, 0.0, w.projs[(0, "v_proj")].scale]
+    )
+    # Adjacent slices come back as views the kernels take without a copy, and see later writes.
+    assert ranks.stride(1) == 1 and ranks.data_ptr() == pool.get(0, "q_proj").ranks.data_ptr()
+    pool.clear_slot(1)
+    assert not ranks.any()
+    # Slices that are not adjacent in the pool (a projection between them not targeted) still work.
+    sparse = make_pool(config, targets=("q_proj", "v_proj", "o_proj"))
+    sparse.write_slot(0, w)
+    r_qo, _ = sparse.rank_scale_tables(0, ["q_proj", "o_proj"])
+    assert r_qo.tolist() == [[8, 0], [0, 0]]
+
+
 def test_cache_lru_pins_and_stats(demo, config) -> None:
     pool = make_pool(config, n_slots=2)
     cache = AdapterCache(config, pool, host_cache_bytes=1 << 30, dtype=torch.float32)
