@@ -113,10 +113,11 @@ class _ColumnPlan:
             self.block_n, self.num_warps = 64, 4
         else:
             self.block_n, self.num_warps = EXPAND_BLOCK_N, EXPAND_NUM_WARPS
-        self.single = prefetch and tiles * self._programs(self.block_n) <= PDL_MAX_PROGRAMS
+        single_chunk_programs = tiles * self._programs(self.block_n)
+        self.single = prefetch and single_chunk_programs <= PDL_MAX_PROGRAMS
         if block_m == 16 and self.block_n > EXPAND_NARROW_BLOCK_N:
             if self.single:
-                narrow = tiles * self._programs(self.block_n) < _TARGET_PROGRAMS
+                narrow = single_chunk_programs < _TARGET_PROGRAMS
             else:
                 narrow = self.block_n * block_r * 2 > EXPAND_MAX_CHUNK_BYTES
             if narrow:
@@ -240,7 +241,7 @@ def expand(
     cols = _ColumnPlan(lora_bs, _max_tiles(T, num_segs, block_m), block_m, block_r, pdl and hoist)
     # Only a program with a single column chunk has all its loads ahead of the wait; without that,
     # starting early only holds SM resources shrink could use.
-    pdl = pdl and hoist and cols.single
+    pdl = cols.single
     _sgmv_expand_kernel[cols.grid](
         y,
         partials,

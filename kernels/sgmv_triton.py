@@ -292,35 +292,13 @@ def _sgmv_expand_kernel(
             y_mask = row_mask[:, None] & n_mask[None, :]
             yt = tl.load(y_rows + n[None, :], mask=y_mask, other=0.0)
             tl.extra.cuda.gdc_wait()
-            inter_lp = _sum_partials(
-                t_rows,
-                r,
-                r_mask,
-                r_load,
-                row_mask,
-                scale,
-                stride_t_split,
-                dtype,
-                NUM_SPLITS,
-                BLOCK_M,
-                BLOCK_R,
-            )
+        inter_lp = _sum_partials(
+            t_rows, r, r_mask, r_load, row_mask, scale, stride_t_split, dtype, NUM_SPLITS, BLOCK_M, BLOCK_R
+        )
+        if USE_PDL:
             acc = _dot(inter_lp, bt, IEEE)
             tl.store(y_rows + n[None, :], (yt.to(tl.float32) + acc).to(dtype), mask=y_mask)
         else:
-            inter_lp = _sum_partials(
-                t_rows,
-                r,
-                r_mask,
-                r_load,
-                row_mask,
-                scale,
-                stride_t_split,
-                dtype,
-                NUM_SPLITS,
-                BLOCK_M,
-                BLOCK_R,
-            )
             for n0 in range(n_begin, n_stop, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 n_mask = n < n_stop
