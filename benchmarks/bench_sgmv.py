@@ -7,7 +7,9 @@ median, the bytes that must move (adapter weights of the distinct slots touched 
 written) over that time, and that as a percentage of the device-to-device copy bandwidth measured
 in the same run. Compares against the best public kernels' figures (issue 2's anchor table).
 
-    python3 benchmarks/bench_sgmv.py --out DIR [--quick]
+    python3 benchmarks/bench_sgmv.py --out DIR [--quick] [--sweep]
+    python3 benchmarks/bench_sgmv.py --out DIR --sweep-only [--sweep-cases o4096:64:32:distinct,...]
+        [--sweep-variants reread_64,...]
 """
 
 from __future__ import annotations
@@ -56,10 +58,23 @@ ANCHORS.update(
 
 
 class Timer:
-    """Queues `reps` calls behind a spin kernel; returns per-call GPU times in microseconds."""
+    """Queues `reps` calls behind a spin kernel; returns per-call GPU times in microseconds.
 
-    def __init__(self) -> None:
+    ``flush``: how the L2 is emptied before each call: "write" (a 256 MB write, leaving dirty lines)
+    or "read" (a 256 MB read, leaving clean lines)."""
+
+    def __init__(self, flush: str = "write") -> None:
+        if flush not in ("write", "read"):
+            raise ValueError(f"flush: expected 'write' or 'read', got {flush!r}")
         self.flush_buf = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        self.flush_sum = torch.empty((), dtype=torch.int64, device="cuda")
+        self.flush = flush
+
+    def flush_l2(self) -> None:
+        if self.flush == "write":
+            self.flush_buf.zero_()
+        else:
+            torch.sum(self.flush_buf.view(torch.int64), dim=0, out=self.flush_sum)
 
     def __call__(self, fn: Callable[[], None], reps: int) -> list[float]:
         fn()  # warm-up: compile, allocate
@@ -73,7 +88,7 @@ class Timer:
         # Spin long enough (about 2 GHz clock, generous margin) for the host to queue everything.
         torch.cuda._sleep(int((reps * (host_s + 30e-6) * 2.0 + 2e-3) * 2e9))
         for i in range(reps):
-            self.flush_buf.zero_()
+            self.flush_l2()
             starts[i].record()
             fn()
             ends[i].record()
@@ -157,6 +172,17 @@ class Case:
             col += w
 
 
+def parse_case(text: str) -> tuple[str, int, int, str]:
+    """'shape:rank:T:popularity', e.g. 'o4096:16:64:distinct'."""
+    fields = text.split(":")
+    if len(fields) != 4:
+        raise ValueError(f"{text!r} is not shape:rank:T:popularity")
+    shape, rank, tokens, pop = fields
+    if shape not in SHAPES or pop not in (*POPULARITIES, "prefill"):
+        raise ValueError(f"{text!r}: shape must be one of {list(SHAPES)}, popularity one of {POPULARITIES}")
+    return shape, int(rank), int(tokens), pop
+
+
 def check(case: Case) -> float:
     """Relative error of add_lora's update against gather-BMM's, from the case's initial y (timed
     calls keep accumulating into y)."""
@@ -178,7 +204,25 @@ def main() -> int:
     ap.add_argument("--baseline-reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="anchor cases only")
     ap.add_argument("--sweep", action="store_true", help="also time launch-parameter variants")
+    ap.add_argument("--sweep-only", action="store_true", help="time only the launch-parameter variants")
+    ap.add_argument(
+        "--sweep-cases", help="sweep these cases instead: shape:rank:T:popularity, comma-separated"
+    )
+    ap.add_argument("--sweep-variants", help="sweep only these variants (comma-separated names)")
     args = ap.parse_args()
+    cases = SWEEP_CASES
+    if args.sweep_cases:
+        try:
+            cases = tuple(parse_case(c) for c in args.sweep_cases.split(","))
+        except ValueError as e:
+            ap.error(f"--sweep-cases: {e}")
+    variants = SWEEP_VARIANTS
+    if args.sweep_variants:
+        names = ["default", *args.sweep_variants.split(",")]
+        unknown = [k for k in names if k not in SWEEP_VARIANTS]
+        if unknown:
+            ap.error(f"--sweep-variants: unknown {unknown}; known: {sorted(SWEEP_VARIANTS)}")
+        variants = {k: SWEEP_VARIANTS[k] for k in names}
     if not torch.cuda.is_available():
         print("bench_sgmv needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -197,6 +241,8 @@ def main() -> int:
     specs += [(s, r, 4096, "prefill") for s in SHAPES for r in (16, 64)]
     if args.quick:
         specs = [s for s in specs if s in ANCHORS]
+    if args.sweep_only:
+        specs = []
     gen = torch.Generator().manual_seed(0)
     rows = []
     for shape, rank, T, pop in specs:
@@ -234,7 +280,7 @@ def main() -> int:
             flush=True,
         )
         del case
-    sweep_rows = sweep(timer, gen, args.reps) if args.sweep else []
+    sweep_rows = sweep(timer, gen, args.reps, cases, variants) if args.sweep or args.sweep_only else []
     summary = summarize(rows, bw)
     (args.out / "sgmv.json").write_text(
         json.dumps(
@@ -278,15 +324,22 @@ SWEEP_VARIANTS: dict[str, dict[str, object]] = {
     "expand_always_narrow": {"EXPAND_BLOCK_N": 128, "EXPAND_NUM_WARPS": 4},
     "expand_stages_2": {"EXPAND_NUM_STAGES": 2},
     "reread_64": {"REREAD_ROWS": 64},
+    "reread_ranks_1024": {"REREAD_RANKS": 1024},
+    "target_programs_264": {"_TARGET_PROGRAMS": 264},
+    "target_programs_1056": {"_TARGET_PROGRAMS": 1056},
+    "shrink_bk128": {"SHRINK_BLOCK_K": 128},
+    "shrink_bk64": {"SHRINK_BLOCK_K": 64},
 }
 
 
-def sweep(timer: Timer, gen: torch.Generator, reps: int) -> list[dict]:
+def sweep(
+    timer: Timer, gen: torch.Generator, reps: int, cases: tuple, variants: dict[str, dict[str, object]]
+) -> list[dict]:
     """The whole add_lora under each variant of the launch parameters, to guide the defaults."""
     out = []
-    for spec in SWEEP_CASES:
+    for spec in cases:
         case = Case(*spec, gen)
-        for name, overrides in SWEEP_VARIANTS.items():
+        for name, overrides in variants.items():
             saved = {k: getattr(sgmv_launch, k) for k in overrides}
             for k, v in overrides.items():
                 setattr(sgmv_launch, k, v)
@@ -319,7 +372,7 @@ def summarize(rows: list[dict], bw: float) -> dict:
         worst_case=(worst["shape"], worst["rank"], worst["T"], worst["popularity"]) if worst else None,
         distinct_r64_t256_pct_copy=d256[0]["pct_copy"] if d256 else None,
         decode_r16_t64_max_us=max(r["us_add_lora"] for r in decode) if decode else None,
-        max_rel_err=max(r["rel_err"] for r in rows),
+        max_rel_err=max((r["rel_err"] for r in rows), default=None),
         copy_gbs=bw,
     )
 

@@ -37,8 +37,10 @@ EXPAND_NARROW_NUM_WARPS = 4
 EXPAND_MAX_CHUNK_BYTES = 16384
 EXPAND_NUM_STAGES = 3
 # Expand re-reads a tile's split-K partials once per column program, so split_k is capped at
-# REREAD_ROWS // (rows per tile): one adapter with many rows splits less.
+# REREAD_ROWS // (rows per tile): one adapter with many rows splits less. Likewise at most
+# REREAD_RANKS // (rank tile width): a wide rank tile has wide partials.
 REREAD_ROWS = 128
+REREAD_RANKS = 512
 # Programmatic dependent launch (Hopper and later): expand starts while shrink runs and loads B and y
 # before waiting for shrink's partials. LORAFLEET_PDL=0 turns it off.
 USE_PDL = os.environ.get("LORAFLEET_PDL", "1") != "0"
@@ -159,10 +161,10 @@ def shrink(
     tiles = _max_tiles(T, num_segs, block_m)
     block_k, num_warps = _shrink_config(block_m, block_r)
     # Split h_in until the grid covers the GPU. Expand re-reads every partial, so tiles with many
-    # rows (one adapter with many tokens, prefill) split less.
+    # rows (one adapter with many tokens, prefill) or a wide rank tile split less.
     if block_m == 16:
         rows_per_tile = min(block_m, triton.cdiv(T, max(num_segs, 1)))
-        max_split = max(1, min(16, REREAD_ROWS // rows_per_tile))
+        max_split = max(1, min(16, REREAD_ROWS // rows_per_tile, REREAD_RANKS // block_r))
     else:
         max_split = 4
     split_k = 1

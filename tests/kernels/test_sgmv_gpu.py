@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.kernels import add_lora, add_lora_slices
+from lorafleet.kernels import add_lora, add_lora_slices, sgmv_launch
 from lorafleet.kernels.selfcheck import popularity_slots, reference_add_lora, segments_from_slots
 
 pytestmark = pytest.mark.gpu
@@ -94,8 +94,6 @@ def test_fused_qkv_gqa():
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_cuda_graph_capture_and_replay(block_m, monkeypatch):
     """Captured once; new x values and new metadata (same shapes) copied in place give new results."""
-    from lorafleet.kernels import sgmv_launch
-
     monkeypatch.setattr(sgmv_launch, "_block_m", lambda T, num_segs: block_m)
     dtype = torch.bfloat16
     x, y, a, b, indptr, slots, ranks, scales = problem(64, "uniform", dtype, n_slots=128, seed=5)
@@ -132,8 +130,6 @@ def test_programmatic_dependent_launch_matches_serial(T, popularity, r_max, monk
     """Expand launched as a programmatic dependent of shrink (loading B and y before it waits)
     gives bit-identical results to two serial launches, also over many back-to-back calls that
     reuse the same partials memory, and inside a captured CUDA graph."""
-    from lorafleet.kernels import sgmv_launch
-
     if not sgmv_launch.pdl_enabled(torch.empty(0, device="cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9.0+ and Triton's gdc ops")
     x, y, a, b, indptr, slots, ranks, scales = problem(
@@ -158,3 +154,17 @@ def test_programmatic_dependent_launch_matches_serial(T, popularity, r_max, monk
     assert torch.equal(outs[True][0], outs[False][0])
     assert torch.equal(outs[True][1], outs[False][1])
     assert torch.equal(outs[True][1], outs[True][0])
+
+
+@pytest.mark.parametrize("T", [40, 400])
+def test_empty_segments_and_rows_without_adapter(T):
+    dtype, dev = torch.bfloat16, "cuda"
+    x, y, a, b, _, _, ranks, scales = problem(T, "distinct", dtype, n_slots=64, seed=4)
+    bounds = [0, 0, 7, 7, 19, 20, T, T]
+    indptr = torch.tensor(bounds, dtype=torch.int32, device=dev)
+    slots = torch.tensor([3, 5, 9, -1, 12, 7, 1], dtype=torch.int32, device=dev)
+    untouched = y[7:19].clone()
+    ref = reference_add_lora(y, x, a, b, indptr, slots, ranks, scales)
+    add_lora(y, x, a, b, indptr, slots, ranks=ranks, scales=scales)
+    assert torch.equal(y[7:19], untouched)
+    assert rel_err(y, ref) < TOL[dtype]

@@ -1,0 +1,164 @@
+"""What bounds SGMV decode latency: add_lora against the cheapest kernels that do part of its work.
+
+For r16 decode batches (one token per sequence) it times, with bench_sgmv's method (calls queued
+behind a spin kernel, CUDA events around each call, median), under two L2 policies before each call:
+
+- ``write``: bench_sgmv's flush, a 256 MB write. The L2 is left full of dirty lines, so a line a
+  kernel brings in may first cost the write-back of another.
+- ``read``: a 256 MB read. The L2 is left full of clean lines.
+
+and these kernels:
+
+- ``empty``: one launch that does nothing (the per-launch floor of this timing method);
+- ``chain``: one launch whose programs load their segment's slot, then one element of that slot's A
+  (two dependent memory round trips, the least any SGMV kernel does);
+- ``stream``, ``stream_4k``: one launch that reads the adapter weights add_lora must read (each
+  segment's A and B at its true rank) and nothing else, 16 KB or 8 KB per program: what the weight
+  traffic alone costs (measured, not a proven lower bound);
+- ``shrink``, ``expand``, ``add_lora`` (lorafleet's kernels, as in bench_sgmv).
+
+    python3 benchmarks/bench_decode_floor.py --out DIR
+    python3 benchmarks/bench_decode_floor.py --ncu-case 64   # a few add_lora calls, for ncu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from bench_sgmv import Case, Timer
+
+TOKENS = (1, 16, 32, 64)
+
+
+@triton.jit
+def _empty_kernel(out_ptr):
+    pass
+
+
+@triton.jit
+def _chain_kernel(seg_slots_ptr, a_ptr, out_ptr, stride_a_slot):
+    seg = tl.program_id(0)
+    slot = tl.load(seg_slots_ptr + seg)
+    v = tl.load(a_ptr + slot.to(tl.int64) * stride_a_slot)
+    # A store the compiler cannot drop, almost never taken.
+    if v == 12345.0:
+        tl.store(out_ptr + seg, v)
+
+
+@triton.jit
+def _stream_kernel(
+    seg_slots_ptr, a_ptr, b_ptr, out_ptr, a_elems, stride_a_slot, stride_b_slot, BLOCK: tl.constexpr
+):
+    """Program (seg, chunk) reads chunk ``chunk`` of A[slot] ++ B[slot] (each a_elems long)."""
+    seg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    in_a = offs < a_elems
+    a = tl.load(a_ptr + slot * stride_a_slot + offs, mask=in_a, other=0.0)
+    b = tl.load(b_ptr + slot * stride_b_slot + offs - a_elems, mask=(~in_a) & (offs < 2 * a_elems), other=0.0)
+    s = tl.sum(a.to(tl.float32) + b.to(tl.float32), 0)
+    if s == 12345.0:
+        tl.store(out_ptr + seg, s)
+
+
+class Probes:
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.out = torch.empty(max(case.T, 1), dtype=torch.float32, device="cuda")
+        self.a, self.b = case.a[0], case.b[0]
+        # r16, h_in = h_out = 4096: A[slot] and B[slot] hold the same number of elements.
+        assert self.a[0].numel() == self.b[0].numel()
+
+    def empty(self) -> None:
+        _empty_kernel[(1,)](self.out)
+
+    def chain(self) -> None:
+        _chain_kernel[(self.case.seg_slots.numel(),)](self.case.seg_slots, self.a, self.out, self.a.stride(0))
+
+    def stream(self, block: int = 8192) -> None:
+        n = self.a[0].numel()
+        grid = (self.case.seg_slots.numel(), triton.cdiv(2 * n, block))
+        _stream_kernel[grid](
+            self.case.seg_slots,
+            self.a,
+            self.b,
+            self.out,
+            n,
+            self.a.stride(0),
+            self.b.stride(0),
+            BLOCK=block,
+            num_warps=8,
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="folder for decode_floor.json")
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--ncu-case", type=int, help="run r16 distinct T=N add_lora 3 times (for ncu), exit")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_decode_floor needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(0)
+    if args.ncu_case:
+        case = Case("o4096", 16, args.ncu_case, "distinct", gen)
+        flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        for _ in range(3):
+            flush.zero_()
+            case.add_lora()
+        torch.cuda.synchronize()
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    args.out.mkdir(parents=True, exist_ok=True)
+    timers = {"write": Timer(), "read": Timer(flush="read")}
+    rows = []
+    for pop in ("distinct", "identical"):
+        for T in TOKENS:
+            case = Case("o4096", 16, T, pop, gen)
+            probes = Probes(case)
+            fns = {
+                "empty": probes.empty,
+                "chain": probes.chain,
+                "stream": probes.stream,
+                "stream_4k": lambda p=probes: p.stream(4096),
+                "shrink": case.shrink,
+                "expand": case.expand,
+                "add_lora": case.add_lora,
+            }
+            for policy, timer in timers.items():
+                med = {k: statistics.median(timer(fn, args.reps)) for k, fn in fns.items()}
+                rows.append(dict(T=T, popularity=pop, policy=policy, weight_bytes=case.weight_bytes, us=med))
+                cells = " ".join(f"{k} {v:5.1f}" for k, v in med.items())
+                print(f"r16 T={T:<3d} {pop:9s} flush={policy:5s} {cells}", flush=True)
+            del case, probes
+    dev = torch.cuda.get_device_name()
+    report = dict(device=dev, rows=rows, argv=sys.argv)
+    (args.out / "decode_floor.json").write_text(json.dumps(report, indent=1))
+    names = list(rows[0]["us"])
+    lines = [
+        f"Device: {dev}. Median µs of {args.reps} calls; r16, h_in = h_out = 4096, 512 adapters per pool.",
+        "",
+        "| T | popularity | L2 flush | weight MB | " + " | ".join(names) + " |",
+        "|---:|---|---|---:|" + "---:|" * len(names),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r['us'][k]:.1f}" for k in names)
+        mb = r["weight_bytes"] / 1e6
+        lines.append(f"| {r['T']} | {r['popularity']} | {r['policy']} | {mb:.1f} | {cells} |")
+    (args.out / "decode_floor.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
