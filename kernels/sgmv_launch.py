@@ -155,6 +155,10 @@ def shrink(
     n_slices = len(lora_as)
     _, r_max, _ = lora_as[0].shape
     num_segs = seg_slots.shape[0]
+    alloc = torch.zeros if zero_fill else torch.empty
+    if T == 0 or num_segs == 0:
+        # Nothing to launch; the split heuristics below divide by rows per tile.
+        return alloc((1, n_slices, T, r_max), dtype=torch.float32, device=x.device)
     block_m = _block_m(T, num_segs)
     block_r = _block_r(r_max)
     num_r_tiles = triton.cdiv(r_max, block_r)
@@ -175,10 +179,7 @@ def shrink(
     ):
         split_k *= 2
     k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
-    alloc = torch.zeros if zero_fill else torch.empty
     out = alloc((split_k, n_slices, T, r_max), dtype=torch.float32, device=x.device)
-    if T == 0 or num_segs == 0:
-        return out
     a0 = lora_as[0]
     offs = [_elem_offset(a, a0) for a in lora_as] + [0, 0]
     grid = (tiles, split_k * num_r_tiles, n_slices)

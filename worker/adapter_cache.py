@@ -1,32 +1,58 @@
 """Which adapters exist, which sit in host memory, and which occupy a GPU slot.
 
-Three tiers: a registry (name -> source directory), a host-memory LRU bounded in bytes (pinned on
-CUDA so uploads are asynchronous), and the ``LoraSlotPool`` slots with LRU eviction. A running
-sequence pins its adapter's slot (``acquire`` / ``release``); a pinned slot is never evicted.
-On CUDA an upload runs on a side stream and records an event; a step waits (on the device, not
-the host) only for the events of the slots its batch uses.
+Three tiers: a registry (name -> source directory), a host-memory LRU bounded in bytes, and the
+``LoraSlotPool`` slots with LRU eviction. A running sequence pins its adapter's slot (``acquire`` /
+``release``); a pinned slot is never evicted.
+
+Disk loads run on one loader thread: reading the safetensors file, validating it and packing it
+into the pool's slot layout (``LoraSlotPool.pack``, page-locked on CUDA) take hundreds of
+milliseconds for a 7B adapter, and the engine's step must not wait for them. ``can_acquire`` starts
+a missing adapter's load and answers False until it is in host memory, so the scheduler keeps
+stepping the running sequences meanwhile; a failed load is kept and raised by the next ``acquire``
+of that adapter, which fails that request with the reason.
+
+On CUDA an upload (one host-to-device copy plus one scatter launch) runs on a side stream and
+records an event; a step waits (on the device, not the host) only for the events of the slots its
+batch uses.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorafleet.worker.adapters import AdapterWeights, load_adapter, validate_adapter_dir
-from lorafleet.worker.lora_pool import LoraSlotPool
+from lorafleet.worker.adapters import check_weights_finite, load_adapter, validate_adapter_dir
+from lorafleet.worker.lora_pool import LoraSlotPool, PackedAdapter
 from lorafleet.worker.model_config import ModelConfig
 
 
 @dataclass
 class _PendingUpload:
-    weights: AdapterWeights  # kept alive until the asynchronous copy has finished
+    packed: PackedAdapter  # kept alive until the asynchronous copy has finished
     start: torch.cuda.Event
     done: torch.cuda.Event
     host_seconds: float
+
+
+def _load_packed(
+    name: str, path: str, model_config: ModelConfig, pool: LoraSlotPool, dtype: torch.dtype, pin: bool
+) -> PackedAdapter:
+    """Disk -> validated tensors -> one packed host buffer. Runs on the loader thread: it touches
+    no cache state, only the (immutable) model config and pool layout."""
+    t0 = time.perf_counter()
+    weights = load_adapter(path, model_config, name=name, dtype=dtype, check_finite=False)
+    t1 = time.perf_counter()
+    packed = pool.pack(weights, pin=pin)
+    if not pool.maybe_finite(packed):  # one reduction; on a hit, find and name the bad tensor
+        check_weights_finite(weights)
+    packed.read_seconds, packed.pack_seconds = t1 - t0, time.perf_counter() - t1
+    return packed
 
 
 class AdapterCache:
@@ -37,6 +63,7 @@ class AdapterCache:
         *,
         host_cache_bytes: int,
         dtype: torch.dtype,
+        background_loads: bool | None = None,
     ) -> None:
         if host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {host_cache_bytes}")
@@ -45,10 +72,21 @@ class AdapterCache:
         self.host_cache_bytes = host_cache_bytes
         self.dtype = dtype
         self._cuda = pool.device.type == "cuda"
+        # Default: on the loader thread on CUDA. On the CPU a demo-sized adapter loads in about a
+        # millisecond, and loading at admission keeps CPU runs step-for-step deterministic (the same
+        # admissions in the same steps), which the CPU tests and the torch oracle rely on.
+        self.background_loads = self._cuda if background_loads is None else background_loads
         self._stream = torch.cuda.Stream(device=pool.device) if self._cuda else None
         self._registry: dict[str, str] = {}
-        self._host: OrderedDict[str, AdapterWeights] = OrderedDict()  # oldest first
+        self._host: OrderedDict[str, PackedAdapter] = OrderedDict()  # oldest first
         self._host_bytes = 0
+        # Loaded but not (or no longer) in the host LRU (bigger than its budget, or pushed out)
+        # and not uploaded yet: held so the request that asked for it can still be served.
+        self._ready: OrderedDict[str, PackedAdapter] = OrderedDict()
+        self._fresh: dict[str, float] = {}  # disk seconds of loads not yet counted in an upload
+        self._loading: dict[str, Future[PackedAdapter]] = {}
+        self._failed: dict[str, BaseException] = {}
+        self._executor: ThreadPoolExecutor | None = None
         self._slot_of: dict[str, int] = {}
         self._owner: list[str | None] = [None] * pool.n_slots
         self._pins: dict[str, int] = {}
@@ -94,41 +132,137 @@ class AdapterCache:
     def slot_of(self, name: str) -> int | None:
         return self._slot_of.get(name)
 
-    # --- host tier ---
-    def _host_weights(self, name: str) -> tuple[AdapterWeights, float]:
-        """(weights, seconds spent reading them from disk now: 0 on a host-cache hit)."""
-        if name not in self._registry:
-            raise KeyError(f"unknown adapter {name!r}")
-        weights = self._host.get(name)
-        if weights is not None:
+    def close(self) -> None:
+        """Stop the loader thread (queued loads are cancelled; a running one is left to finish)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._loading.clear()
+
+    # --- host tier (loads on the loader thread) ---
+    def loading(self) -> bool:
+        """Whether a disk load is in flight."""
+        self._collect_loads()
+        return bool(self._loading)
+
+    def wait_for_loads(self, timeout_s: float) -> None:
+        """Block until some in-flight load finishes, or ``timeout_s`` passes (at once when none)."""
+        if timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+        if self._loading:
+            concurrent.futures.wait(
+                list(self._loading.values()),
+                timeout=timeout_s,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+
+    def _start_load(self, name: str) -> Future[PackedAdapter]:
+        future = self._loading.get(name)
+        if future is None and not self.background_loads:
+            future = Future()
+            try:  # on this thread, now; the result goes the same way as a background load's
+                future.set_result(_load_packed(name, self._registry[name], *self._load_args()))
+            except Exception as exc:
+                future.set_exception(exc)
+            self._loading[name] = future
+        elif future is None:
+            if self._executor is None:
+                # The initializer must not reference self: the thread keeps it for its lifetime,
+                # and the executor's thread only exits once the executor (owned by self) is freed.
+                init, init_args = None, ()
+                if self._cuda:  # "cuda" without an index means the current device
+                    index = self.pool.device.index
+                    init, init_args = (
+                        torch.cuda.set_device,
+                        (torch.cuda.current_device() if index is None else index,),
+                    )
+                self._executor = ThreadPoolExecutor(
+                    1, thread_name_prefix="adapter-loader", initializer=init, initargs=init_args
+                )
+            future = self._executor.submit(_load_packed, name, self._registry[name], *self._load_args())
+            self._loading[name] = future
+        return future
+
+    def _load_args(self) -> tuple[ModelConfig, LoraSlotPool, torch.dtype, bool]:
+        return self.model_config, self.pool, self.dtype, self._cuda
+
+    def _collect_loads(self) -> None:
+        """Move finished loads into host memory (or into the failures). Main thread only."""
+        for name, future in [(n, f) for n, f in self._loading.items() if f.done()]:
+            del self._loading[name]
+            exc = future.exception()
+            if exc is not None:
+                self._failed[name] = exc
+                continue
+            packed = future.result()
+            self.loads += 1
+            self._fresh[name] = packed.read_seconds + packed.pack_seconds
+            if packed.nbytes <= self.host_cache_bytes:
+                self._host[name] = packed
+                self._host_bytes += packed.nbytes
+                while self._host_bytes > self.host_cache_bytes:
+                    old_name, old = self._host.popitem(last=False)
+                    self._host_bytes -= old.nbytes
+                    self._keep_if_unused(old_name, old)
+            else:
+                self._keep_if_unused(name, packed)
+
+    def _keep_if_unused(self, name: str, packed: PackedAdapter) -> None:
+        # A load nobody has uploaded yet was asked for by a waiting request: keep it for that
+        # request (at most n_slots of them; more could not be uploaded at once anyway).
+        if name in self._fresh and name not in self._slot_of:
+            self._ready[name] = packed
+            while len(self._ready) > self.pool.n_slots:
+                old, _ = self._ready.popitem(last=False)
+                self._fresh.pop(old, None)
+
+    def _host_lookup(self, name: str) -> PackedAdapter | None:
+        packed = self._host.get(name)
+        if packed is not None:
             self._host.move_to_end(name)
-            self.host_hits += 1
-            return weights, 0.0
-        t0 = time.perf_counter()
-        weights = load_adapter(self._registry[name], self.model_config, name=name, dtype=self.dtype)
-        if self._cuda:
-            weights = weights.pinned()
-        weights.load_seconds = time.perf_counter() - t0
-        self.loads += 1
-        if weights.nbytes <= self.host_cache_bytes:
-            self._host[name] = weights
-            self._host_bytes += weights.nbytes
-            while self._host_bytes > self.host_cache_bytes:
-                _, old = self._host.popitem(last=False)
-                self._host_bytes -= old.nbytes
-        return weights, weights.load_seconds
+            return packed
+        return self._ready.get(name)
+
+    def _host_packed(self, name: str) -> PackedAdapter:
+        """The packed adapter in host memory, loading it now (blocking) when it is not there."""
+        for attempt in range(2):
+            exc = self._failed.pop(name, None)
+            if exc is not None:
+                raise exc  # once: the next request for this adapter tries the disk again
+            # Looked up before collecting other loads, whose insertion could push it out of the LRU.
+            packed = self._host_lookup(name)
+            if packed is not None:
+                return packed
+            if attempt == 0:
+                concurrent.futures.wait([self._start_load(name)])
+                self._collect_loads()  # a finished load lands in the LRU or in _ready
+        raise AssertionError(f"adapter {name!r}: a finished load is neither in host memory nor failed")
 
     # --- GPU slot tier ---
     def can_acquire(self, name: str | None) -> bool:
-        """Whether ``acquire(name)`` would succeed now (resident, a free slot, or an evictable one)."""
-        if name is None or name in self._slot_of:
+        """Whether ``acquire(name)`` would return now without waiting for the disk.
+
+        True when resident; when in host memory (or its load failed: ``acquire`` raises the
+        reason) and a slot is free or evictable; and for an unknown name (``acquire`` raises).
+        Otherwise False, and an adapter not in host memory starts loading in the background.
+        Without ``background_loads``, host memory is not required: ``acquire`` reads the disk.
+        """
+        if name is None or name in self._slot_of or name not in self._registry:
             return True
+        self._collect_loads()
+        if name in self._failed:
+            return True
+        if self._host_lookup(name) is None and self.background_loads:
+            self._start_load(name)
+            return False
         return None in self._owner or bool(self._slot_lru)
 
     def acquire(self, name: str | None) -> int:
         """Pin ``name`` in a slot (uploading it if needed) and return the slot; -1 for the base model.
 
-        Raises KeyError for an unknown adapter and RuntimeError when every slot is pinned.
+        Called without ``can_acquire`` first, it loads a missing adapter synchronously. Raises
+        KeyError for an unknown adapter, RuntimeError when every slot is pinned, and the load's
+        error (e.g. AdapterFormatError) when reading the adapter failed.
         """
         if name is None:
             return -1
@@ -136,10 +270,13 @@ class AdapterCache:
             raise KeyError(f"unknown adapter {name!r}")
         slot = self._slot_of.get(name)
         if slot is None:
+            if None not in self._owner and not self._slot_lru:
+                raise RuntimeError(f"all {self.pool.n_slots} LoRA slots are pinned by running sequences")
+            packed = self._host_packed(name)
             slot = self._take_slot()
             self.misses += 1
             try:
-                self._upload(name, slot)
+                self._upload(name, slot, packed)
             except BaseException:
                 self._owner[slot] = None
                 raise
@@ -187,17 +324,22 @@ class AdapterCache:
                 return slot
         if not self._slot_lru:
             raise RuntimeError(f"all {self.pool.n_slots} LoRA slots are pinned by running sequences")
+        self._collect()  # record the victim's upload time before forgetting its pending entry
         victim, _ = self._slot_lru.popitem(last=False)
         slot = self._slot_of.pop(victim)
         self._owner[slot] = None
         self._pending.pop(victim, None)
         return slot
 
-    def _upload(self, name: str, slot: int) -> None:
-        weights, disk_seconds = self._host_weights(name)
+    def _upload(self, name: str, slot: int, packed: PackedAdapter) -> None:
+        disk_seconds = self._fresh.pop(name, None)
+        if disk_seconds is None:
+            self.host_hits += 1
+            disk_seconds = 0.0
+        self._ready.pop(name, None)
         if not self._cuda or self._stream is None:
             t0 = time.perf_counter()
-            self.pool.write_slot(slot, weights)
+            self.pool.write_packed(slot, packed)
             self._load_seconds.append(disk_seconds + time.perf_counter() - t0)
             return
         main = torch.cuda.current_stream(self.pool.device)
@@ -206,9 +348,9 @@ class AdapterCache:
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._stream):
             start.record()
-            self.pool.write_slot(slot, weights, non_blocking=True)
+            self.pool.write_packed(slot, packed, non_blocking=True)
             done.record()
-        self._pending[name] = _PendingUpload(weights, start, done, disk_seconds)
+        self._pending[name] = _PendingUpload(packed, start, done, disk_seconds)
 
     def _collect(self) -> None:
         for name in [n for n, p in self._pending.items() if p.done.query()]:
@@ -216,9 +358,13 @@ class AdapterCache:
             self._load_seconds.append(p.host_seconds + p.start.elapsed_time(p.done) / 1000.0)
 
     def _drop(self, name: str) -> None:
-        weights = self._host.pop(name, None)
-        if weights is not None:
-            self._host_bytes -= weights.nbytes
+        packed = self._host.pop(name, None)
+        if packed is not None:
+            self._host_bytes -= packed.nbytes
+        self._ready.pop(name, None)
+        self._fresh.pop(name, None)
+        self._failed.pop(name, None)
+        self._loading.pop(name, None)  # a load in flight finishes unseen: its result is dropped
         slot = self._slot_of.pop(name, None)
         if slot is not None:
             self._owner[slot] = None

@@ -2,10 +2,13 @@
 
 Sequences are ordered by LoRA slot (stable, so FCFS order holds within an adapter) and each
 contributes its rows contiguously, so every adapter is one SGMV segment. All index arithmetic is
-done on the host in plain Python, then moved to the device in one transfer per tensor.
+done on the host in plain Python (``plan_batch``); ``BatchBuffers`` (batch_buffers.py) then packs
+the plan into pinned memory and moves it with one copy, or ``build_batch`` moves it field by field.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +16,53 @@ from lorafleet.worker.batch import BatchLayout
 from lorafleet.worker.batching import ScheduledSeq
 
 
-def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device | str) -> BatchLayout:
+@dataclass
+class BatchPlan:
+    """One step's layout as host lists (see ``BatchLayout`` for the meaning of each field)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    seq_ids: tuple[str, ...]
+    query_start: list[int]  # [B+1]
+    query_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    block_tables: list[list[int]]  # ragged; padded when moved to the device
+    seg_indptr: list[int]
+    seg_slots: list[int]
+    logits_indices: list[int]
+    sample_seq_ids: tuple[str, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens)
+
+    @property
+    def max_blocks(self) -> int:
+        return max(len(t) for t in self.block_tables)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def uses_lora(self) -> bool:
+        return any(s >= 0 for s in self.seg_slots)
+
+
+def plan_batch(scheduled: list[ScheduledSeq], block_size: int) -> BatchPlan:
     if not scheduled:
         raise ValueError("cannot build a batch with no scheduled sequences")
     items = sorted(scheduled, key=lambda s: s.seq.lora_slot)
@@ -34,12 +83,19 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
         end = start + n
         if n < 1 or end > seq.num_tokens:
             raise ValueError(f"{seq.request_id}: cannot schedule {n} tokens from {start} of {seq.num_tokens}")
-        if len(seq.block_table) * block_size < end:
-            raise ValueError(f"{seq.request_id}: {len(seq.block_table)} KV blocks cannot hold {end} tokens")
-        input_ids.extend(seq.token_slice(start, end))
-        positions.extend(range(start, end))
         table = seq.block_table
-        slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if len(table) * block_size < end:
+            raise ValueError(f"{seq.request_id}: {len(table)} KV blocks cannot hold {end} tokens")
+        if n == 1:  # decode: skip the generic range arithmetic, it is most of the host time per row
+            input_ids.append(seq.token_at(start))
+            positions.append(start)
+            slot_mapping.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            input_ids.extend(seq.token_slice(start, end))
+            positions.extend(range(start, end))
+            slot_mapping.extend(
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            )
         query_lens.append(n)
         context_lens.append(end)
         tables.append(table)
@@ -52,26 +108,45 @@ def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.de
         else:
             seg_slots.append(seq.lora_slot)
             seg_indptr.append(query_start[-1])
-    width = max(len(t) for t in tables)
-    padded = [t + [-1] * (width - len(t)) for t in tables]
+    return BatchPlan(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        seq_ids=tuple(s.seq.request_id for s in items),
+        query_start=query_start,
+        query_lens=tuple(query_lens),
+        context_lens=tuple(context_lens),
+        block_tables=tables,
+        seg_indptr=seg_indptr,
+        seg_slots=seg_slots,
+        logits_indices=logits_indices,
+        sample_seq_ids=tuple(sample_ids),
+    )
+
+
+def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device | str) -> BatchLayout:
+    """The plan moved to ``device`` one tensor per field (tests and simple callers; the engine packs)."""
+    plan = plan_batch(scheduled, block_size)
+    width = plan.max_blocks
+    padded = [t + [-1] * (width - len(t)) for t in plan.block_tables]
 
     def on_device(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     return BatchLayout(
-        input_ids=on_device(input_ids, torch.int64),
-        positions=on_device(positions, torch.int64),
-        seq_ids=tuple(s.seq.request_id for s in items),
-        query_lens=tuple(query_lens),
-        context_lens=tuple(context_lens),
-        query_start_loc=on_device(query_start, torch.int32),
-        seq_lens=on_device(context_lens, torch.int32),
+        input_ids=on_device(plan.input_ids, torch.int64),
+        positions=on_device(plan.positions, torch.int64),
+        seq_ids=plan.seq_ids,
+        query_lens=plan.query_lens,
+        context_lens=plan.context_lens,
+        query_start_loc=on_device(plan.query_start, torch.int32),
+        seq_lens=on_device(list(plan.context_lens), torch.int32),
         block_tables=on_device(padded, torch.int32),
-        slot_mapping=on_device(slot_mapping, torch.int64),
-        max_query_len=max(query_lens),
-        max_context_len=max(context_lens),
-        lora_seg_indptr=on_device(seg_indptr, torch.int32),
-        lora_seg_slots=on_device(seg_slots, torch.int32),
-        logits_indices=on_device(logits_indices, torch.int64),
-        sample_seq_ids=tuple(sample_ids),
+        slot_mapping=on_device(plan.slot_mapping, torch.int64),
+        max_query_len=plan.max_query_len,
+        max_context_len=plan.max_context_len,
+        lora_seg_indptr=on_device(plan.seg_indptr, torch.int32),
+        lora_seg_slots=on_device(plan.seg_slots, torch.int32),
+        logits_indices=on_device(plan.logits_indices, torch.int64),
+        sample_seq_ids=plan.sample_seq_ids,
     )

@@ -104,7 +104,18 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival_index)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
+        self._prefetch()
         return budget
+
+    def _prefetch(self) -> None:
+        """Ask about the adapters of the waiting sequences that could join the batch next.
+
+        ``can_acquire`` starts a background load of an adapter that is not in host memory, so the
+        loads run ahead of admission instead of one at a time as each request reaches the head.
+        """
+        room = self.max_batch_size - len(self.running)
+        for seq in self.waiting[:room]:
+            self.slots.can_acquire(seq.adapter)
 
     def take_failed(self) -> list[tuple[Sequence, str]]:
         """Sequences that could not be admitted (with why), since the last call."""

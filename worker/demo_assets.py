@@ -275,5 +275,19 @@ def _write_adapter(
     return path
 
 
+def write_random_adapter(
+    path: str | Path,
+    config: dict[str, Any],
+    r: int,
+    targets: tuple[str, ...] = ALL_PROJ,
+    seed: int = 0,
+) -> Path:
+    """One PEFT adapter (rank ``r``, alpha ``2r``, random A and B) for a model whose HF
+    ``config.json`` fields are ``config``: benchmarks and GPU tests at real model sizes."""
+    spec = AdapterSpec(r, 2 * r, tuple(targets))
+    gen = torch.Generator().manual_seed(seed)
+    return _write_adapter(Path(path), spec, config["num_hidden_layers"], _proj_shapes(config), gen)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

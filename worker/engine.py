@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from lorafleet.worker.adapter_cache import AdapterCache
-from lorafleet.worker.batch_builder import build_batch
+from lorafleet.worker.batch_builder import plan_batch
 from lorafleet.worker.batching import Scheduler, SchedulerOutput
 from lorafleet.worker.block_allocator import KVBlockAllocator
 from lorafleet.worker.engine_config import EngineConfig
 from lorafleet.worker.kv_cache import KVCache, resolve_dtype
 from lorafleet.worker.loader import LoadedModel, load_model
 from lorafleet.worker.lora_pool import LoraSlotPool
+from lorafleet.worker.model_runner import ModelRunner
 from lorafleet.worker.sampling import Sampler
 from lorafleet.worker.sequence import SeqStatus, Sequence
 from lorafleet.worker.stop_checker import StopChecker
@@ -76,6 +77,16 @@ class Engine:
             max_batch_size=cfg.max_batch_size,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
         )
+        self.runner = ModelRunner(
+            self.model,
+            self.kv,
+            self.lora_pool,
+            max_batch_size=cfg.max_batch_size,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+        )
+        self.runner.capture()
         self.sampler = Sampler(cfg.seed)
         eos = mc.eos_token_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -234,6 +245,8 @@ class Engine:
         out = self.scheduler.schedule()
         deltas = [self._fail(seq, msg) for seq, msg in self.scheduler.take_failed()]
         if not out.scheduled:
+            if self.adapters.loading():  # nothing can run until an adapter load lands: block, not spin
+                self.adapters.wait_for_loads(0.005)
             return deltas
         try:
             sample_ids, tokens, logprobs = self._forward_and_sample(out)
@@ -267,16 +280,14 @@ class Engine:
     def _forward_and_sample(
         self, out: SchedulerOutput
     ) -> tuple[tuple[str, ...], list[int], list[float] | None]:
-        batch = build_batch(out.scheduled, self.config.block_size, self.device)
-        names = [s.seq.adapter for s in out.scheduled]
-        self.adapters.wait_for(names)
-        uses_lora = any(s.seq.lora_slot >= 0 for s in out.scheduled)
-        logits = self.model(batch, self.kv, self.lora_pool if uses_lora else None)
-        seqs = [self._seqs[rid] for rid in batch.sample_seq_ids]
+        plan = plan_batch(out.scheduled, self.config.block_size)
+        self.adapters.wait_for([s.seq.adapter for s in out.scheduled])
+        logits = self.runner.run(plan)
+        seqs = [self._seqs[rid] for rid in plan.sample_seq_ids]
         tokens, logprobs = self.sampler.sample(
             logits, [s.request.sampling for s in seqs], [len(s.output_token_ids) for s in seqs]
         )
-        return batch.sample_seq_ids, tokens, logprobs
+        return plan.sample_seq_ids, tokens, logprobs
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

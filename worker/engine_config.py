@@ -25,6 +25,7 @@ class EngineConfig:
     host_cache_bytes: int = 4 * _GIB  # host-memory adapter LRU budget
     lora_target_modules: tuple[str, ...] = PROJECTIONS
     seed: int = 0  # the engine generator that unseeded sampled requests draw from
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs (debugging)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
@@ -35,6 +36,8 @@ class EngineConfig:
         _check_int("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes, 1)
         _check_int("host_cache_bytes", self.host_cache_bytes, 0)
         _check_int("seed", self.seed, 0)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("set at most one of num_kv_blocks and kv_cache_bytes")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:

@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, fused projections with multi-LoRA, SwiGLU."""
+"""Decoder building blocks: RMSNorm (fused with the residual add), fused projections with multi-LoRA."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.kernels import add_lora_slices
+from lorafleet.kernels.fused_ops import fused_add_rms_norm, rms_norm
 
 if TYPE_CHECKING:
     from lorafleet.worker.batch import BatchLayout
@@ -23,10 +24,12 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(in_dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual += x`` then return the norm of it, written over ``x`` (one launch on CUDA)."""
+        fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x
 
 
 class FusedLinear(torch.nn.Module):
@@ -130,9 +133,3 @@ class FusedLinear(torch.nn.Module):
                 raise ValueError(f"expected {len(self.slice_names)} bias slices")
             for off, width, b in zip(self.slice_offsets, self.slice_widths, biases):
                 self.bias[off : off + width].copy_(b)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on a fused [T, 2 * I] gate|up output: ``silu(gate) * up``."""
-    half = gate_up.shape[-1] // 2
-    return F.silu(gate_up[:, :half]) * gate_up[:, half:]

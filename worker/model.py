@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lorafleet.worker.attention import AttentionMetadata, build_metadata, paged_attention, write_kv
+from lorafleet.kernels.fused_ops import silu_and_mul
+from lorafleet.worker.attention_backend import AttentionBackend, make_attention
 from lorafleet.worker.batch import BatchLayout
 from lorafleet.worker.kv_cache import KVCache, resolve_device, resolve_dtype
-from lorafleet.worker.layers import FusedLinear, RMSNorm, silu_and_mul
+from lorafleet.worker.layers import FusedLinear, RMSNorm
 from lorafleet.worker.model_config import ModelConfig
 from lorafleet.worker.rope import RotaryEmbedding
 
@@ -31,7 +32,6 @@ class DecoderLayer(torch.nn.Module):
         h, i = config.hidden_size, config.intermediate_size
         self.index = index
         self.config = config
-        self.scale = config.head_dim**-0.5
         self.input_layernorm = RMSNorm(h, config.rms_norm_eps, dtype, device)
         self.qkv_proj = FusedLinear(
             h,
@@ -47,31 +47,30 @@ class DecoderLayer(torch.nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        delta: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        rope: RotaryEmbedding,
         kv: KVCache,
-        meta: AttentionMetadata,
+        attention: AttentionBackend,
+        attn_state: object,
         lora: LoraSlotPool | None,
         batch: BatchLayout,
-    ) -> torch.Tensor:
-        cfg = self.config
-        t = hidden.shape[0]
-        x = self.input_layernorm(hidden)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer. The stream is kept as ``residual + delta`` so that each residual add is fused
+        with the norm after it; the first layer gets the embeddings as ``delta`` and no residual.
+        Returns the layer's (delta, residual)."""
+        if residual is None:
+            residual = delta
+            x = self.input_layernorm(delta)
+        else:
+            x = self.input_layernorm.add_and_norm(delta, residual)
         qkv = self.qkv_proj(x, lora, self.index, batch)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.reshape(t, cfg.num_attention_heads, cfg.head_dim)
-        k = k.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = rope(q, k, cos, sin)
         k_cache, v_cache = kv.layer(self.index)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        attn = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        hidden = hidden + self.o_proj(attn, lora, self.index, batch)
-        x = self.post_attention_layernorm(hidden)
+        attn = attention(qkv, cos, sin, k_cache, v_cache, batch, attn_state)
+        x = self.post_attention_layernorm.add_and_norm(self.o_proj(attn, lora, self.index, batch), residual)
         act = silu_and_mul(self.gate_up_proj(x, lora, self.index, batch))
-        return hidden + self.down_proj(act, lora, self.index, batch)
+        return self.down_proj(act, lora, self.index, batch), residual
 
 
 class LlamaModel(torch.nn.Module):
@@ -103,6 +102,11 @@ class LlamaModel(torch.nn.Module):
                 requires_grad=False,
             )
         self.rope = RotaryEmbedding(config, self.device)
+        self.attention: AttentionBackend = make_attention(config, self.rope, self.device)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``torch`` or ``triton`` (``auto``: Triton on CUDA); tests compare the two."""
+        self.attention = make_attention(self.config, self.rope, self.device, backend)
 
     @torch.inference_mode()
     def forward(self, batch: BatchLayout, kv: KVCache, lora: LoraSlotPool | None = None) -> torch.Tensor:
@@ -119,15 +123,18 @@ class LlamaModel(torch.nn.Module):
 
     def _final_hidden(self, batch: BatchLayout, kv: KVCache, lora: LoraSlotPool | None) -> torch.Tensor:
         self._check(batch, kv, lora)
-        meta = build_metadata(batch, kv.block_size, self.config.sliding_window)
+        state = self.attention.prepare(batch, kv.block_size)
         hidden = F.embedding(batch.input_ids, self.embed_tokens)
-        cos, sin = self.rope.cos_sin(batch.positions, self.dtype, meta.row_seq_lens)
+        row_seq_lens = self.attention.row_seq_lens(batch, state) if self.rope.dynamic_factor else None
+        cos, sin = self.rope.cos_sin(batch.positions, self.dtype, row_seq_lens)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, self.rope, kv, meta, lora, batch)
-        return hidden
+            hidden, residual = layer(hidden, residual, cos, sin, kv, self.attention, state, lora, batch)
+        assert residual is not None
+        return self.norm.add_and_norm(hidden, residual)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(hidden), self.lm_head).float()
+        return F.linear(hidden, self.lm_head).float()
 
     def _check(self, batch: BatchLayout, kv: KVCache, lora: LoraSlotPool | None) -> None:
         cfg = self.config

@@ -4,6 +4,12 @@ Randomness is a single uniform number per draw, taken on the CPU and applied by 
 filtered distribution, so a draw does not depend on the device. A seeded request takes draw ``i``
 (its i-th generated token) from a generator seeded by ``(seed, i)``: its stream continues exactly
 after export/import or preemption. Unseeded requests share the engine's generator.
+
+Host traffic per step is one host-to-device copy (every sampled row's parameters and uniform,
+packed by ``Sampler.pack`` into one float64 tensor, pinned when the logits are on CUDA) and one
+device-to-host copy (the tokens, and the logprobs if any request wants them, packed into one
+float64 tensor), followed by one ``tolist``. An all-greedy step without logprobs copies nothing
+in and runs argmax only.
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ def seeded_uniform(seed: int, index: int) -> float:
     return float(torch.rand((), generator=gen, dtype=torch.float64))
 
 
+# Rows of the parameter tensor built by ``Sampler.pack``: float64 [PARAM_ROWS, M], one column per
+# sampled (non-greedy) row. float64 holds every field exactly (row indices and top_k as integers
+# below 2**53, the others are Python floats), and each is rounded on the device exactly as a
+# ``torch.tensor(list, dtype=float32)`` of the same Python values would be.
+ROW_INDEX, TEMPERATURE, TOP_K, TOP_P, UNIFORM = range(5)
+PARAM_ROWS = 5
+# Any top_k >= vocab keeps every token; the cap keeps huge values exact in float64 and in int64.
+_TOP_K_CAP = 1 << 31
+
+
 class Sampler:
     def __init__(self, seed: int) -> None:
         self._generator = torch.Generator().manual_seed(seed)
@@ -53,45 +69,124 @@ class Sampler:
         if n == 0:
             return [], None
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        if rows:
-            index = torch.tensor(rows, device=logits.device)
-            picked = self._sample_rows(
-                logits.index_select(0, index), [params[i] for i in rows], [draw_indices[i] for i in rows]
-            )
-            tokens.index_copy_(0, index, picked)
-        logprobs = None
-        if any(p.logprobs for p in params):
-            logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens.tolist(), (logprobs.tolist() if logprobs is not None else None)
+        tokens = self.sample_tensors(logits, self.pack(params, draw_indices, logits.device))
+        if not any(p.logprobs for p in params):
+            return _to_host(tokens).tolist(), None
+        both = torch.empty((2, n), dtype=torch.float64, device=logits.device)
+        both[0] = tokens  # exact: token ids are far below 2**53
+        both[1] = chosen_logprobs(logits, tokens)
+        host_tokens, logprobs = _to_host(both).tolist()
+        return [int(t) for t in host_tokens], logprobs
 
-    def _sample_rows(
-        self, logits: torch.Tensor, params: list[SamplingParams], draw_indices: list[int]
-    ) -> torch.Tensor:
-        device = logits.device
-        vocab = logits.shape[1]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        # A stable sort keeps ties in token-id order, so the CDF is the same on every device.
-        vals, order = torch.sort(logits / temps.unsqueeze(1), dim=-1, descending=True, stable=True)
-        ranks = torch.arange(vocab, device=device).unsqueeze(0)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        vals = vals.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        probs = torch.softmax(vals, dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
-        outside = (torch.cumsum(probs, dim=-1) - probs) > top_p.unsqueeze(1)
-        outside[:, 0] = False
-        probs = probs.masked_fill(outside, 0.0)
-        cdf = torch.cumsum(probs, dim=-1)
-        draws = [
-            seeded_uniform(p.seed, i) if p.seed is not None else None for p, i in zip(params, draw_indices)
+    def pack(
+        self, params: Sequence[SamplingParams], draw_indices: Sequence[int], device: torch.device | str
+    ) -> torch.Tensor | None:
+        """The parameters and this step's uniform of every non-greedy row, on ``device``.
+
+        Returns float64 [PARAM_ROWS, M] (rows ROW_INDEX, TEMPERATURE, TOP_K (0 = off), TOP_P,
+        UNIFORM; column j is the j-th non-greedy row in batch order), or None when every row is
+        greedy. Draws the uniforms, so call it once per step, in step order: seeded rows take
+        ``seeded_uniform(seed, draw_indices[i])``, the others the engine generator's next numbers in
+        row order. One host-to-device copy, non-blocking from pinned memory on CUDA (the caching
+        host allocator keeps the pinned block until the copy has run).
+        """
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if not rows:
+            return None
+        device = torch.device(device)
+        chosen = [params[i] for i in rows]
+        seeded = [
+            seeded_uniform(p.seed, draw_indices[i]) if p.seed is not None else None
+            for p, i in zip(chosen, rows)
         ]
-        unseeded = sum(d is None for d in draws)
-        shared = torch.rand(unseeded, generator=self._generator, dtype=torch.float64).tolist()
-        uniforms = [d if d is not None else shared.pop(0) for d in draws]
-        u = torch.tensor(uniforms, dtype=torch.float32, device=device).unsqueeze(1) * cdf[:, -1:]
-        choice = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
-        # Never land on a zero-probability token (u rounding up to the total).
-        choice = torch.minimum(choice, (probs > 0).sum(dim=-1, keepdim=True) - 1)
-        return order.gather(1, choice).squeeze(1)
+        host = torch.tensor(
+            [
+                rows,
+                [p.temperature for p in chosen],
+                [min(p.top_k, _TOP_K_CAP) for p in chosen],
+                [p.top_p for p in chosen],
+                [u if u is not None else 0.0 for u in seeded],
+            ],
+            dtype=torch.float64,
+            pin_memory=device.type == "cuda",
+        )
+        unseeded = [j for j, u in enumerate(seeded) if u is None]
+        # One call for all unseeded rows, in row order, as before: the generator's stream is unchanged.
+        shared = torch.rand(len(unseeded), generator=self._generator, dtype=torch.float64)
+        if unseeded:
+            host[UNIFORM, unseeded] = shared
+        return host.to(device, non_blocking=True)
+
+    @staticmethod
+    def sample_tensors(logits: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+        """Tokens int64 [N] on the logits' device, without host lists or host syncs.
+
+        logits: [N, vocab] float32; packed: ``pack``'s tensor for the same rows (or None when all
+        are greedy). Greedy rows take the argmax; the others are drawn as ``sample`` draws them.
+        Usable inside the engine (e.g. before a later single read-back); logprobs, if wanted,
+        come from ``chosen_logprobs(logits, tokens)``.
+        """
+        if logits.dim() != 2 or logits.dtype != torch.float32:
+            raise ValueError(f"logits: expected float32 [N, vocab], got {logits.dtype} {tuple(logits.shape)}")
+        tokens = logits.argmax(dim=-1)
+        if packed is None:
+            return tokens
+        if (
+            packed.dtype != torch.float64
+            or packed.dim() != 2
+            or packed.shape[0] != PARAM_ROWS
+            or packed.shape[1] > logits.shape[0]
+            or packed.device != logits.device
+        ):
+            raise ValueError(
+                f"packed: expected float64 [{PARAM_ROWS}, M <= {logits.shape[0]}] on {logits.device}, "
+                f"got {packed.dtype} {tuple(packed.shape)} on {packed.device}"
+            )
+        if packed.shape[1] == 0:
+            return tokens
+        index = packed[ROW_INDEX].to(torch.int64)
+        picked = _sample_rows(logits.index_select(0, index), packed)
+        tokens.index_copy_(0, index, picked)
+        return tokens
+
+
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[i, tokens[i]]: float32 [N], the unmodified distribution's logprobs."""
+    return torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def _sample_rows(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    device = logits.device
+    vocab = logits.shape[1]
+    temps = packed[TEMPERATURE].to(torch.float32)
+    # A stable sort keeps ties in token-id order, so the CDF is the same on every device. Sorting
+    # only a top_k-sized candidate set (torch.topk) was considered and rejected: topk does not
+    # define which of several tied values it keeps, and CUDA's radix sort orders -0.0/+0.0 and
+    # NaNs by their bits, so a partial selection could not be proven equal to this sort.
+    vals, order = torch.sort(logits / temps.unsqueeze(1), dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    top_k = packed[TOP_K].to(torch.int64)
+    top_k = torch.where(top_k > 0, top_k, vocab)
+    vals = vals.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    top_p = packed[TOP_P].to(torch.float32)
+    probs = torch.softmax(vals, dim=-1)
+    # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+    outside = (torch.cumsum(probs, dim=-1) - probs) > top_p.unsqueeze(1)
+    outside[:, 0] = False
+    probs = probs.masked_fill(outside, 0.0)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = packed[UNIFORM].to(torch.float32).unsqueeze(1) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+    # Never land on a zero-probability token (u rounding up to the total).
+    choice = torch.minimum(choice, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    return order.gather(1, choice).squeeze(1)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU in one copy: into pinned memory, then wait for the stream (CUDA only)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host

@@ -211,3 +211,19 @@ def test_zero_tokens_is_a_no_op():
     b = torch.randn(2, 6, 4)
     y = torch.empty(0, 6)
     add_lora(y, torch.empty(0, 8), a, b, torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("num_segs", [1, 3])
+def test_every_segment_empty_is_a_no_op(backend, num_segs):
+    """T = 0 with segments present (every one empty): the split heuristics once divided by zero."""
+    a = torch.randn(4, 8, 32)
+    b = torch.randn(4, 24, 8)
+    indptr = torch.zeros(num_segs + 1, dtype=torch.int32)
+    slots = torch.arange(num_segs, dtype=torch.int32)
+    y = torch.empty(0, 24)
+    add_lora(y, torch.empty(0, 32), a, b, indptr, slots, backend=backend)
+    add_lora_slices(torch.empty(0, 48), torch.empty(0, 32), [a, a], [b, b], indptr, slots, backend=backend)
+    inter = sgmv_shrink(torch.empty(0, 32), a, indptr, slots, backend=backend)
+    assert inter.shape == (1, 0, 8)
+    sgmv_expand(y, inter, b, indptr, slots, backend=backend)

@@ -209,7 +209,9 @@ def test_cache_lru_pins_and_stats(demo, config) -> None:
 
 def test_host_cache_respects_byte_budget(demo, config) -> None:
     pool = make_pool(config, n_slots=1)
-    one = load_adapter(demo.adapters["adapter-1"], config).nbytes
+    # The host tier holds packed adapters: padded to r_max, plus the rank and scale tables.
+    one = pool.pack(load_adapter(demo.adapters["adapter-1"], config)).nbytes
+    assert one == pool.packed_nbytes > load_adapter(demo.adapters["adapter-0"], config).nbytes
     cache = AdapterCache(config, pool, host_cache_bytes=one, dtype=torch.float32)
     for name, path in demo.adapters.items():
         cache.register(name, path)
@@ -222,3 +224,61 @@ def test_host_cache_respects_byte_budget(demo, config) -> None:
         AdapterCache(config, make_pool(config, r_max=4), host_cache_bytes=0, dtype=torch.float32).register(
             "big", demo.adapters["adapter-2"]
         )
+
+
+def pool_state(pool: LoraSlotPool) -> list[torch.Tensor]:
+    out = [pool._ranks.clone(), pool._scales.clone()]
+    for layer in range(pool.num_layers):
+        for proj in pool.target_modules:
+            pl = pool.get(layer, proj)
+            assert pl is not None
+            out += [pl.a.clone(), pl.b.clone()]
+    return out
+
+
+@pytest.mark.parametrize("targets", [PROJECTIONS, ("q_proj", "v_proj", "o_proj", "down_proj")])
+def test_packed_upload_writes_exactly_what_write_slot_writes(demo, config, targets) -> None:
+    # Mixed ranks (4/8/16, a per-module rank pattern), projections an adapter skips, rsLoRA; every
+    # slot is overwritten by a different adapter so stale padding or ranks would show.
+    ref, fast = make_pool(config, n_slots=3, targets=targets), make_pool(config, n_slots=3, targets=targets)
+    names = [
+        n for n in demo.adapters if set(load_adapter(demo.adapters[n], config).target_modules) <= set(targets)
+    ]
+    assert len(names) >= 2 and any(load_adapter(demo.adapters[n], config).use_rslora for n in names) == (
+        "k_proj" in targets
+    )
+    for i, name in enumerate(names + names[::-1]):
+        w = load_adapter(demo.adapters[name], config)
+        slot = i % 3
+        ref.write_slot(slot, w)
+        packed = fast.pack(w)
+        assert packed.nbytes == fast.packed_nbytes and packed.name == w.name
+        fast.write_packed(slot, packed)
+        for r, f in zip(pool_state(ref), pool_state(fast), strict=True):
+            assert torch.equal(r, f), name
+    fast.clear_slot(0)
+    ref.clear_slot(0)
+    assert all(torch.equal(r, f) for r, f in zip(pool_state(ref), pool_state(fast)))
+    # The rank/scale tables keep being the views the kernels read (same storage after uploads).
+    ranks, _ = fast.rank_scale_tables(1, ["q_proj"])
+    assert ranks.data_ptr() == fast.get(1, "q_proj").ranks.data_ptr() == fast._ranks[1, 0].data_ptr()
+
+
+def test_packed_buffer_layout_and_foreign_pools(demo, config) -> None:
+    pool = make_pool(config, n_slots=2, r_max=16)
+    w = load_adapter(demo.adapters["adapter-0"], config)  # r=8 on q, v only
+    packed = pool.pack(w)
+    flat, ranks, scales = pool._views(packed.buffer)
+    h_in, h_out = pool.shapes["q_proj"]
+    a = flat[: 16 * h_in].view(16, h_in)  # layer 0 q_proj A comes first, padded to r_max rows
+    assert torch.equal(a[:8], w.projs[(0, "q_proj")].a) and not a[8:].any()
+    b = flat[16 * h_in : 16 * (h_in + h_out)].view(h_out, 16)
+    assert torch.equal(b[:, :8], w.projs[(0, "q_proj")].b) and not b[:, 8:].any()
+    assert ranks[0].tolist() == [8, 0, 8, 0, 0, 0, 0]
+    assert scales[0, 0].item() == pytest.approx(w.projs[(0, "q_proj")].scale) and scales[0, 1] == 0
+    with pytest.raises(ValueError, match="another layout"):
+        make_pool(config, r_max=8).write_packed(0, packed)
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        make_pool(config, r_max=4).pack(w)
+    with pytest.raises(ValueError, match="slot"):
+        pool.write_packed(2, packed)

@@ -126,3 +126,27 @@ def test_builder_rejects_inconsistent_schedules() -> None:
         build_batch([], 4, "cpu")
     with pytest.raises(ValueError, match="KV blocks"):
         build_batch([ScheduledSeq(s, 4)], 4, "cpu")
+
+
+def test_adapters_of_waiting_sequences_are_asked_for_ahead_of_admission() -> None:
+    """``can_acquire`` starts a background load: the next waiting sequences' adapters are asked for
+    while the head waits for its own, so loads do not run one at a time as each request reaches
+    the head. Only as many as could join the batch are asked for."""
+
+    class Loading(FakeSlots):
+        def __init__(self) -> None:
+            super().__init__(8)
+            self.asked: list[str | None] = []
+
+        def can_acquire(self, name):
+            self.asked.append(name)
+            return name != "slow" and super().can_acquire(name)
+
+    slots = Loading()
+    sched = Scheduler(KVBlockAllocator(64, 4), slots, max_batch_size=3, max_num_batched_tokens=64)
+    for i, adapter in enumerate(["a", "slow", "b", "c", "d"]):
+        sched.add(seq(i, 3, adapter))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["s0"]  # FCFS: "slow" blocks the rest
+    # The head ("slow") and the sequences behind it that fit in the batch (3 - 1 running = 2).
+    assert slots.asked[-2:] == ["slow", "b"] and "c" not in slots.asked

@@ -83,20 +83,23 @@ def test_llama2_7b_shape_batch64_with_adapters(tmp_path: Path) -> None:
     )
     for i, (name, (r, targets)) in enumerate(ADAPTER_SPECS.items()):
         engine.add_adapter(name, write_adapter(tmp_path / name, config, r, targets, seed=i))
+    # Adapters load on a background thread; load them first so that all 64 requests share a batch.
+    warm = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
+    engine.generate([[5]] * len(ADAPTER_SPECS), adapters=list(ADAPTER_SPECS), sampling=warm)
     batch_sizes: list[int] = []
     finite: list[bool] = []
     first_logits: dict[str, torch.Tensor] = {}
-    model = engine.model
+    run = engine.runner.run
 
-    def spy(batch, kv, lora):
-        logits = model(batch, kv, lora)
-        batch_sizes.append(batch.num_seqs)
+    def spy(plan):
+        logits = run(plan)
+        batch_sizes.append(plan.num_seqs)
         finite.append(bool(torch.isfinite(logits).all()))
-        for rid, row in zip(batch.sample_seq_ids, logits):
+        for rid, row in zip(plan.sample_seq_ids, logits):
             first_logits.setdefault(rid, row.float().cpu())
         return logits
 
-    engine.model = spy  # type: ignore[assignment]
+    engine.runner.run = spy  # type: ignore[method-assign]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 32000, (16 + i % 17,), generator=gen).tolist() for i in range(64)]
     names = [None, *ADAPTER_SPECS]

@@ -54,18 +54,15 @@ REQUESTS = [
 
 
 class LogitSpy:
-    """Wraps the engine's model to record the logits each request's tokens were sampled from."""
+    """Wraps the engine's model runner to record the logits each request's tokens were sampled from."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self, run) -> None:
+        self.run = run
         self.logits: dict[str, list[torch.Tensor]] = {}
 
-    def __getattr__(self, name: str):
-        return getattr(self.model, name)
-
-    def __call__(self, batch, kv, lora):
-        out = self.model(batch, kv, lora)
-        for rid, row in zip(batch.sample_seq_ids, out):
+    def __call__(self, plan):
+        out = self.run(plan)
+        for rid, row in zip(plan.sample_seq_ids, out):
             self.logits.setdefault(rid, []).append(row.detach().float().cpu())
         return out
 
@@ -126,8 +123,8 @@ def run_mixed_batch(model_dir: Path, adapter_dirs: dict[str, Path], device: str,
     engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, **tuning)
     for name, path in adapter_dirs.items():
         engine.add_adapter(name, path)
-    spy = LogitSpy(engine.model)
-    engine.model = spy
+    spy = LogitSpy(engine.runner.run)
+    engine.runner.run = spy  # type: ignore[method-assign]
     prompts = _prompts(engine.model_config.vocab_size)
     outs = engine.generate(
         prompts,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -285,8 +286,11 @@ def build_hf(tmp_path: Path, kind: str, seed: int = 0, **overrides):
     return model
 
 
-def check_against(model, model_dir: Path, length: int = 21, chunks: tuple[int, ...] = (8,)) -> None:
+def check_against(
+    model, model_dir: Path, length: int = 21, chunks: tuple[int, ...] = (8,), attention: str = "auto"
+) -> None:
     lm = load_model(model_dir, require_tokenizer=False)
+    lm.model.set_attention_backend(attention)
     ids = torch.randint(
         0, lm.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)
     ).tolist()
@@ -349,6 +353,47 @@ def test_mistral_sliding_window(tmp_path):
     model = build_hf(tmp_path, "mistral", sliding_window=5, seed=3)
     assert load_model(tmp_path, require_tokenizer=False).config.sliding_window == 5
     check_against(model, tmp_path, length=19, chunks=(3, 11))
+
+
+# --- The CUDA attention path (fused RoPE + cache write, paged Triton kernels) under the interpreter ---
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+    reason="Triton interpreter runs only on CPU-only hosts",
+)
+
+
+@needs_interpreter
+def test_triton_attention_prefill_chunks_decode_and_mixed_batch(demo, reference):
+    lm = load_model(demo)
+    lm.model.set_attention_backend("triton")
+    tok = lm.tokenizer
+    a = tok.encode("Low-rank adapters add a small update")
+    b = tok.encode("def add(a, b): return a + b")
+    c = tok.encode("Numbers like 42 and 2024 appear in text")
+    run = PagedRunner(lm.model, seed=5)
+    first = run.step([("a", a, -1), ("c", c[:5], -1)])
+    assert_logits_close(first["a"], ref_logits(reference, a))
+    out = run.step([("a", [17], -1), ("b", b, -1), ("c", c[5:], -1)])  # decode + prefill + second chunk
+    assert_logits_close(out["a"], ref_logits(reference, [*a, 17])[-1:])
+    assert_logits_close(out["b"], ref_logits(reference, b))
+    assert_logits_close(out["c"], ref_logits(reference, c)[5:])
+    decode = run.step([("a", [5], -1), ("b", [9], -1), ("c", [11], -1)])  # decode-only: the decode kernel
+    assert_logits_close(decode["b"], ref_logits(reference, [*b, 9])[-1:])
+    assert_logits_close(decode["c"], ref_logits(reference, [*c, 11])[-1:])
+
+
+@needs_interpreter
+def test_triton_attention_sliding_window_and_dynamic_rope(tmp_path):
+    mistral = build_hf(tmp_path / "mistral", "mistral", sliding_window=5, seed=3)
+    check_against(mistral, tmp_path / "mistral", length=19, chunks=(3, 11), attention="triton")
+    dynamic = build_hf(
+        tmp_path / "dyn",
+        "llama",
+        max_position_embeddings=16,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    )
+    check_against(dynamic, tmp_path / "dyn", length=24, chunks=(), attention="triton")
 
 
 # --- GPU ---

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
+#   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
+#                                                engine-7b, engine-8b, sgmv
+# Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
+set -uo pipefail
+out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1
+if ! (cd /tmp && python3 -c "import lorafleet.worker") 2>>"$out/install.log"; then
+    # Fall back to the package-dir mapping of pyproject.toml as a tree of links on PYTHONPATH.
+    tree=/tmp/lorafleet-path/lorafleet
+    rm -rf /tmp/lorafleet-path && mkdir -p "$tree"
+    ln -s "$PWD"/app/* "$tree"/
+    for sub in kernels worker scheduler proto sim; do ln -s "$PWD/$sub" "$tree/$sub"; done
+    export PYTHONPATH=/tmp/lorafleet-path${PYTHONPATH:+:$PYTHONPATH}
+    (cd /tmp && python3 -c "import lorafleet.worker") || { cat "$out/install.log"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+for stage in "$@"; do
+    start=$(date +%s)
+    case $stage in
+    tests)
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/worker ;;
+    tests-new)  # what the decode-loop work touched (the SGMV kernels' own GPU tests are unchanged)
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/worker tests/kernels/test_paged_attention_gpu.py \
+            tests/kernels/test_fused_ops_gpu.py ;;
+    attention)
+        python3 benchmarks/bench_attention.py --out "$out" ;;
+    adapters)
+        python3 benchmarks/bench_adapter_load.py --out "$out" ;;
+    engine-quick)
+        python3 benchmarks/bench_engine.py --out "$out/quick" --shapes llama2-7b --batches 16,64 \
+            --contexts 256,1024 --popularities backbone,distinct --no-e2e --peft-new-tokens 0 ;;
+    engine-7b)
+        python3 benchmarks/bench_engine.py --out "$out/7b" --shapes llama2-7b ;;
+    engine-8b)
+        python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
+    sgmv)
+        python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    *)
+        echo "unknown stage $stage" ;;
+    esac >"$out/$stage.log" 2>&1
+    rc=$?
+    echo "== $stage: rc $rc, $(($(date +%s) - start)) s"
+    tail -n 40 "$out/$stage.log"
+done

@@ -1,0 +1,172 @@
+"""Packed step metadata (one host-to-device copy) and the CUDA-graph batch buckets, on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lorafleet.worker import Engine, SamplingParams
+from lorafleet.worker.batch_buffers import BatchBuffers, PackedShape, decode_shape
+from lorafleet.worker.batch_builder import BatchPlan, build_batch, plan_batch
+from lorafleet.worker.batching import Scheduler
+from lorafleet.worker.block_allocator import KVBlockAllocator
+from lorafleet.worker.demo_assets import make_demo
+from lorafleet.worker.model_runner import graph_batch_sizes
+from lorafleet.worker.sequence import Sequence
+from lorafleet.worker.types import Request
+
+FIELDS = (
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "query_start_loc",
+    "seq_lens",
+    "block_tables",
+    "lora_seg_indptr",
+    "lora_seg_slots",
+    "logits_indices",
+)
+
+
+class Slots:
+    """Each adapter name gets the next slot, forever (enough for these tests)."""
+
+    def __init__(self) -> None:
+        self.slot: dict[str, int] = {}
+
+    def can_acquire(self, name: str | None) -> bool:
+        return True
+
+    def acquire(self, name: str | None) -> int:
+        return -1 if name is None else self.slot.setdefault(name, len(self.slot))
+
+    def release(self, name: str | None) -> None:
+        pass
+
+
+def scheduled_mixed():
+    sched = Scheduler(KVBlockAllocator(64, 4), Slots(), max_batch_size=8, max_num_batched_tokens=64)
+    for i, (n, adapter) in enumerate([(5, "b"), (3, None), (6, "a"), (2, "b")]):
+        sched.add(Sequence(Request(f"s{i}", tuple(range(10, 10 + n)), adapter), i))
+    return sched, sched.schedule().scheduled
+
+
+def buffers(width: int = 8) -> BatchBuffers:
+    return BatchBuffers(PackedShape(rows=64, seqs=8, segs=9, logits=8, width=width), torch.device("cpu"))
+
+
+def test_packed_upload_equals_field_by_field_build() -> None:
+    _, scheduled = scheduled_mixed()
+    want = build_batch(scheduled, 4, "cpu")
+    got = buffers().upload(plan_batch(scheduled, 4))
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == torch.int32, name
+        assert torch.equal(a.long(), b.long()), name
+    for name in (
+        "seq_ids",
+        "query_lens",
+        "context_lens",
+        "max_query_len",
+        "max_context_len",
+        "sample_seq_ids",
+    ):
+        assert getattr(got, name) == getattr(want, name), name
+
+
+def decode_plan():
+    sched, scheduled = scheduled_mixed()
+    for item in scheduled:  # the prompts are cached and one token was sampled for each
+        item.seq.num_computed_tokens += item.num_tokens
+        item.seq.output_token_ids.append(7)
+    return plan_batch(sched.schedule().scheduled, 4)
+
+
+def test_decode_padded_to_a_bucket_reads_and_writes_nothing_in_the_padding() -> None:
+    plan = decode_plan()
+    assert plan.is_decode_only and plan.num_seqs == 4
+    bufs = buffers()
+    got = bufs.upload(plan, pad_to=8, width=8)
+    n = plan.num_seqs
+    assert got.input_ids.tolist() == plan.input_ids + [0] * 4
+    assert got.positions.tolist() == plan.positions + [0] * 4
+    assert got.slot_mapping.tolist() == plan.slot_mapping + [-1] * 4
+    assert got.seq_lens.tolist() == list(plan.context_lens) + [0] * 4
+    assert got.query_start_loc.tolist() == list(range(9))
+    assert got.block_tables.shape == (8, 8)
+    for i, table in enumerate(plan.block_tables):
+        assert got.block_tables[i].tolist() == table + [-1] * (8 - len(table))
+    assert (got.block_tables[n:] == -1).all()
+    # The real segments, one segment of slot -1 over the padding rows, then empty ones.
+    segs = len(plan.seg_slots)
+    indptr, slots = got.lora_seg_indptr.tolist(), got.lora_seg_slots.tolist()
+    assert len(indptr) == 10 and len(slots) == 9
+    assert indptr[: segs + 1] == plan.seg_indptr and indptr[segs + 1 :] == [8] * (9 - segs)
+    assert slots[:segs] == plan.seg_slots and slots[segs:] == [-1] * (9 - segs)
+    assert got.logits_indices.tolist() == list(range(8))
+
+
+def test_same_padded_shape_gives_the_same_views() -> None:
+    """A captured graph reads fixed addresses: every step of a bucket must land on them."""
+    plan = decode_plan()
+    bufs = buffers()
+    first = bufs.upload(plan, pad_to=8, width=8)
+    second = bufs.upload(plan, pad_to=8, width=8)
+    placeholder = bufs.layout(decode_shape(8, 8))
+    for name in FIELDS:
+        ptrs = {getattr(b, name).data_ptr() for b in (first, second, placeholder)}
+        assert len(ptrs) == 1, name
+
+
+def test_padding_refuses_prefill_and_oversized_batches() -> None:
+    _, scheduled = scheduled_mixed()
+    with pytest.raises(ValueError, match="only a decode batch"):
+        buffers().upload(plan_batch(scheduled, 4), pad_to=8, width=8)
+    with pytest.raises(ValueError, match="only a decode batch"):
+        buffers().upload(decode_plan(), pad_to=2, width=8)
+    with pytest.raises(ValueError, match="exceeds the buffers' capacity"):
+        buffers(width=1).upload(plan_batch(scheduled, 4))
+
+
+def test_graph_batch_sizes() -> None:
+    assert graph_batch_sizes(1) == (1,)
+    assert graph_batch_sizes(64) == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    assert graph_batch_sizes(40) == (1, 2, 4, 8, 16, 24, 32, 40)
+    assert graph_batch_sizes(256)[-5:] == (128, 160, 192, 224, 256)
+    assert graph_batch_sizes(100)[-3:] == (64, 96, 100)
+
+
+def test_an_empty_plan_pads_to_all_padding_rows() -> None:
+    """Graph capture uploads a plan with no sequence: every row is padding."""
+    empty = BatchPlan([], [], [], (), [0], (), (), [], [0], [], [], ())
+    got = buffers().upload(empty, pad_to=4, width=8)
+    assert got.slot_mapping.tolist() == [-1] * 4 and got.seq_lens.tolist() == [0] * 4
+    assert got.lora_seg_indptr.tolist() == [0, 4, 4, 4, 4, 4] and got.lora_seg_slots.tolist() == [-1] * 5
+    assert got.is_decode_only
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+    reason="Triton interpreter runs only on CPU-only hosts",
+)
+def test_padded_decode_layout_gives_the_same_logits(tmp_path) -> None:
+    """What a graph replay computes (the bucket-padded layout, CUDA's kernels) equals the compact step."""
+    demo = make_demo(tmp_path, num_adapters=2, seed=3)
+    engine = Engine.from_pretrained(demo.model_dir, max_batch_size=8, max_loras=2)
+    engine.model.set_attention_backend("triton")
+    for name, path in demo.adapters.items():
+        engine.add_adapter(name, path)
+    sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, adapter in enumerate(["adapter-0", None, "adapter-1"]):
+        engine.add_request(Request(f"r{i}", tuple(range(5, 12 + 3 * i)), adapter, sp))
+    engine.step()  # the prompts
+    plan = plan_batch(engine.scheduler.schedule().scheduled, engine.config.block_size)
+    assert plan.is_decode_only and plan.uses_lora
+    model, kv, pool = engine.model, engine.kv, engine.lora_pool
+    want = model.forward_all_logits(engine.runner.buffers.upload(plan), kv, pool)
+    padded = engine.runner.buffers.upload(plan, pad_to=8, width=engine.runner.width)
+    got = model.forward_all_logits(padded, kv, pool)
+    assert got.shape[0] == 8
+    torch.testing.assert_close(got[:3], want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,32 @@
+"""CPU smoke run of benchmarks/bench_adapter_load.py's logic on tiny shapes (numbers meaningless)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from lorafleet.worker.model_config import ModelConfig
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_adapter_load.py"
+
+
+def test_bench_adapter_load_tiny_cpu(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_adapter_load", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = ModelConfig(**bench.TINY)
+    dirs = [bench.write_adapter(tmp_path / f"a{i}", config, i, torch.float32) for i in range(4)]
+    up = bench.bench_upload(config, dirs[:2], torch.float32, "cpu", reps=2)
+    assert up["bytes"] > 0 and up["cache_upload_wall_ms"] > 0 and up["pinned_copy_wall_ms"] > 0
+    cold = bench.bench_cold_load(config, dirs[2], torch.float32, "cpu", reps=1)
+    assert set(cold["first_run_ms"]) == {"read_parse_validate", "pack_pinned", "upload"}
+    assert cold["end_to_end_via_loader_ms"] > 0
+    tl = bench.bench_timeline(config, [dirs[2], dirs[3], dirs[0]], torch.float32, "cpu", batch=2)
+    events = [r["event"] for r in tl["steps"]]
+    assert events[:10] == [""] * 10 and events[10] == "load started"
+    assert events.count("admitted: upload + prefill") == 1 and events[-10:] == [""] * 10
+    assert tl["load_ms_loader"] > 0 and tl["max_step_ms_while_loading"] > 0
+    assert "| step | ms | event |" in bench.timeline_table(tl) and "| batch | 2 |" in bench.table("t", tl)

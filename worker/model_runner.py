@@ -1,0 +1,117 @@
+"""Turn one scheduled step into logits: one metadata copy, then a CUDA graph or an eager forward.
+
+A decode step on CUDA replays a graph captured at start-up for the smallest batch-size bucket that
+holds it: its metadata is packed, padded to the bucket, into the persistent buffer the graph reads
+(``BatchBuffers``), so the whole forward pass is one launch from the host. Padding rows read and
+write nothing (KV slot -1, context length 0, a LoRA segment of slot -1). Each bucket has two graphs,
+with and without the LoRA kernels, so a step without adapters pays nothing for them. Prefill and
+mixed steps, the CPU, and ``enforce_eager`` run the same forward eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from lorafleet.worker.batch_buffers import BatchBuffers, PackedShape, decode_shape
+from lorafleet.worker.batch_builder import BatchPlan
+from lorafleet.worker.kv_cache import KVCache
+from lorafleet.worker.lora_pool import LoraSlotPool
+from lorafleet.worker.model import LlamaModel
+
+
+def graph_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Buckets 1, 2, 4, 8, 16, 24, 32, 48, 64, then every 32 up to ``max_batch_size`` (always included).
+
+    Fine steps where batches are small keep the padding waste low; past 64 a step is long enough
+    that 32 padded rows cost little, and fewer graphs capture faster.
+    """
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    while sizes[-1] < max_batch_size:
+        sizes.append(sizes[-1] + 32)
+    return tuple(sorted({s for s in sizes if s < max_batch_size} | {max_batch_size}))
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv: KVCache,
+        lora: LoraSlotPool,
+        *,
+        max_batch_size: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enforce_eager: bool = False,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.lora = lora
+        self.device = model.device
+        self.width = -(-max_model_len // kv.block_size)
+        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        self.batch_sizes = graph_batch_sizes(max_batch_size) if self.use_graphs else ()
+        capacity = PackedShape(
+            rows=max(max_num_batched_tokens, max_batch_size),
+            seqs=max_batch_size,
+            segs=max_batch_size + 1,
+            logits=max_batch_size,
+            width=self.width,
+        )
+        self.buffers = BatchBuffers(capacity, self.device)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: torch.Tensor | None = None
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
+
+    # --- capture ---
+    def capture(self) -> None:
+        """Capture every bucket's decode graphs (largest first, sharing one memory pool)."""
+        if not self.use_graphs or self._graphs:
+            return
+        vocab = self.model.config.vocab_size
+        self._logits = torch.empty(self.batch_sizes[-1], vocab, dtype=torch.float32, device=self.device)
+        pool = None
+        empty = BatchPlan([], [], [], (), [0], (), (), [], [0], [], [], ())
+        for size in reversed(self.batch_sizes):
+            shape = decode_shape(size, self.width)
+            for use_lora in (False, True):
+                # Every row padding: the warm-up (which compiles the kernels) and the capture write nothing.
+                layout = self.buffers.upload(empty, pad_to=size, width=self.width)
+                self._forward_into_logits(layout, shape, use_lora)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._forward_into_logits(layout, shape, use_lora)
+                pool = graph.pool()
+                self._graphs[(size, use_lora)] = graph
+        torch.cuda.synchronize(self.device)
+
+    def _forward_into_logits(self, layout, shape: PackedShape, use_lora: bool) -> None:
+        assert self._logits is not None
+        logits = self.model.forward_all_logits(layout, self.kv, self.lora if use_lora else None)
+        self._logits[: shape.rows].copy_(logits)
+
+    # --- steps ---
+    def graph_size_for(self, plan: BatchPlan) -> int | None:
+        """The bucket a step replays in, or None when it runs eagerly."""
+        # A decode row that does not sample (a recompute cut to one token by the budget) runs eagerly.
+        if not self._graphs or not plan.is_decode_only or len(plan.logits_indices) != plan.num_seqs:
+            return None
+        i = bisect.bisect_left(self.batch_sizes, plan.num_seqs)
+        return self.batch_sizes[i] if i < len(self.batch_sizes) else None
+
+    def run(self, plan: BatchPlan) -> torch.Tensor:
+        """Logits ``[len(plan.logits_indices), vocab]`` float32, in ``plan.sample_seq_ids`` order."""
+        use_lora = plan.uses_lora
+        size = self.graph_size_for(plan)
+        if size is not None:
+            assert self._logits is not None
+            self.buffers.upload(plan, pad_to=size, width=self.width)
+            self._graphs[(size, use_lora)].replay()
+            self.num_graph_steps += 1
+            # A decode step samples every row, in row order.
+            return self._logits[: plan.num_seqs]
+        batch = self.buffers.upload(plan)
+        self.num_eager_steps += 1
+        return self.model(batch, self.kv, self.lora if use_lora else None)
