@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_shapes import SHAPES, random_model
 from safetensors.torch import save_file
 
 from lorafleet.worker import Engine, EngineConfig, Request, SamplingParams
@@ -33,23 +34,9 @@ from lorafleet.worker.adapter_cache import AdapterCache
 from lorafleet.worker.adapters import load_adapter, module_key
 from lorafleet.worker.loader import LoadedModel
 from lorafleet.worker.lora_pool import PROJECTIONS, LoraSlotPool
-from lorafleet.worker.model import LlamaModel
 from lorafleet.worker.model_config import ModelConfig
 
-LLAMA2_7B: dict[str, Any] = {
-    "architecture": "LlamaForCausalLM",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "head_dim": 128,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "bos_token_id": 1,
-    "eos_token_ids": (2,),
-}
+LLAMA2_7B: dict[str, Any] = SHAPES["llama2-7b"]
 # Same structure, tiny: for the CPU smoke run (checks the logic, not the numbers).
 TINY = {**LLAMA2_7B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 TINY.update(num_attention_heads=4, num_key_value_heads=4, head_dim=16)
@@ -75,20 +62,6 @@ def write_adapter(path: Path, config: ModelConfig, seed: int, dtype: torch.dtype
     cfg = {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "target_modules": list(PROJECTIONS)}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     return path
-
-
-def random_model(config: ModelConfig, dtype: torch.dtype, device: str) -> LlamaModel:
-    model = LlamaModel(config, dtype, device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name == "embed_tokens":
-                p.normal_(0.0, 1.0, generator=gen)
-            else:  # [out, in] projections and the LM head: unit-variance outputs
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
-    return model.eval()
 
 
 def sync(device: str) -> None:
@@ -210,7 +183,7 @@ def bench_timeline(
     ``dirs``: the running batch's adapter, the one loaded cold, and one for the warm-up request.
     """
     engine = Engine(
-        LoadedModel(random_model(config, dtype, device), config, None),
+        LoadedModel(random_model(config, dtype=dtype, device=device), config, None),
         EngineConfig(
             max_batch_size=batch + 1, max_loras=3, max_lora_rank=RANK, num_kv_blocks=(batch + 1) * 24
         ),

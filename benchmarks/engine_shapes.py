@@ -61,10 +61,12 @@ def model_config(shape: str) -> ModelConfig:
     return ModelConfig(**SHAPES[shape])
 
 
-def random_model(config: ModelConfig, seed: int = 0) -> LlamaModel:
-    """bf16 weights drawn on the GPU, scaled so every projection has unit-variance outputs."""
-    model = LlamaModel(config, torch.bfloat16, "cuda")
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def random_model(
+    config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
+) -> LlamaModel:
+    """Random weights drawn on ``device``, scaled so every projection has unit-variance outputs."""
+    model = LlamaModel(config, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -14,60 +14,43 @@ of ``rope_and_cache`` are checked on CPU tensors, and on CUDA only with LORAFLEE
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("auto", "triton", "torch")
-_DEBUG_CHECKS = os.environ.get("LORAFLEET_DEBUG_CHECKS", "0") == "1"
-
-
-def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"{name}: {msg}")
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        _fail("backend", f"{backend!r} is not one of {_BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        _fail("backend", "triton on CPU tensors needs TRITON_INTERPRET=1 (or use backend='torch')")
-    return backend
+from lorafleet.kernels.dispatch import FLOAT_DTYPES, checks_values, fail, resolve_backend
 
 
 def _check_tensor(t: object, name: str, dim: int, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+        fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
     assert isinstance(t, torch.Tensor)
     if t.dim() != dim:
-        _fail(name, f"expected {dim}-D {what}, got shape {tuple(t.shape)}")
+        fail(name, f"expected {dim}-D {what}, got shape {tuple(t.shape)}")
     return t
 
 
 def _check_float(t: torch.Tensor, name: str, dtype: torch.dtype | None = None, ref: str = "") -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        _fail(name, f"dtype {t.dtype} is not float16, bfloat16 or float32")
+    if t.dtype not in FLOAT_DTYPES:
+        fail(name, f"dtype {t.dtype} is not float16, bfloat16 or float32")
     if dtype is not None and t.dtype != dtype:
-        _fail(name, f"dtype {t.dtype} differs from {ref}'s {dtype}")
+        fail(name, f"dtype {t.dtype} differs from {ref}'s {dtype}")
 
 
 def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
     if t.device != device:
-        _fail(name, f"on {t.device}, expected {device}")
+        fail(name, f"on {t.device}, expected {device}")
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:
     # Rows may be strided views (a column slice of a fused output); elements within a row may not.
     if t.shape[0] > 0 and t.shape[1] > 1 and t.stride(1) != 1:
-        _fail(name, "the last dimension must be contiguous (stride 1)")
+        fail(name, "the last dimension must be contiguous (stride 1)")
 
 
 def _check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        _fail("eps", f"expected a finite number >= 0, got {eps!r}")
+        fail("eps", f"expected a finite number >= 0, got {eps!r}")
     return float(eps)  # type: ignore[arg-type]
 
 
@@ -75,15 +58,15 @@ def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
     _check_tensor(x, "x", 2, "[T, H]")
     _check_float(x, "x")
     if x.shape[1] == 0:
-        _fail("x", "hidden size H must be >= 1")
+        fail("x", "hidden size H must be >= 1")
     _check_rows(x, "x")
     _check_tensor(weight, "weight", 1, "[H]")
     _check_float(weight, "weight", x.dtype, "x")
     _check_device(weight, "weight", x.device)
     if weight.shape[0] != x.shape[1]:
-        _fail("weight", f"has {weight.shape[0]} entries, x has hidden size {x.shape[1]}")
+        fail("weight", f"has {weight.shape[0]} entries, x has hidden size {x.shape[1]}")
     if weight.stride(0) != 1:
-        _fail("weight", "must be contiguous")
+        fail("weight", "must be contiguous")
 
 
 # --- torch reference path (the CPU path; copies the worker's current math) ---
@@ -160,7 +143,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
     """
     _check_norm_args(x, weight)
     eps = _check_eps(eps)
-    use = _resolve_backend(backend, x.device)
+    use = resolve_backend(backend, x.device)
     if use == "torch":
         return rms_norm_torch(x, weight, eps)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -188,12 +171,12 @@ def fused_add_rms_norm(
     _check_float(residual, "residual", x.dtype, "x")
     _check_device(residual, "residual", x.device)
     if residual.shape != x.shape:
-        _fail("residual", f"shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
+        fail("residual", f"shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
     _check_rows(residual, "residual")
     if x.shape[0] > 0 and residual.data_ptr() == x.data_ptr():
-        _fail("residual", "must not be the same memory as x")
+        fail("residual", "must not be the same memory as x")
     eps = _check_eps(eps)
-    use = _resolve_backend(backend, x.device)
+    use = resolve_backend(backend, x.device)
     if x.shape[0] == 0:
         return
     if use == "torch":
@@ -217,54 +200,54 @@ def _check_rope_args(
 ) -> None:
     for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(name, f"expected an integer >= 1, got {value!r}")
+            fail(name, f"expected an integer >= 1, got {value!r}")
     if head_dim % 2:
-        _fail("head_dim", f"must be even for rotate_half, got {head_dim}")
+        fail("head_dim", f"must be even for rotate_half, got {head_dim}")
     _check_tensor(qkv, "qkv", 2, "[T, (Hq + 2 * Hkv) * D]")
     _check_float(qkv, "qkv")
     device, T = qkv.device, qkv.shape[0]
     width = (num_q_heads + 2 * num_kv_heads) * head_dim
     if qkv.shape[1] != width:
-        _fail("qkv", f"has {qkv.shape[1]} columns, expected (Hq + 2 * Hkv) * D = {width}")
+        fail("qkv", f"has {qkv.shape[1]} columns, expected (Hq + 2 * Hkv) * D = {width}")
     _check_rows(qkv, "qkv")
     for name, t in (("cos", cos), ("sin", sin)):
         _check_tensor(t, name, 2, "[T, D]")
         _check_float(t, name)
         _check_device(t, name, device)
         if tuple(t.shape) != (T, head_dim):
-            _fail(name, f"shape {tuple(t.shape)}, expected [T, D] = ({T}, {head_dim})")
+            fail(name, f"shape {tuple(t.shape)}, expected [T, D] = ({T}, {head_dim})")
         _check_rows(t, name)
     if sin.dtype != cos.dtype:
-        _fail("sin", f"dtype {sin.dtype} differs from cos's {cos.dtype}")
+        fail("sin", f"dtype {sin.dtype} differs from cos's {cos.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_tensor(t, name, 4, "[num_blocks, block_size, Hkv, D]")
         _check_float(t, name)
         _check_device(t, name, device)
         if tuple(t.shape[2:]) != (num_kv_heads, head_dim):
-            _fail(
+            fail(
                 name, f"shape {tuple(t.shape)}: last two dims must be (Hkv, D) = ({num_kv_heads}, {head_dim})"
             )
         if not t.is_contiguous():
-            _fail(name, "must be contiguous")
+            fail(name, "must be contiguous")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        _fail(
+        fail(
             "v_cache",
             f"{v_cache.dtype} {tuple(v_cache.shape)} differs from k_cache's "
             f"{k_cache.dtype} {tuple(k_cache.shape)}",
         )
     _check_tensor(slot_mapping, "slot_mapping", 1, "[T]")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
-        _fail("slot_mapping", f"dtype {slot_mapping.dtype} is not int32 or int64")
+        fail("slot_mapping", f"dtype {slot_mapping.dtype} is not int32 or int64")
     _check_device(slot_mapping, "slot_mapping", device)
     if slot_mapping.shape[0] != T:
-        _fail("slot_mapping", f"has {slot_mapping.shape[0]} entries, qkv has {T} rows")
+        fail("slot_mapping", f"has {slot_mapping.shape[0]} entries, qkv has {T} rows")
     if not slot_mapping.is_contiguous():
-        _fail("slot_mapping", "must be contiguous")
-    if T and (device.type != "cuda" or _DEBUG_CHECKS):
+        fail("slot_mapping", "must be contiguous")
+    if T and checks_values(device):
         num_slots = k_cache.shape[0] * k_cache.shape[1]
         top = int(slot_mapping.max())
         if top >= num_slots:
-            _fail("slot_mapping", f"slot {top} is past the cache's {num_slots} slots")
+            fail("slot_mapping", f"slot {top} is past the cache's {num_slots} slots")
 
 
 def rope_and_cache(
@@ -302,7 +285,7 @@ def rope_and_cache(
     least as accurate. T == 0 is a no-op.
     """
     _check_rope_args(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, head_dim)
-    use = _resolve_backend(backend, qkv.device)
+    use = resolve_backend(backend, qkv.device)
     if qkv.shape[0] == 0:
         return
     args = (qkv, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, head_dim)
@@ -329,7 +312,7 @@ def silu_and_mul(
     _check_tensor(gate_up, "gate_up", 2, "[T, 2 * I]")
     _check_float(gate_up, "gate_up")
     if gate_up.shape[1] % 2 or gate_up.shape[1] == 0:
-        _fail("gate_up", f"needs an even, non-zero number of columns, got {gate_up.shape[1]}")
+        fail("gate_up", f"needs an even, non-zero number of columns, got {gate_up.shape[1]}")
     _check_rows(gate_up, "gate_up")
     T, inter = gate_up.shape[0], gate_up.shape[1] // 2
     if out is not None:
@@ -337,9 +320,9 @@ def silu_and_mul(
         _check_float(out, "out", gate_up.dtype, "gate_up")
         _check_device(out, "out", gate_up.device)
         if tuple(out.shape) != (T, inter):
-            _fail("out", f"shape {tuple(out.shape)}, expected [T, I] = ({T}, {inter})")
+            fail("out", f"shape {tuple(out.shape)}, expected [T, I] = ({T}, {inter})")
         _check_rows(out, "out")
-    use = _resolve_backend(backend, gate_up.device)
+    use = resolve_backend(backend, gate_up.device)
     if use == "torch":
         return silu_and_mul_torch(gate_up, out)
     if out is None:

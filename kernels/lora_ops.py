@@ -7,33 +7,25 @@ it) and dispatches to the Triton kernels or to the plain torch path.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lorafleet.kernels import sgmv_torch
+from lorafleet.kernels.dispatch import FLOAT_DTYPES, checks_values, fail, resolve_backend
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("auto", "triton", "torch")
 MAX_SLICES = 3
 MAX_RANK = 256
-# Value checks of device metadata need a host sync, so on CUDA they run only when asked for.
-_DEBUG_CHECKS = os.environ.get("LORAFLEET_DEBUG_CHECKS", "0") == "1"
-
-
-def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"{name}: {msg}")
 
 
 def _as_list(value: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
     items = [value] if isinstance(value, torch.Tensor) else list(value)
     if not 1 <= len(items) <= MAX_SLICES:
-        _fail(name, f"expected 1 to {MAX_SLICES} slices, got {len(items)}")
+        fail(name, f"expected 1 to {MAX_SLICES} slices, got {len(items)}")
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
-            _fail(name, f"slice {i} is {type(t).__name__}, not a torch.Tensor")
+            fail(name, f"slice {i} is {type(t).__name__}, not a torch.Tensor")
     return items
 
 
@@ -51,28 +43,28 @@ class _Checked:
 
 def _check_rows(x: torch.Tensor, name: str, device: torch.device, dtype: torch.dtype | None) -> None:
     if not isinstance(x, torch.Tensor):
-        _fail(name, f"expected a torch.Tensor, got {type(x).__name__}")
+        fail(name, f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        _fail(name, f"expected 2-D [T, hidden], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        _fail(name, f"dtype {x.dtype} is not float16, bfloat16 or float32")
+        fail(name, f"expected 2-D [T, hidden], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        fail(name, f"dtype {x.dtype} is not float16, bfloat16 or float32")
     if dtype is not None and x.dtype != dtype:
-        _fail(name, f"dtype {x.dtype} differs from y's {dtype}")
+        fail(name, f"dtype {x.dtype} differs from y's {dtype}")
     if x.device != device:
-        _fail(name, f"on {x.device}, expected {device}")
+        fail(name, f"on {x.device}, expected {device}")
     if x.shape[1] > 0 and x.stride(1) != 1:
-        _fail(name, "the last dimension must be contiguous (stride 1)")
+        fail(name, "the last dimension must be contiguous (stride 1)")
 
 
 def _check_stack(t: torch.Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
     if t.dim() != 3:
-        _fail(name, f"expected 3-D [n_slots, ., .], got shape {tuple(t.shape)}")
+        fail(name, f"expected 3-D [n_slots, ., .], got shape {tuple(t.shape)}")
     if t.dtype != dtype:
-        _fail(name, f"dtype {t.dtype} differs from x's {dtype}")
+        fail(name, f"dtype {t.dtype} differs from x's {dtype}")
     if t.device != device:
-        _fail(name, f"on {t.device}, expected {device}")
+        fail(name, f"on {t.device}, expected {device}")
     if not t.is_contiguous():
-        _fail(name, "must be contiguous")
+        fail(name, "must be contiguous")
 
 
 def _per_slice_table(
@@ -91,16 +83,16 @@ def _per_slice_table(
     else:
         if isinstance(value, torch.Tensor):
             if value.dim() != 1:
-                _fail(name, f"expected [n_slots] or [n_slices, n_slots], got shape {tuple(value.shape)}")
+                fail(name, f"expected [n_slots] or [n_slices, n_slots], got shape {tuple(value.shape)}")
             # One table shared by every slice: a stride-0 view, no copy.
             value = value.unsqueeze(0).expand(n_slices, -1) if n_slices > 1 else value.unsqueeze(0)
             return _finish_table(value, name, n_slices, n_slots, dtype, device)
         items = list(value)
         if len(items) != n_slices:
-            _fail(name, f"got {len(items)} tables for {n_slices} slices")
+            fail(name, f"got {len(items)} tables for {n_slices} slices")
         for i, t in enumerate(items):
             if not isinstance(t, torch.Tensor) or t.dim() != 1:
-                _fail(name, f"slice {i}: expected a 1-D tensor [n_slots]")
+                fail(name, f"slice {i}: expected a 1-D tensor [n_slots]")
         table = items[0].unsqueeze(0) if n_slices == 1 else torch.stack(items)
     return _finish_table(table, name, n_slices, n_slots, dtype, device)
 
@@ -109,11 +101,11 @@ def _finish_table(
     table: torch.Tensor, name: str, n_slices: int, n_slots: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     if tuple(table.shape) != (n_slices, n_slots):
-        _fail(name, f"expected shape [{n_slots}] per slice, got {tuple(table.shape)}")
+        fail(name, f"expected shape [{n_slots}] per slice, got {tuple(table.shape)}")
     if table.dtype != dtype:
-        _fail(name, f"dtype {table.dtype}, expected {dtype}")
+        fail(name, f"dtype {table.dtype}, expected {dtype}")
     if table.device != device:
-        _fail(name, f"on {table.device}, expected {device}")
+        fail(name, f"on {table.device}, expected {device}")
     return table if table.stride(1) == 1 else table.contiguous()
 
 
@@ -122,36 +114,36 @@ def _check_metadata(
 ) -> None:
     for name, t in (("seg_indptr", seg_indptr), ("seg_slots", seg_slots)):
         if not isinstance(t, torch.Tensor):
-            _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+            fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 1 or t.dtype != torch.int32:
-            _fail(name, f"expected a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+            fail(name, f"expected a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
         if t.device != device:
-            _fail(name, f"on {t.device}, expected {device}")
+            fail(name, f"on {t.device}, expected {device}")
         if not t.is_contiguous():
-            _fail(name, "must be contiguous")
+            fail(name, "must be contiguous")
     if seg_indptr.shape[0] != seg_slots.shape[0] + 1:
-        _fail(
+        fail(
             "seg_indptr",
             f"length {seg_indptr.shape[0]} must be len(seg_slots) + 1 = {seg_slots.shape[0] + 1}",
         )
-    if device.type == "cuda" and not _DEBUG_CHECKS:
+    if not checks_values(device):
         return
     bounds = seg_indptr.tolist()
     if bounds[0] != 0 or bounds[-1] != T:
-        _fail("seg_indptr", f"must start at 0 and end at T={T}, got {bounds[0]}..{bounds[-1]}")
+        fail("seg_indptr", f"must start at 0 and end at T={T}, got {bounds[0]}..{bounds[-1]}")
     if any(b < a for a, b in itertools.pairwise(bounds)):
-        _fail("seg_indptr", "must be non-decreasing")
+        fail("seg_indptr", "must be non-decreasing")
     slots = seg_slots.tolist()
     bad = [k for k in slots if not -1 <= k < n_slots]
     if bad:
-        _fail("seg_slots", f"slot {bad[0]} outside [-1, {n_slots})")
+        fail("seg_slots", f"slot {bad[0]} outside [-1, {n_slots})")
 
 
 def _check_tables(ranks: torch.Tensor, r_max: int, device: torch.device) -> None:
-    if device.type == "cuda" and not _DEBUG_CHECKS:
+    if not checks_values(device):
         return
     if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) > r_max):
-        _fail("ranks", f"every rank must be in [0, r_max={r_max}]")
+        fail("ranks", f"every rank must be in [0, r_max={r_max}]")
 
 
 def _check_common(
@@ -167,22 +159,12 @@ def _check_common(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = x_like.device
     if r_max > MAX_RANK:
-        _fail("lora_a", f"r_max {r_max} exceeds the supported {MAX_RANK}")
+        fail("lora_a", f"r_max {r_max} exceeds the supported {MAX_RANK}")
     _check_metadata(seg_indptr, seg_slots, T, n_slots, device)
     rank_table = _per_slice_table(ranks, "ranks", n_slices, n_slots, torch.int32, r_max, device)
     scale_table = _per_slice_table(scales, "scales", n_slices, n_slots, torch.float32, 1.0, device)
     _check_tables(rank_table, r_max, device)
     return rank_table, scale_table
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        _fail("backend", f"{backend!r} is not one of {_BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        _fail("backend", "triton on CPU tensors needs TRITON_INTERPRET=1 (or use backend='torch')")
-    return backend
 
 
 def _validate(
@@ -204,7 +186,7 @@ def _validate(
     if x is not None:
         _check_rows(x, "x", device, y.dtype if y is not None else None)
         if y is not None and x.shape[0] != y.shape[0]:
-            _fail("x", f"has {x.shape[0]} rows but y has {y.shape[0]}")
+            fail("x", f"has {x.shape[0]} rows but y has {y.shape[0]}")
     dtype = ref.dtype
     T = ref.shape[0] if T_hint is None else T_hint
     lora_as = lora_bs = None
@@ -214,10 +196,10 @@ def _validate(
         for i, a in enumerate(lora_as):
             _check_stack(a, "lora_a" if len(lora_as) == 1 else f"lora_a[{i}]", dtype, device)
             if a.shape != lora_as[0].shape:
-                _fail("lora_a", f"slice {i} has shape {tuple(a.shape)}, slice 0 {tuple(lora_as[0].shape)}")
+                fail("lora_a", f"slice {i} has shape {tuple(a.shape)}, slice 0 {tuple(lora_as[0].shape)}")
         n_slots, r_max, h_in = lora_as[0].shape
         if x is not None and h_in != x.shape[1]:
-            _fail("lora_a", f"h_in {h_in} differs from x's hidden size {x.shape[1]}")
+            fail("lora_a", f"h_in {h_in} differs from x's hidden size {x.shape[1]}")
     if lora_b is not None:
         lora_bs = _as_list(lora_b, "lora_b")
         for i, b in enumerate(lora_bs):
@@ -226,15 +208,15 @@ def _validate(
             n_slots, r_max = lora_bs[0].shape[0], lora_bs[0].shape[2]
         for i, b in enumerate(lora_bs):
             if b.shape[0] != n_slots or b.shape[2] != r_max:
-                _fail(
+                fail(
                     "lora_b",
                     f"slice {i} shape {tuple(b.shape)} does not match n_slots={n_slots}, r_max={r_max}",
                 )
         if lora_as is not None and len(lora_as) != len(lora_bs):
-            _fail("lora_b", f"{len(lora_bs)} slices but lora_a has {len(lora_as)}")
+            fail("lora_b", f"{len(lora_bs)} slices but lora_a has {len(lora_as)}")
         if y is not None and sum(b.shape[1] for b in lora_bs) != y.shape[1]:
             widths = [b.shape[1] for b in lora_bs]
-            _fail("lora_b", f"output widths {widths} sum to {sum(widths)}, y has {y.shape[1]} columns")
+            fail("lora_b", f"output widths {widths} sum to {sum(widths)}, y has {y.shape[1]} columns")
     n_slices = len(lora_as if lora_as is not None else lora_bs)  # type: ignore[arg-type]
     rank_table, scale_table = _check_common(
         ref, T, seg_indptr, seg_slots, n_slices, n_slots, r_max, ranks, scales
@@ -262,7 +244,7 @@ def sgmv_shrink(
     """
     c = _validate(None, x, lora_a, None, seg_indptr, seg_slots, ranks, None)
     assert c.lora_as is not None
-    if _resolve_backend(backend, x.device) == "torch":
+    if resolve_backend(backend, x.device) == "torch":
         return sgmv_torch.shrink_torch(x, c.lora_as, seg_indptr, seg_slots, list(c.ranks))
     from lorafleet.kernels import sgmv_launch
 
@@ -300,10 +282,10 @@ def sgmv_expand(
         or inter.device != y.device
     ):
         got = (inter.dtype, tuple(inter.shape)) if isinstance(inter, torch.Tensor) else type(inter)
-        _fail("inter", f"expected float32 [{n_slices}, {y.shape[0]}, {c.r_max}] on {y.device}, got {got}")
+        fail("inter", f"expected float32 [{n_slices}, {y.shape[0]}, {c.r_max}] on {y.device}, got {got}")
     if not inter.is_contiguous():
-        _fail("inter", "must be contiguous")
-    if _resolve_backend(backend, y.device) == "torch":
+        fail("inter", "must be contiguous")
+    if resolve_backend(backend, y.device) == "torch":
         offsets = _offsets(c.lora_bs)
         sgmv_torch.expand_torch(
             y, inter, c.lora_bs, seg_indptr, seg_slots, list(c.ranks), list(c.scales), offsets
@@ -343,7 +325,7 @@ def add_lora_slices(
     """
     c = _validate(y, x, lora_a, lora_b, seg_indptr, seg_slots, ranks, scales)
     assert c.lora_as is not None and c.lora_bs is not None
-    if _resolve_backend(backend, y.device) == "torch":
+    if resolve_backend(backend, y.device) == "torch":
         rank_list = list(c.ranks)
         inter = sgmv_torch.shrink_torch(x, c.lora_as, seg_indptr, seg_slots, rank_list)
         sgmv_torch.expand_torch(
@@ -391,5 +373,5 @@ def add_lora(
     """
     for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
-            _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+            fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
     add_lora_slices(y, x, lora_a, lora_b, seg_indptr, seg_slots, ranks=ranks, scales=scales, backend=backend)

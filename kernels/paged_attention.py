@@ -13,52 +13,35 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
 
 from lorafleet.kernels import attention_torch
+from lorafleet.kernels.dispatch import FLOAT_DTYPES, checks_values, fail, resolve_backend
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("auto", "triton", "torch")
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
-_DEBUG_CHECKS = os.environ.get("LORAFLEET_DEBUG_CHECKS", "0") == "1"
-
-
-def _fail(name: str, msg: str) -> None:
-    raise ValueError(f"{name}: {msg}")
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        _fail("backend", f"{backend!r} is not one of {_BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        _fail("backend", "triton on CPU tensors needs TRITON_INTERPRET=1 (or use backend='torch')")
-    return backend
 
 
 def _check_tensor(t: object, name: str, dim: int, layout: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+        fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
     assert isinstance(t, torch.Tensor)
     if t.dim() != dim:
-        _fail(name, f"expected {dim}-D {layout}, got shape {tuple(t.shape)}")
+        fail(name, f"expected {dim}-D {layout}, got shape {tuple(t.shape)}")
     return t
 
 
 def _check_int32(t: object, name: str, shape: tuple[int, ...], layout: str, device: torch.device) -> None:
     t = _check_tensor(t, name, len(shape), layout)
     if t.dtype != torch.int32:
-        _fail(name, f"dtype {t.dtype}, expected torch.int32")
+        fail(name, f"dtype {t.dtype}, expected torch.int32")
     if tuple(t.shape) != shape:
-        _fail(name, f"expected shape {list(shape)} {layout}, got {list(t.shape)}")
+        fail(name, f"expected shape {list(shape)} {layout}, got {list(t.shape)}")
     if t.device != device:
-        _fail(name, f"on {t.device}, expected {device}")
+        fail(name, f"on {t.device}, expected {device}")
     if t.numel() and t.stride(-1) != 1:
-        _fail(name, "the last dimension must be contiguous (stride 1)")
+        fail(name, "the last dimension must be contiguous (stride 1)")
 
 
 def _check_common(
@@ -74,51 +57,51 @@ def _check_common(
 ) -> tuple[int, int, int]:
     """Checks shared by decode and prefill; returns (num_seqs, block_size, max_blocks)."""
     q = _check_tensor(q, "q", 3, "[rows, Hq, D]")
-    if q.dtype not in _FLOAT_DTYPES:
-        _fail("q", f"dtype {q.dtype} is not float16, bfloat16 or float32")
+    if q.dtype not in FLOAT_DTYPES:
+        fail("q", f"dtype {q.dtype} is not float16, bfloat16 or float32")
     device, dtype = q.device, q.dtype
     rows, num_heads, head_dim = q.shape
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        _fail("q", f"head_dim {head_dim} outside the supported [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+        fail("q", f"head_dim {head_dim} outside the supported [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
     if q.stride(2) != 1:
-        _fail("q", "the last dimension must be contiguous (stride 1)")
+        fail("q", "the last dimension must be contiguous (stride 1)")
     out = _check_tensor(out, "out", 3, "[rows, Hq, D]")
     if out.dtype != dtype:
-        _fail("out", f"dtype {out.dtype} differs from q's {dtype}")
+        fail("out", f"dtype {out.dtype} differs from q's {dtype}")
     if out.device != device:
-        _fail("out", f"on {out.device}, expected {device}")
+        fail("out", f"on {out.device}, expected {device}")
     if out.shape != q.shape:
-        _fail("out", f"shape {tuple(out.shape)} differs from q's {tuple(q.shape)}")
+        fail("out", f"shape {tuple(out.shape)} differs from q's {tuple(q.shape)}")
     if out.stride(2) != 1:
-        _fail("out", "the last dimension must be contiguous (stride 1)")
+        fail("out", "the last dimension must be contiguous (stride 1)")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         cache = _check_tensor(cache, name, 4, "[num_blocks, block_size, Hkv, D]")
         if cache.dtype != dtype:
-            _fail(name, f"dtype {cache.dtype} differs from q's {dtype}")
+            fail(name, f"dtype {cache.dtype} differs from q's {dtype}")
         if cache.device != device:
-            _fail(name, f"on {cache.device}, expected {device}")
+            fail(name, f"on {cache.device}, expected {device}")
         if not cache.is_contiguous():
-            _fail(name, "must be contiguous")
+            fail(name, "must be contiguous")
     assert isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
     if v_cache.shape != k_cache.shape:
-        _fail("v_cache", f"shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+        fail("v_cache", f"shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
     num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim:
-        _fail("k_cache", f"head_dim {cache_dim} differs from q's {head_dim}")
+        fail("k_cache", f"head_dim {cache_dim} differs from q's {head_dim}")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        _fail("k_cache", f"Hkv={num_kv_heads} must divide Hq={num_heads}")
+        fail("k_cache", f"Hkv={num_kv_heads} must divide Hq={num_heads}")
     if block_size < 1 or block_size & (block_size - 1):
-        _fail("k_cache", f"block_size {block_size} is not a power of two")
+        fail("k_cache", f"block_size {block_size} is not a power of two")
     bt = _check_tensor(block_tables, "block_tables", 2, "[B, max_blocks]")
     b = bt.shape[0] if num_seqs is None else num_seqs
     _check_int32(bt, "block_tables", (b, bt.shape[1]), "[B, max_blocks]", device)
     _check_int32(seq_lens, "seq_lens", (b,), "[B]", device)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        _fail("scale", f"expected a finite float, got {scale!r}")
+        fail("scale", f"expected a finite float, got {scale!r}")
     if sliding_window is not None and (
         isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
     ):
-        _fail("sliding_window", f"expected None or an int >= 1, got {sliding_window!r}")
+        fail("sliding_window", f"expected None or an int >= 1, got {sliding_window!r}")
     del rows, num_blocks
     return b, block_size, bt.shape[1]
 
@@ -136,19 +119,15 @@ def _check_values(
     lens = seq_lens.tolist()
     for b, n in enumerate(lens):
         if not 0 <= n <= max_blocks * block_size:
-            _fail(
+            fail(
                 "seq_lens",
                 f"seq_lens[{b}]={n} outside [0, max_blocks * block_size = {max_blocks * block_size}]",
             )
         if query_lens is not None and query_lens[b] > n:
-            _fail("seq_lens", f"seq_lens[{b}]={n} is shorter than its {query_lens[b]} query rows")
+            fail("seq_lens", f"seq_lens[{b}]={n} is shorter than its {query_lens[b]} query rows")
         used = block_tables[b, : -(-n // block_size)]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-            _fail("block_tables", f"row {b} uses a page outside [0, {num_blocks})")
-
-
-def _wants_value_checks(device: torch.device) -> bool:
-    return device.type != "cuda" or _DEBUG_CHECKS
+            fail("block_tables", f"row {b} uses a page outside [0, {num_blocks})")
 
 
 def paged_decode_attention(
@@ -202,9 +181,9 @@ def paged_decode_attention(
     if num_splits is not None and (
         isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
     ):
-        _fail("num_splits", f"expected None or an int >= 1, got {num_splits!r}")
-    resolved = _resolve_backend(backend, q.device)
-    if _wants_value_checks(q.device):
+        fail("num_splits", f"expected None or an int >= 1, got {num_splits!r}")
+    resolved = resolve_backend(backend, q.device)
+    if checks_values(q.device):
         _check_values(k_cache, block_tables, seq_lens, None)
     if q.shape[0] == 0:
         return
@@ -260,15 +239,15 @@ def paged_prefill_attention(
     )
     _check_int32(query_start_loc, "query_start_loc", (num_seqs + 1,), "[B+1]", q.device)
     if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 0:
-        _fail("max_query_len", f"expected an int >= 0, got {max_query_len!r}")
-    resolved = _resolve_backend(backend, q.device)
-    if _wants_value_checks(q.device):
+        fail("max_query_len", f"expected an int >= 0, got {max_query_len!r}")
+    resolved = resolve_backend(backend, q.device)
+    if checks_values(q.device):
         starts = query_start_loc.tolist()
         qlens = [b - a for a, b in itertools.pairwise(starts)]
         if starts[0] < 0 or starts[-1] > q.shape[0] or any(n < 0 for n in qlens):
-            _fail("query_start_loc", f"must be non-decreasing within [0, T={q.shape[0]}], got {starts}")
+            fail("query_start_loc", f"must be non-decreasing within [0, T={q.shape[0]}], got {starts}")
         if qlens and max(qlens) > max_query_len:
-            _fail("max_query_len", f"{max_query_len} is less than the longest query ({max(qlens)} rows)")
+            fail("max_query_len", f"{max_query_len} is less than the longest query ({max(qlens)} rows)")
         _check_values(k_cache, block_tables, seq_lens, qlens)
     if q.shape[0] == 0 or num_seqs == 0:
         return

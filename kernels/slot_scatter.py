@@ -12,7 +12,6 @@ the plan is used: the kernel writes to their raw addresses).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BACKENDS = ("auto", "triton", "torch")
+from lorafleet.kernels.dispatch import resolve_backend
+
 # Elements per program: large enough that the ~450 pieces of a 7B adapter need few programs each,
 # small enough that a piece's tail wastes little of its last program.
 BLOCK = 4096
@@ -81,8 +81,6 @@ def slot_scatter(src: torch.Tensor, plan: ScatterPlan, *, backend: str = "auto",
     backend: "auto" (Triton on CUDA, torch otherwise), "triton" (CPU needs TRITON_INTERPRET=1),
     "torch" (one ``copy_`` per piece).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not one of {_BACKENDS}")
     if not isinstance(src, torch.Tensor) or src.dim() != 1 or not src.is_contiguous():
         raise ValueError("src: expected a contiguous 1-D tensor")
     dst0 = plan.dsts[0]
@@ -92,11 +90,7 @@ def slot_scatter(src: torch.Tensor, plan: ScatterPlan, *, backend: str = "auto",
         raise ValueError(f"src: {src.numel()} elements, the plan reads {plan.total}")
     if block < 1 or block & (block - 1):
         raise ValueError(f"block: must be a power of two, got {block}")
-    if backend == "auto":
-        backend = "triton" if src.is_cuda else "torch"
-    if backend == "triton" and not src.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend: triton on CPU tensors needs TRITON_INTERPRET=1 (or use backend='torch')")
-    if backend == "torch":
+    if resolve_backend(backend, src.device) == "torch":
         offset = 0
         for dst in plan.dsts:
             n = dst.numel()

@@ -254,14 +254,18 @@ class Engine:
             msg = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
             return deltas + [self._fail(s.seq, msg) for s in out.scheduled]
         sampled = {rid: i for i, rid in enumerate(sample_ids)}
+        rows = []  # (sequence, its sampled row), in the scheduler's order
         for item in out.scheduled:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_tokens
-            i = sampled.get(seq.request_id)
-            if i is None:
-                continue
-            sent = seq.delivered_len
-            reason = self.stop_checker.append_token(seq, tokens[i], logprobs[i] if logprobs else None)
+            item.seq.num_computed_tokens += item.num_tokens
+            i = sampled.get(item.seq.request_id)
+            if i is not None:
+                rows.append((item.seq, i))
+        seqs = [seq for seq, _ in rows]
+        sent = [seq.delivered_len for seq in seqs]
+        reasons = self.stop_checker.append_tokens(
+            [(seq, tokens[i], logprobs[i] if logprobs else None) for seq, i in rows]
+        )
+        for seq, reason, delivered in zip(seqs, reasons, sent):
             new_tokens, new_logprobs = seq.take_pending()
             if reason is not None:
                 self._finish(seq)
@@ -269,7 +273,7 @@ class Engine:
                 TokenDelta(
                     seq.request_id,
                     tuple(new_tokens),
-                    seq.text[sent : seq.delivered_len],
+                    seq.text[delivered : seq.delivered_len],
                     tuple(new_logprobs) if new_logprobs is not None else None,
                     reason,
                     num_prompt_tokens=seq.num_prompt_tokens,

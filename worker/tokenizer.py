@@ -71,6 +71,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` of each id list, in one call into the tokenizer library."""
+        return self._tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+
     def decode_delta(
         self,
         prev_ids: Sequence[int],

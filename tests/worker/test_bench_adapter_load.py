@@ -12,7 +12,8 @@ from lorafleet.worker.model_config import ModelConfig
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_adapter_load.py"
 
 
-def test_bench_adapter_load_tiny_cpu(tmp_path: Path) -> None:
+def test_bench_adapter_load_tiny_cpu(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # it imports its sibling engine_shapes.py
     spec = importlib.util.spec_from_file_location("bench_adapter_load", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)

@@ -275,7 +275,7 @@ def test_generate_leaves_the_engine_idle_when_a_step_raises(demo, monkeypatch) -
     def broken(*args, **kwargs):
         raise RuntimeError("detokenizer broke")
 
-    monkeypatch.setattr(engine.stop_checker, "append_token", broken)
+    monkeypatch.setattr(engine.stop_checker, "append_tokens", broken)
     with pytest.raises(RuntimeError, match="detokenizer broke"):
         engine.generate(prompts(3), adapters=ADAPTERS[:3], sampling=GREEDY)
     stats = engine.stats()
