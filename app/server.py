@@ -24,6 +24,7 @@ from lorafleet.metrics import ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.proto.lorafleet.v1 import serving_pb2_grpc
 from lorafleet.scheduler.errors import (
+    AdapterInUseError,
     FleetError,
     InvalidRequestError,
     QueueFullError,
@@ -54,6 +55,8 @@ def status_for(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, QueueFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, AdapterInUseError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, ShuttingDownError):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, (InvalidRequestError, ValueError)):

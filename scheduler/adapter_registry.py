@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.scheduler.errors import UnknownAdapterError
-from lorafleet.worker.adapters import read_adapter_config, validate_adapter_dir
+from lorafleet.worker.adapters import check_file_finite, read_adapter_config, validate_adapter_dir
 from lorafleet.worker.engine_config import EngineConfig
 
 
@@ -24,6 +24,17 @@ class AdapterRegistry:
         self._paths: dict[str, str] = {}
 
     def register(self, name: str, path: str) -> None:
+        self.add(name, self.check(name, path))
+
+    def add(self, name: str, resolved: str) -> None:
+        """Record a directory ``check`` accepted."""
+        self._paths[name] = resolved
+
+    def check(self, name: str, path: str) -> str:
+        """Validate ``path`` as adapter ``name`` for this model and these workers; its resolved path.
+
+        Reads every tensor once (NaN or Inf is refused now, not by each request that would use it).
+        """
         if not isinstance(name, str) or not name.strip() or name != name.strip():
             raise ValueError(
                 f"adapter name must be a non-empty string without surrounding spaces, got {name!r}"
@@ -47,7 +58,8 @@ class AdapterRegistry:
                         f"adapter {name!r}: rank {pw.a.shape[0]} of layer {layer} {proj} exceeds the "
                         f"workers' max_lora_rank {cfg.max_lora_rank}"
                     )
-        self._paths[name] = str(resolved)
+        check_file_finite(resolved)
+        return str(resolved)
 
     def unregister(self, name: str) -> None:
         if name not in self._paths:

@@ -19,6 +19,11 @@ class InvalidRequestError(FleetError, ValueError):
     """The request or one of its parameters is invalid (gRPC INVALID_ARGUMENT)."""
 
 
+class AdapterInUseError(FleetError):
+    """Re-pointing an adapter name that unfinished requests use (gRPC FAILED_PRECONDITION): they
+    would finish on one version while new requests got another."""
+
+
 class QueueFullError(FleetError):
     """The bounded request queue is full (gRPC RESOURCE_EXHAUSTED)."""
 

@@ -18,6 +18,7 @@ import ray
 
 from lorafleet.scheduler.adapter_registry import AdapterRegistry
 from lorafleet.scheduler.errors import (
+    AdapterInUseError,
     FleetError,
     InvalidRequestError,
     QueueFullError,
@@ -171,8 +172,20 @@ class Fleet:
 
     def register_adapter(self, name: str, path: str) -> None:
         """Register (or re-point) an adapter fleet-wide; ValueError if the directory is not a valid
-        PEFT adapter for this model and these workers."""
-        self._registry.register(name, path)
+        PEFT adapter for this model and these workers, AdapterInUseError when re-pointing a name
+        that unfinished requests use (register the new version under a new name instead)."""
+        resolved = self._registry.check(name, path)
+        current = self._registry.get(name)
+        if current is not None and current != resolved:
+            users = sum(
+                1 for tr in self._runtime.requests.values() if not tr.finished and tr.request.adapter == name
+            )
+            if users:
+                raise AdapterInUseError(
+                    f"adapter {name!r} is in use by {users} unfinished request(s) and cannot point to "
+                    "another directory until they finish; register the new version under a new name"
+                )
+        self._registry.add(name, resolved)
 
     def unregister_adapter(self, name: str) -> None:
         """UnknownAdapterError (a KeyError) if not registered; running sequences still finish."""

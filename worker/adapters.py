@@ -23,6 +23,10 @@ from lorafleet.worker.model_config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# The largest scaling (lora_alpha / r, or / sqrt(r) with rsLoRA) an adapter may ask for. Trained
+# adapters use 0.5 to a few dozen; a scaling past this only saturates the activations (lora_alpha
+# 1e38 once made every token 0), so it is refused at registration as a broken file.
+MAX_LORA_SCALE = 1024.0
 _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _UNSUPPORTED_TARGETS = ("lm_head", "embed_tokens")
@@ -250,6 +254,13 @@ def load_adapter(
         raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
     with handle as f:
         found = _scan_keys(path, list(f.keys()))
+        beyond = sorted(pair for pair in found if pair[0] >= num_layers)
+        if beyond:
+            raise _fail(
+                path,
+                f"{WEIGHTS_FILE} has weights for layer {beyond[0][0]}, but the base model has only "
+                f"{num_layers} layers (a different model's adapter?)",
+            )
         extra = sorted(set(found) - wanted)
         if extra:
             layer, proj = extra[0]
@@ -274,6 +285,17 @@ def load_adapter(
                     f"model and rank {rank}: expected ({rank}, {h_in}) / ({h_out}, {rank})",
                 )
             scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+            if not math.isfinite(scale) or scale > MAX_LORA_SCALE:
+                # The value itself is not echoed: adapter files are untrusted input.
+                field = (
+                    "alpha_pattern" if _pattern_value(alpha_pattern, key, None) is not None else "lora_alpha"
+                )
+                raise _fail(
+                    path,
+                    f"field {field} gives layer {layer} {proj} a scaling "
+                    f"({'lora_alpha / sqrt(r)' if use_rslora else 'lora_alpha / r'}) that is not finite "
+                    f"or above {MAX_LORA_SCALE:g}",
+                )
             if load_tensors:
                 a, b = f.get_tensor(ab["A"]), f.get_tensor(ab["B"])
                 for t, which in ((a, "lora_A"), (b, "lora_B")):
@@ -288,6 +310,22 @@ def load_adapter(
                 b = torch.empty(h_out, rank, dtype=dtype, device="meta")
             projs[(layer, proj)] = ProjWeights(a, b, scale)
     return AdapterWeights(name or path.name, str(path), projs, use_rslora)
+
+
+def check_file_finite(path: str | Path) -> None:
+    """Raise AdapterFormatError naming the first tensor of the adapter's weights file that holds
+    NaN or Inf (registration: refuse the adapter before any request can pick it up)."""
+    path = Path(path)
+    weights_path = _weights_file(path)
+    try:
+        handle = safe_open(str(weights_path), framework="pt", device="cpu")
+    except Exception as e:
+        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    with handle as f:
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _fail(path, f"tensor {key} holds NaN or Inf values")
 
 
 def check_weights_finite(weights: AdapterWeights) -> None:

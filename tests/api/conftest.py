@@ -16,6 +16,7 @@ import pytest
 
 from lorafleet.api_types import ModelView
 from lorafleet.scheduler.errors import (
+    AdapterInUseError,
     QueueFullError,
     RequestFailedError,
     ShuttingDownError,
@@ -117,6 +118,8 @@ class FakeFleet:
     def register_adapter(self, name: str, path: str) -> None:
         if not path.startswith("/adapters/"):
             raise ValueError(f"{path}: no adapter_config.json")
+        if name in self.adapters and self.adapters[name] != path and name.startswith("busy"):
+            raise AdapterInUseError(f"adapter {name!r} is in use by 1 unfinished request(s)")
         self.adapters[name] = path
 
     def unregister_adapter(self, name: str) -> None:

@@ -166,6 +166,7 @@ def test_adapter_management_errors(fake_server) -> None:
         assert client.list_adapters()["carol"] == "/adapters/carol"
         client.unregister_adapter("carol")
         assert "carol" not in client.list_adapters()
+        client.register_adapter("busy-1", "/adapters/v1")
         cases = [
             (
                 lambda: client.register_adapter("dave", "/elsewhere"),
@@ -175,6 +176,11 @@ def test_adapter_management_errors(fake_server) -> None:
             (lambda: client.register_adapter("", "/adapters/x"), grpc.StatusCode.INVALID_ARGUMENT, "name"),
             (lambda: client.register_adapter("x", ""), grpc.StatusCode.INVALID_ARGUMENT, "path"),
             (lambda: client.unregister_adapter("nobody"), grpc.StatusCode.NOT_FOUND, "nobody"),
+            (
+                lambda: client.register_adapter("busy-1", "/adapters/v2"),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "in use by 1 unfinished request",
+            ),
         ]
         for call, code, needle in cases:
             with pytest.raises(ApiError) as info:

@@ -85,3 +85,54 @@ def test_catch_up_delivers_exactly_the_tokens_the_caller_missed() -> None:
         assert last.finish_reason is FinishReason.ABORT
 
     asyncio.run(main())
+
+
+def test_repointing_an_adapter_in_use_is_refused_without_naming_anyone(demo) -> None:
+    """A name that unfinished requests use cannot move to another directory (FAILED_PRECONDITION):
+    their sequences would run one version while new requests got another, and the refusal must not
+    name another client's request."""
+    from types import SimpleNamespace
+
+    from lorafleet.scheduler.adapter_registry import AdapterRegistry
+    from lorafleet.scheduler.errors import AdapterInUseError
+    from lorafleet.scheduler.fleet import Fleet
+    from lorafleet.worker.engine_config import EngineConfig
+    from lorafleet.worker.model_config import ModelConfig
+
+    runtime = SimpleNamespace(requests={})
+    registry = AdapterRegistry(EngineConfig(), ModelConfig.from_dir(demo.model_dir))
+    fleet = Fleet(FleetConfig(model_dir=str(demo.model_dir)), runtime, registry, owns_ray=False)
+    first, second = (str(p) for p in list(demo.adapters.values())[:2])
+    fleet.register_adapter("tune", first)
+    busy = TrackedRequest(Request("someone-elses-request", (1, 2), "tune"))
+    runtime.requests[busy.request_id] = busy
+    with pytest.raises(AdapterInUseError) as err:
+        fleet.register_adapter("tune", second)
+    assert "1 unfinished request" in str(err.value) and "someone-elses-request" not in str(err.value)
+    assert fleet.list_adapters()["tune"] == first
+    fleet.register_adapter("tune", first)  # the same directory again changes nothing: allowed
+    fleet.register_adapter("other", second)  # other names are not affected
+    busy.finished = True
+    fleet.register_adapter("tune", second)
+    assert fleet.list_adapters()["tune"] == second
+
+
+def test_registration_refuses_nan_weights(demo, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lorafleet.scheduler.adapter_registry import AdapterRegistry
+    from lorafleet.worker.engine_config import EngineConfig
+    from lorafleet.worker.model_config import ModelConfig
+
+    path = tmp_path / "nan"
+    shutil.copytree(next(iter(demo.adapters.values())), path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    registry = AdapterRegistry(EngineConfig(), ModelConfig.from_dir(demo.model_dir))
+    with pytest.raises(ValueError, match=f"tensor {key} holds NaN or Inf"):
+        registry.register("bad", str(path))
+    assert "bad" not in registry

@@ -12,7 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.worker.adapter_cache import AdapterCache
-from lorafleet.worker.adapters import AdapterFormatError, load_adapter, validate_adapter_dir
+from lorafleet.worker.adapters import (
+    AdapterFormatError,
+    check_file_finite,
+    load_adapter,
+    validate_adapter_dir,
+)
 from lorafleet.worker.demo_assets import make_demo
 from lorafleet.worker.lora_pool import PROJECTIONS, LoraSlotPool
 from lorafleet.worker.model_config import ModelConfig
@@ -80,6 +85,9 @@ def test_all_linear_regex_and_exclude(demo, config, tmp_path: Path) -> None:
         ({"r": 0}, "field r"),
         ({"some_future_feature": {"on": True}}, "some_future_feature"),
         ({"r": 3}, "do not match the base model"),
+        ({"lora_alpha": 1e38}, "field lora_alpha gives layer .* not finite or above 1024"),
+        ({"alpha_pattern": {"q_proj": 1e9}}, "field alpha_pattern gives layer .* q_proj"),
+        ({"use_rslora": True, "lora_alpha": 1e6}, r"lora_alpha / sqrt\(r\)"),
     ],
 )
 def test_refuses_unsupported_configs(demo, config, tmp_path: Path, change, match) -> None:
@@ -129,6 +137,38 @@ def test_refuses_pickles_missing_files_and_bad_tensors(demo, config, tmp_path: P
     save_file(tensors, str(path / "adapter_model.safetensors"))
     with pytest.raises(AdapterFormatError, match="NaN"):
         load_adapter(path, config)
+
+
+def test_scaling_errors_never_echo_the_value(demo, config, tmp_path: Path) -> None:
+    """Adapter files are untrusted: the error names the field, not what the file put there."""
+    path = copy_adapter(demo, "adapter-0", tmp_path / "a")
+    edit_config(path, lora_alpha=123456789.0)
+    with pytest.raises(AdapterFormatError) as err:
+        validate_adapter_dir(path, config)
+    assert "lora_alpha" in str(err.value) and "123456789" not in str(err.value)
+
+
+def test_weights_for_a_layer_the_model_lacks_name_the_model_depth(demo, config, tmp_path: Path) -> None:
+    path = copy_adapter(demo, "adapter-0", tmp_path / "deep")
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    far = config.num_hidden_layers + 3
+    for key in [k for k in tensors if ".layers.0." in k]:
+        tensors[key.replace(".layers.0.", f".layers.{far}.")] = tensors[key].clone()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    match = f"weights for layer {far}, but the base model has only {config.num_hidden_layers} layers"
+    with pytest.raises(AdapterFormatError, match=match):
+        validate_adapter_dir(path, config)
+
+
+def test_check_file_finite_names_the_tensor(demo, tmp_path: Path) -> None:
+    path = copy_adapter(demo, "adapter-0", tmp_path / "inf")
+    check_file_finite(path)  # the demo adapter is fine
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(tensors)[1]
+    tensors[key][0, -1] = float("inf")
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFormatError, match=f"tensor {key} holds NaN or Inf"):
+        check_file_finite(path)
 
 
 def make_pool(config: ModelConfig, n_slots: int = 2, r_max: int = 16, targets=PROJECTIONS) -> LoraSlotPool:

@@ -308,3 +308,9 @@ def test_cuda_matches_cpu_with_one_copy_each_way() -> None:
     names = [e.name for e in prof.events()]
     assert sum("HtoD" in n for n in names) == 1, names
     assert sum("DtoH" in n for n in names) == 1, names
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -0.5])
+def test_temperature_must_be_finite_and_non_negative(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        SamplingParams(temperature=temperature)
