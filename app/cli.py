@@ -214,6 +214,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"total {result.usage.total_time_s:.2f} s]",
             file=sys.stderr,
         )
+    if result.finish_reason.value == "abort":
+        # A stream the server cut short is a failure to a script, even though the call "worked".
+        print(
+            f"lorafleet: error: request {result.request_id} was aborted by the server after "
+            f"{result.usage.generated_tokens} tokens",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -250,6 +250,9 @@ async def serve(config: ServeConfig, *, on_ready: Callable[[ApiServer], None] | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     api = await start_serving(config)
+    # ray.init replaces the SIGTERM handler with its own `sys.exit(15)`, which would end the process
+    # mid-stream (how systemd and Kubernetes stop a service): take it back so SIGTERM drains too.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     if on_ready is not None:
         on_ready(api)
     await stop.wait()

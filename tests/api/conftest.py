@@ -90,6 +90,10 @@ class FakeFleet:
                     self.aborted.append(rid)
                     yield TokenDelta(rid, (), finish_reason=FinishReason.ABORT)
                     return
+                if request.adapter == "bob" and request.prompt_token_ids[0] == 77 and i == 2:
+                    self.aborted.append(rid)  # the server gives up on the stream (e.g. draining)
+                    yield TokenDelta(rid, (), finish_reason=FinishReason.ABORT)
+                    return
                 if request.adapter == "bob" and request.prompt_token_ids[0] == 66 and i == 2:
                     yield TokenDelta(rid, (), finish_reason=FinishReason.ERROR, error="CUDA out of memory")
                     return

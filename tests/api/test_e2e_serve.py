@@ -298,7 +298,9 @@ def test_cli_status_adapters_and_bench(server) -> None:
     )
 
 
-def test_sigint_drains_running_requests_then_exits_zero(demo_model: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_signal_drains_running_requests_then_exits_zero(demo_model: Path, sig: signal.Signals) -> None:
+    """Ctrl-C, and SIGTERM as systemd and Kubernetes send it, stop accepting, drain, exit 0."""
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     args = ["--model", str(demo_model), "--adapter", f"solo={demo_model / 'adapters' / 'adapter-0'}"]
     args += ["--workers", "1", "--port", "0", "--metrics-port", "off", "--drain-timeout-s", "60"]
@@ -319,7 +321,7 @@ def test_sigint_drains_running_requests_then_exits_zero(demo_model: Path) -> Non
                 [5, 6, 7], adapter="solo", sampling={"max_new_tokens": 400, "ignore_eos": True}
             )
             chunks = [next(stream)]
-            serve.proc.send_signal(signal.SIGINT)
+            serve.proc.send_signal(sig)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:  # new calls are refused while the old one drains
                 try:

@@ -237,3 +237,14 @@ def test_health_and_reflection(fake_server) -> None:
         assert answers[0].file_descriptor_response.file_descriptor_proto
     finally:
         channel.close()
+
+
+def test_cli_generate_exits_non_zero_on_a_stream_the_server_aborted(fake_server, capsys) -> None:
+    from lorafleet.cli import main
+
+    api, _, _ = fake_server
+    base = ["generate", "--server", api.address, "--adapter", "bob", "--max-new-tokens", "6"]
+    assert main([*base, "--prompt-ids", "77,1,2"]) == 1
+    err = capsys.readouterr().err
+    assert "lorafleet: error:" in err and "aborted by the server after 2 tokens" in err
+    assert main([*base, "--prompt-ids", "5,1,2", "--json"]) == 0  # a complete stream is still fine
