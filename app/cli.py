@@ -66,6 +66,14 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--model", help="base model folder (Hugging Face layout)")
     p.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR", help="repeatable")
     p.add_argument("--adapters-dir", help="register every adapter sub-folder of DIR under its folder name")
+    p.add_argument(
+        "--adapter-root",
+        dest="adapter_roots",
+        action="append",
+        metavar="DIR",
+        help="repeatable: adapters registered through the API must lie in one of these folders "
+        "(default: --adapters-dir and the folders of the --adapter directories)",
+    )
     p.add_argument("--workers", type=int, help="workers started at launch (default 1)")
     p.add_argument("--max-workers", type=int, help="most workers the fleet may grow to (default --workers)")
     p.add_argument("--device", choices=DEVICES)
@@ -154,6 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in ServeConfig.field_names()}
     if args.adapters:
         overrides["adapters"] = tuple(parse_adapter_spec(s) for s in args.adapters)
+    if args.adapter_roots:
+        overrides["adapter_roots"] = tuple(args.adapter_roots)
     if args.engine:
         overrides["engine"] = dict(parse_engine_option(s) for s in args.engine)
     metrics_off = args.metrics_port == METRICS_OFF

@@ -44,6 +44,9 @@ class ServeConfig:
     model: str
     adapters: tuple[tuple[str, str], ...] = ()  # (name, dir) pairs; YAML: a name -> dir mapping
     adapters_dir: str | None = None  # every sub-folder holding adapter_config.json is registered
+    # Folders API registrations must lie in (--adapter-root, repeatable); none given = adapters_dir
+    # and the folders holding the --adapter directories.
+    adapter_roots: tuple[str, ...] = ()
     workers: int = 1  # workers started at launch (the fleet's minimum)
     max_workers: int | None = None  # None = workers
     device: str = "cpu"
@@ -74,6 +77,10 @@ class ServeConfig:
         if duplicates:
             raise ValueError(f"adapter names given twice: {', '.join(duplicates)}")
         object.__setattr__(self, "adapters", pairs)
+        roots = (self.adapter_roots,) if isinstance(self.adapter_roots, str) else tuple(self.adapter_roots)
+        if not all(isinstance(r, str) and r for r in roots):
+            raise ValueError(f"adapter_roots must be folder paths, got {self.adapter_roots!r}")
+        object.__setattr__(self, "adapter_roots", roots)
         check_int("workers", self.workers, 1)
         if self.max_workers is None:
             object.__setattr__(self, "max_workers", self.workers)
@@ -140,6 +147,14 @@ class ServeConfig:
         out["adapters"] = {name: path for name, path in self.adapters}
         out["engine"] = dict(self.engine)
         return out
+
+    def effective_adapter_roots(self) -> tuple[str, ...]:
+        """The folders API registrations are confined to (see ``adapter_roots``)."""
+        if self.adapter_roots:
+            return self.adapter_roots
+        roots = [self.adapters_dir] if self.adapters_dir is not None else []
+        roots += [str(Path(path).expanduser().resolve().parent) for _, path in self.adapters]
+        return tuple(dict.fromkeys(roots))
 
     def adapter_sources(self) -> list[tuple[str, str]]:
         """Every adapter to register at start: explicit ones, then adapters_dir's sub-folders by name.

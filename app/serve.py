@@ -157,6 +157,7 @@ def fleet_config(config: ServeConfig) -> Any:
         idle_release_s=config.idle_release_s,
         engine=dict(config.engine),
         ray_address=config.ray_address,
+        adapter_roots=config.effective_adapter_roots(),
     )
 
 
@@ -197,7 +198,7 @@ async def start_serving(config: ServeConfig) -> ApiServer:
     try:
         for name, path in adapters:
             try:
-                fleet.register_adapter(name, path)
+                fleet.register_adapter(name, path, confined=False)  # the operator's own
             except (ValueError, KeyError) as exc:
                 raise ValueError(f"adapter {name!r} ({path}): {exc}") from exc
         api = await start_api(

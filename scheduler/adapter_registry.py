@@ -16,12 +16,30 @@ from lorafleet.worker.engine_config import EngineConfig
 
 
 class AdapterRegistry:
-    def __init__(self, engine_config: EngineConfig, model_config: Any | None) -> None:
+    def __init__(
+        self, engine_config: EngineConfig, model_config: Any | None, roots: tuple[str, ...] = ()
+    ) -> None:
         # model_config is None when the head cannot read the model (it lives only on the workers of
         # a remote cluster); registration then checks the adapter's own files only.
         self._engine_config = engine_config
         self._model_config = model_config
+        self._roots = tuple(Path(r).expanduser().resolve() for r in roots)
         self._paths: dict[str, str] = {}
+
+    def confine(self, path: str) -> None:
+        """ValueError unless ``path`` (symlinks resolved) lies inside one of the adapter roots.
+
+        Called before anything else looks at an API caller's path, and its message names neither the
+        path nor what it resolves to: a caller must not learn which files exist outside the roots.
+        """
+        if not self._roots:
+            raise ValueError(
+                "registering adapters through the API is off: the server has no adapter roots "
+                "(--adapter-root, --adapters-dir or --adapter)"
+            )
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved == root or root in resolved.parents for root in self._roots):
+            raise ValueError("adapter path is outside the server's adapter roots (--adapter-root)")
 
     def register(self, name: str, path: str) -> None:
         self.add(name, self.check(name, path))

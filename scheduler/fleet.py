@@ -69,7 +69,7 @@ class Fleet:
         owns_ray = not ray.is_initialized()
         if owns_ray:
             ray.init(address=config.ray_address, include_dashboard=False, configure_logging=False)
-        registry = AdapterRegistry(engine_config, model_config)
+        registry = AdapterRegistry(engine_config, model_config, config.adapter_roots)
         runtime = FleetRuntime(config, registry.get)
         fleet = cls(config, runtime, registry, owns_ray)
         try:
@@ -170,10 +170,16 @@ class Fleet:
 
     # ------------------------------------------------------------ adapters
 
-    def register_adapter(self, name: str, path: str) -> None:
+    def register_adapter(self, name: str, path: str, *, confined: bool = True) -> None:
         """Register (or re-point) an adapter fleet-wide; ValueError if the directory is not a valid
         PEFT adapter for this model and these workers, AdapterInUseError when re-pointing a name
-        that unfinished requests use (register the new version under a new name instead)."""
+        that unfinished requests use (register the new version under a new name instead).
+
+        ``confined`` (API callers): the path must lie inside `FleetConfig.adapter_roots`; the
+        operator's own start-up adapters pass False.
+        """
+        if confined:
+            self._registry.confine(path)
         resolved = self._registry.check(name, path)
         current = self._registry.get(name)
         if current is not None and current != resolved:

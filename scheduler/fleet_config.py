@@ -42,6 +42,9 @@ class FleetConfig:
     idle_release_s: float = 30.0
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig keyword arguments
     ray_address: str | None = None  # None: start a local Ray; "auto" or an address: join a cluster
+    # Folders that adapters registered through the API must lie in (symlinks resolved); none = the
+    # API may register nothing. Adapters the operator passes at start-up are not confined.
+    adapter_roots: tuple[str, ...] = ()
     # --- finer settings (defaults suit both the CPU demo and a GPU fleet) ---
     seed: int = 0  # the "random" baseline's generator
     worker_num_cpus: float = 0.0  # Ray CPUs reserved per worker (GPU workers always ask num_gpus=1)
@@ -70,6 +73,11 @@ class FleetConfig:
         if not isinstance(self.engine, Mapping) or not all(isinstance(k, str) for k in self.engine):
             raise ValueError(f"engine must be a mapping of EngineConfig field names, got {self.engine!r}")
         object.__setattr__(self, "engine", dict(self.engine))
+        if isinstance(self.adapter_roots, str) or not all(
+            isinstance(r, str) and r for r in self.adapter_roots
+        ):
+            raise ValueError(f"adapter_roots must be a list of folder paths, got {self.adapter_roots!r}")
+        object.__setattr__(self, "adapter_roots", tuple(self.adapter_roots))
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
             raise ValueError(f"ray_address must be None, 'auto' or an address, got {self.ray_address!r}")
         check_int("seed", self.seed, 0)

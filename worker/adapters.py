@@ -119,28 +119,29 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise _fail(path, f"{CONFIG_FILE} must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise _fail(path, f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+        raise _fail(path, "field peft_type is not supported (only LORA)")
     for name, neutral in _MUST_BE_NEUTRAL.items():
         if name in cfg and cfg[name] not in neutral:
-            raise _fail(path, f"field {name}={cfg[name]!r} is not supported (needs {neutral[0]!r})")
+            raise _fail(path, f"field {name} is not supported (needs {neutral[0]!r})")
     for name, value in cfg.items():
         if name not in _KNOWN and name not in _MUST_BE_NEUTRAL and value not in (None, False, [], {}, ""):
-            raise _fail(path, f"unsupported {CONFIG_FILE} field {name}={value!r}")
+            # Name the field but never echo what the (untrusted) file put in it.
+            raise _fail(path, f"unsupported {CONFIG_FILE} field {name[:64]!r}")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise _fail(path, f"field r must be a positive integer, got {r!r}")
+        raise _fail(path, "field r must be a positive integer")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise _fail(path, f"field lora_alpha must be a positive number, got {alpha!r}")
+        raise _fail(path, "field lora_alpha must be a positive number")
     for name in ("rank_pattern", "alpha_pattern"):
         pattern = cfg.get(name) or {}
         if not isinstance(pattern, dict):
-            raise _fail(path, f"field {name} must be an object, got {pattern!r}")
+            raise _fail(path, f"field {name} must be an object")
         for key, value in pattern.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise _fail(path, f"field {name}[{key!r}] must be a positive number, got {value!r}")
+                raise _fail(path, f"field {name}[{key[:64]!r}] must be a positive number")
     targets = cfg.get("target_modules")
     if not targets or not isinstance(targets, (str, list)):
-        raise _fail(path, f"field target_modules must be a non-empty list or string, got {targets!r}")
+        raise _fail(path, "field target_modules must be a non-empty list or string")
     return cfg
 
 

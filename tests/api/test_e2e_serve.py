@@ -183,9 +183,17 @@ def test_errors_from_the_real_fleet(server) -> None:
                 client.generate(prompt, **kwargs)
             assert info.value.code == code, info.value
             assert needle in info.value.details
-        with pytest.raises(ApiError) as info:
-            client.register_adapter("broken", str(server["demo_model"]))  # a model, not an adapter
+        with pytest.raises(ApiError) as info:  # inside the adapter root, but not an adapter
+            client.register_adapter("broken", str(server["demo_model"] / "adapters"))
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "adapter_config.json is missing" in info.value.details
+        # Outside the root (--adapters-dir): refused without naming what the path resolves to.
+        for path in (str(server["demo_model"]), "/proc/self/cwd", "~/", "/etc"):
+            with pytest.raises(ApiError) as info:
+                client.register_adapter("probe", path)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "outside the server's adapter roots" in info.value.details
+            assert os.getcwd() not in info.value.details and str(Path.home()) not in info.value.details
         with pytest.raises(ApiError) as info:
             client.unregister_adapter("never-registered")
         assert info.value.code == grpc.StatusCode.NOT_FOUND

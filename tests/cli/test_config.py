@@ -22,7 +22,9 @@ def test_every_config_field_has_a_flag_and_back() -> None:
     flags = {s for a in _serve_parser()._actions for s in a.option_strings}
     for name in ServeConfig.field_names():
         flag = "--" + name.replace("_", "-")
-        assert flag in flags or name in ("adapters",), flag  # --adapter NAME=DIR fills `adapters`
+        # --adapter NAME=DIR fills `adapters`, --adapter-root DIR (repeatable) `adapter_roots`
+        assert flag in flags or name in ("adapters", "adapter_roots"), flag
+    assert "--adapter-root" in flags
 
 
 def test_yaml_then_flags_win(tmp_path: Path) -> None:
@@ -109,3 +111,16 @@ def test_spec_parsers() -> None:
     assert parse_engine_option("gpu_memory_fraction=0.5") == ("gpu_memory_fraction", 0.5)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_engine_option("=3")
+
+
+def test_adapter_roots_default_to_the_adapter_folders(tmp_path: Path) -> None:
+    explicit = ServeConfig(model="/m", adapter_roots=("/r1", "/r2"), adapters_dir=str(tmp_path))
+    assert explicit.effective_adapter_roots() == ("/r1", "/r2")
+    (tmp_path / "x").mkdir()
+    derived = ServeConfig(
+        model="/m", adapters=(("x", str(tmp_path / "x")), ("y", str(tmp_path / "y"))), adapters_dir="/ad"
+    )
+    assert derived.effective_adapter_roots() == ("/ad", str(tmp_path.resolve()))
+    assert ServeConfig(model="/m").effective_adapter_roots() == ()
+    with pytest.raises(ValueError, match="adapter_roots must be folder paths"):
+        ServeConfig(model="/m", adapter_roots=("",))

@@ -103,17 +103,17 @@ def test_repointing_an_adapter_in_use_is_refused_without_naming_anyone(demo) -> 
     registry = AdapterRegistry(EngineConfig(), ModelConfig.from_dir(demo.model_dir))
     fleet = Fleet(FleetConfig(model_dir=str(demo.model_dir)), runtime, registry, owns_ray=False)
     first, second = (str(p) for p in list(demo.adapters.values())[:2])
-    fleet.register_adapter("tune", first)
+    fleet.register_adapter("tune", first, confined=False)
     busy = TrackedRequest(Request("someone-elses-request", (1, 2), "tune"))
     runtime.requests[busy.request_id] = busy
     with pytest.raises(AdapterInUseError) as err:
-        fleet.register_adapter("tune", second)
+        fleet.register_adapter("tune", second, confined=False)
     assert "1 unfinished request" in str(err.value) and "someone-elses-request" not in str(err.value)
     assert fleet.list_adapters()["tune"] == first
-    fleet.register_adapter("tune", first)  # the same directory again changes nothing: allowed
-    fleet.register_adapter("other", second)  # other names are not affected
+    fleet.register_adapter("tune", first, confined=False)  # the same directory again changes nothing: allowed
+    fleet.register_adapter("other", second, confined=False)  # other names are not affected
     busy.finished = True
-    fleet.register_adapter("tune", second)
+    fleet.register_adapter("tune", second, confined=False)
     assert fleet.list_adapters()["tune"] == second
 
 
@@ -136,3 +136,51 @@ def test_registration_refuses_nan_weights(demo, tmp_path) -> None:
     with pytest.raises(ValueError, match=f"tensor {key} holds NaN or Inf"):
         registry.register("bad", str(path))
     assert "bad" not in registry
+
+
+def test_api_registrations_are_confined_to_the_adapter_roots(demo, tmp_path) -> None:
+    """Only folders inside a root (symlinks resolved first) may be registered through the API, and a
+    refusal names neither the path nor what it resolves to."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    from lorafleet.scheduler.adapter_registry import AdapterRegistry
+    from lorafleet.scheduler.fleet import Fleet
+    from lorafleet.worker.engine_config import EngineConfig
+    from lorafleet.worker.model_config import ModelConfig
+
+    root = tmp_path / "root"
+    inside = root / "tenant-a"
+    shutil.copytree(next(iter(demo.adapters.values())), inside)
+    outside = tmp_path / "secret-place"
+    shutil.copytree(next(iter(demo.adapters.values())), outside)
+    (root / "sneaky").symlink_to(outside)
+    model = ModelConfig.from_dir(demo.model_dir)
+
+    def fleet_with(roots: tuple[str, ...]) -> Fleet:
+        registry = AdapterRegistry(EngineConfig(), model, roots)
+        config = FleetConfig(model_dir=str(demo.model_dir), adapter_roots=roots)
+        return Fleet(config, SimpleNamespace(requests={}), registry, owns_ray=False)
+
+    fleet = fleet_with((str(root),))
+    fleet.register_adapter("a", str(inside))
+    fleet.register_adapter("a2", f"{root}/../root/tenant-a")  # normalised before the check
+    for name, path in [
+        ("b", str(outside)),
+        ("c", str(root / "sneaky")),  # a symlink inside a root that points out of it
+        ("d", "~/"),
+        ("e", "/proc/self/cwd"),
+        ("f", f"{root}/../secret-place"),
+    ]:
+        with pytest.raises(ValueError, match="outside the server's adapter roots") as err:
+            fleet.register_adapter(name, path)
+        for leak in (str(outside), str(tmp_path), os.path.expanduser("~"), os.getcwd()):
+            assert leak not in str(err.value)
+    # Inside a root the usual checks apply, and their messages may name the folder.
+    with pytest.raises(ValueError, match=r"adapter_config\.json is missing"):
+        fleet.register_adapter("g", str(root))
+    # The operator's own start-up adapters are not confined.
+    fleet.register_adapter("ops", str(outside), confined=False)
+    with pytest.raises(ValueError, match="registering adapters through the API is off"):
+        fleet_with(()).register_adapter("h", str(inside))

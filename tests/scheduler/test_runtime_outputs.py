@@ -112,7 +112,7 @@ def test_errors_queue_limit_abort_and_shutdown(fleet_config, register_all, run_a
         with pytest.raises(KeyError, match="unknown adapter 'ghost'"):
             fleet.unregister_adapter("ghost")
         with pytest.raises(ValueError, match=r"adapter_config\.json is missing"):
-            fleet.register_adapter("bad", str(demo.model_dir))
+            fleet.register_adapter("bad", str(demo.model_dir), confined=False)
         fleet.unregister_adapter(names[0])
         assert names[0] not in fleet.list_adapters()
 
