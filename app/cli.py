@@ -1,4 +1,5 @@
-"""The `lorafleet` command: serve, generate, status, adapters, bench, demo, sim, make-demo, selfcheck.
+"""The `lorafleet` command: serve, generate, status, adapters, bench, demo, sim, profile, make-demo,
+selfcheck.
 
 User errors (bad flags, unreachable server, a gRPC error status) print one clear line to stderr
 and exit non-zero; tracebacks are for bugs only.
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lorafleet.sim import cli as sim_cli
 
     sim_cli.add_arguments(sub.add_parser("sim", help="simulate a fleet on a trace with a measured profile"))
+    sim_cli.add_profile_arguments(
+        sub.add_parser("profile", help="measure a latency profile for `lorafleet sim` on a real engine")
+    )
 
     p = sub.add_parser("make-demo", help="write the tiny demo model and adapters into a folder")
     p.add_argument("out_dir")
@@ -294,6 +298,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "bench": bench.run_cli,
         "demo": demo.run_cli,
         "sim": sim_cli.run_cli,
+        "profile": sim_cli.run_profile_cli,
         "make-demo": cmd_make_demo,
         "selfcheck": cmd_selfcheck,
     }

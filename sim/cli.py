@@ -205,3 +205,57 @@ def run_cli(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(json.dumps(record))
     return 0
+
+
+# ---------------------------------------------------------------------- lorafleet profile
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model folder (Hugging Face layout)")
+    p.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    p.add_argument("--dtype", default=None, help="float32 on cpu, bfloat16 on cuda by default")
+    p.add_argument("--adapters-dir", default=None, help="PEFT adapters to load (default: MODEL/adapters)")
+    p.add_argument("--engine", action="append", metavar="KEY=VALUE", help="an EngineConfig field; repeatable")
+    p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--repeats", type=int, default=8, help="timed steps per grid point")
+    p.add_argument("--no-ray-start", action="store_true", help="time Engine start-up only, not a Ray actor")
+    p.add_argument("--out", required=True, help="profile YAML to write")
+
+
+def run_profile_cli(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lorafleet.config import parse_engine_option
+    from lorafleet.sim.profile import parse_profile
+    from lorafleet.sim.profiler import measure_profile
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: no config.json there (expected a Hugging Face model folder)")
+    adapters = args.adapters_dir
+    if adapters is None and (model / "adapters").is_dir():
+        adapters = str(model / "adapters")
+    if args.warmup < 0 or args.repeats < 1:
+        raise ValueError("--warmup must be >= 0 and --repeats >= 1")
+    out = Path(args.out)
+    profile = measure_profile(
+        str(model),
+        device=args.device,
+        dtype=args.dtype or ("float32" if args.device == "cpu" else "bfloat16"),
+        engine_options=dict(parse_engine_option(s) for s in args.engine or ()),
+        adapters_dir=adapters,
+        name=args.name or out.stem,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        ray_start=not args.no_ray_start,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    mapping = profile.to_mapping()
+    parse_profile(mapping, str(out))  # what we write must load back
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Latency profile for lorafleet sim, measured by `lorafleet profile` (see docs/simulator.md).\n"
+    out.write_text(header + yaml.safe_dump(mapping, sort_keys=False, width=110, default_flow_style=None))
+    base = ", ".join(f"{b}: {s * 1e3:.2f}" for b, s in zip(profile.decode_batch, profile.decode_base_s))
+    print(f"wrote {out}: step base (ms) by decode seqs {{{base}}}; start-up {profile.worker_start_s:.2f} s")
+    return 0
