@@ -133,6 +133,11 @@ class Simulator:
         self._place_at: float | None = None
         self._last_place = -math.inf
         self._outstanding = 0
+        # Skipping placement passes that cannot place anything (a pure speed-up): with strict FCFS a
+        # blocked head stays blocked until capacity frees (a finish, an export, a worker ready or
+        # stopped); `_epoch` counts those, `_blocked` remembers (epoch, head) of the last failed pass.
+        self._epoch = 0
+        self._blocked: tuple[int, str] | None = None
         self.gpus_over_time: list[tuple[float, int]] = []
         self.busy_over_time: list[tuple[float, int, int]] = []
         self.peak = 0
@@ -232,9 +237,12 @@ class Simulator:
             self._push(self._place_at, _PLACE, None)
 
     def _place(self, now: float) -> None:
-        if not len(self.queue):
+        head = self.queue.peek()
+        if head is None or self._blocked == (self._epoch, head.request_id):
             return
         decisions = self.placement.schedule(self.queue, [w.snapshot() for w in self.live])
+        head = self.queue.peek()
+        self._blocked = (self._epoch, head.request_id) if head is not None else None
         for d in decisions:
             if isinstance(d, Place):
                 pending = self.queued.pop(d.request_id)
@@ -269,12 +277,14 @@ class Simulator:
     def _on_ready(self, worker: SimWorker, now: float) -> None:
         if worker.state is not WorkerState.STARTING:
             return
+        self._epoch += 1
         worker.state = WorkerState.ACTIVE
         worker.idle_since = now
         worker.version += 1
         self._want_placement(now)
 
     def _stop(self, worker: SimWorker, now: float) -> None:
+        self._epoch += 1
         worker.state = WorkerState.STOPPED
         worker.stopped_at = now
         self.live.remove(worker)
@@ -305,7 +315,10 @@ class Simulator:
         worker, phase = item
         if worker.phase is not phase or phase.end != t:
             return  # superseded (the phase was cut short)
-        for seq in worker.end_phase(t):
+        finished = worker.end_phase(t)
+        if finished:
+            self._epoch += 1
+        for seq in finished:
             self._finish(seq.record)
         if worker.inbox_exports:
             self._handle_exports(worker, t)
@@ -319,6 +332,7 @@ class Simulator:
             self._want_placement(t)
 
     def _handle_exports(self, src: SimWorker, now: float) -> None:
+        self._epoch += 1
         for seq in src.take_exports():
             rec = seq.record
             target = self.move_target.pop(rec.rid, None)
