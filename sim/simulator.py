@@ -52,6 +52,9 @@ class SimConfig:
     max_migrations_per_pass: int = _DEFAULTS["max_migrations_per_pass"]
     min_remaining_tokens: int = _DEFAULTS["min_remaining_tokens"]
     placement_interval_s: float = 0.0  # >0 batches admissions into passes at most this often
+    # Workers sharing this many CPU cores (CPU validation): a step planned while n workers compute
+    # takes max(1, n / cpu_cores) times its profiled time. None: every worker has its own device.
+    cpu_cores: float | None = None
     seed: int = _DEFAULTS["seed"]
 
     def __post_init__(self) -> None:
@@ -67,6 +70,8 @@ class SimConfig:
         check_int("min_remaining_tokens", self.min_remaining_tokens, 0)
         check_positive("placement_interval_s", self.placement_interval_s, allow_zero=True)
         check_int("seed", self.seed, 0)
+        if self.cpu_cores is not None:
+            check_positive("cpu_cores", self.cpu_cores)
 
     @property
     def label(self) -> str:
@@ -89,7 +94,7 @@ class SimResult:
     worker_starts: int
     workers_released: int
     gpus_over_time: list[tuple[float, int]] = field(default_factory=list)  # (t, live) at each change
-    busy_over_time: list[tuple[float, int, int]] = field(default_factory=list)  # (t, live, busy)
+    busy_over_time: list[tuple[float, int, int]] = field(default_factory=list)  # (t, live, busy) changes
     sim_wall_s: float = 0.0
 
 
@@ -139,7 +144,8 @@ class Simulator:
         self._epoch = 0
         self._blocked: tuple[int, str] | None = None
         self.gpus_over_time: list[tuple[float, int]] = []
-        self.busy_over_time: list[tuple[float, int, int]] = []
+        self.busy_over_time: list[tuple[float, int, int]] = []  # (t, live, busy) at each busy change
+        self._busy = 0
         self.peak = 0
 
     # ------------------------------------------------------------ events
@@ -249,6 +255,7 @@ class Simulator:
                 rec = self.by_id[d.request_id]
                 worker = self.workers[d.worker_id]
                 worker.add(SimSeq(rec, pending.prompt_len, pending.max_new_tokens, now))
+                self._sync_busy(worker, now)
                 self._kick(worker, now)
             elif isinstance(d, Reject):
                 self.queued.pop(d.request_id)
@@ -297,14 +304,28 @@ class Simulator:
         self.peak = max(self.peak, live)
         self.gpus_over_time.append((now, live))
 
+    def _plan(self, worker: SimWorker, now: float) -> None:
+        cores = self.config.cpu_cores
+        if cores is not None:
+            computing = 1 + sum(1 for w in self.live if w.phase is not None and w is not worker)
+            worker.slowdown = max(1.0, computing / cores)
+        phase = worker.plan(now)
+        if phase is not None:
+            self._push(phase.end, _PHASE, (worker, phase))
+
+    def _sync_busy(self, worker: SimWorker, now: float) -> None:
+        busy = bool(worker.owned)
+        if busy != worker.busy:
+            worker.busy = busy
+            self._busy += 1 if busy else -1
+            self.busy_over_time.append((now, len(self.live), self._busy))
+
     def _kick(self, worker: SimWorker, now: float) -> None:
         """Something changed on `worker` at `now`: plan a step if it is idle, else cut its phase."""
         if worker.phase is None:
             if worker.inbox_exports:
                 self._handle_exports(worker, now)
-            phase = worker.plan(now)
-            if phase is not None:
-                self._push(phase.end, _PHASE, (worker, phase))
+            self._plan(worker, now)
             return
         old_end = worker.phase.end
         end = worker.cut(now)
@@ -322,18 +343,19 @@ class Simulator:
             self._finish(seq.record)
         if worker.inbox_exports:
             self._handle_exports(worker, t)
+        self._sync_busy(worker, t)
         if worker.state is WorkerState.DRAINING and not worker.owned:
             self._stop(worker, t)
         else:
-            phase = worker.plan(t)
-            if phase is not None:
-                self._push(phase.end, _PHASE, (worker, phase))
+            self._plan(worker, t)
         if len(self.queue):
             self._want_placement(t)
 
     def _handle_exports(self, src: SimWorker, now: float) -> None:
         self._epoch += 1
-        for seq in src.take_exports():
+        exported = src.take_exports()
+        self._sync_busy(src, now)
+        for seq in exported:
             rec = seq.record
             target = self.move_target.pop(rec.rid, None)
             dst = self.workers.get(target) if target is not None else None
@@ -347,6 +369,7 @@ class Simulator:
                 self._want_placement(now)
                 continue
             dst.add(SimSeq(rec, prompt, remaining, now))
+            self._sync_busy(dst, now)
             self.counters["migrations"] += 1
             rec.migrations += 1
             self._kick(dst, now)
@@ -355,7 +378,6 @@ class Simulator:
 
     def _consolidate(self, now: float) -> None:
         live = self.live
-        self.busy_over_time.append((now, len(live), sum(1 for w in live if w.owned)))
         decisions = self.consolidation.plan([w.snapshot() for w in live], queue_len=len(self.queue))
         moves, releases = group_moves(decisions)
         for d in releases:

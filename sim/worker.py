@@ -101,7 +101,7 @@ class SimSeq:
 class Phase:
     """`steps` consecutive steps from `start`; for a multi-step decode phase, the closed-form terms."""
 
-    __slots__ = ("ctx0", "decode", "end", "per_step", "scheduled", "start", "steps")
+    __slots__ = ("ctx0", "decode", "end", "per_step", "scale", "scheduled", "start", "steps")
 
     def __init__(self, start: float, scheduled: list[tuple[SimSeq, int]], per_step: float) -> None:
         self.start = start
@@ -111,6 +111,7 @@ class Phase:
         self.per_step = per_step  # first step's seconds (incl. adapter loads)
         self.decode = 0  # sequences of a decode phase; its context grows by this per step
         self.ctx0 = 0
+        self.scale = 1.0  # a decode phase's slowdown (single steps have it in per_step)
 
 
 class SimWorker:
@@ -130,6 +131,8 @@ class SimWorker:
         self.pinned = 0  # resident adapters with pins > 0
         self.host: OrderedDict[str, None] = OrderedDict()  # host LRU
         self.phase: Phase | None = None
+        self.slowdown = 1.0  # set by the simulator when workers share CPU cores
+        self.busy = False  # the simulator's record of whether it owns sequences
         self.version = 0
         self.inbox_exports: list[SimSeq] = []
         self.idle_since: float | None = None
@@ -281,7 +284,7 @@ class SimWorker:
             context += seq.computed + n
             adapters.add(seq.adapter)
         distinct = len(adapters) - (None in adapters)
-        per_step = self.profile.step_s(decode, prefill, context, distinct) + load_s
+        per_step = (self.profile.step_s(decode, prefill, context, distinct) + load_s) * self.slowdown
         self._touch()
         phase = Phase(now, scheduled, per_step)
         if prefill == 0 and load_s == 0.0 and not preempted and len(scheduled) == len(self.running):
@@ -289,6 +292,7 @@ class SimWorker:
             if steps > 1:
                 phase.steps, phase.decode, phase.ctx0 = steps, decode, context
                 phase.per_step = self.profile.step_s(decode, 0, 0, distinct)
+                phase.scale = self.slowdown
                 phase.end = now + self.duration(phase, steps)
         self.phase = phase
         return phase
@@ -331,7 +335,8 @@ class SimWorker:
         if phase.decode == 0:
             return phase.per_step * steps
         pc = self.profile.per_context_token_s
-        return steps * (phase.per_step + pc * phase.ctx0) + pc * phase.decode * steps * (steps - 1) / 2
+        per = phase.per_step + pc * phase.ctx0
+        return phase.scale * (steps * per + pc * phase.decode * steps * (steps - 1) / 2)
 
     def cut(self, now: float) -> float:
         """A command arrived at `now` during the phase: end it after the step in progress.

@@ -1,0 +1,67 @@
+"""Validate `lorafleet sim` against the real runtime: the same workload on a CPU Ray fleet of demo-model
+workers and through the simulator with the `cpu-demo` profile (or --profile, measured on this machine).
+
+Workload: Poisson quiet / 10x burst / quiet (Punica popularity `skewed` over the demo's adapters),
+as `lorafleet demo` sends. Prints the comparison table (markdown) and busy workers over time.
+
+    .venv/bin/python benchmarks/validate_sim.py --rate 4 --phase-s 40 --workers 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+from lorafleet.sim.profile import load_profile
+from lorafleet.sim.validate import FleetSetup, busy_over_time, compare, format_comparison, real_run, sim_run
+from lorafleet.worker.demo_assets import make_demo
+from lorafleet.workload import phased_workload
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="cpu-demo")
+    p.add_argument("--rate", type=float, default=4.0, help="quiet-phase requests/s (the burst is 10x)")
+    p.add_argument("--phase-s", type=float, default=40.0)
+    p.add_argument("--workers", type=int, default=3, help="max workers")
+    p.add_argument("--batch", type=int, default=4, help="engine max_batch_size (match the profile)")
+    p.add_argument("--idle-release-s", type=float, default=10.0)
+    p.add_argument("--output-len", default="32:160")
+    p.add_argument("--cpu-cores", type=float, default=None, help="simulate workers sharing this many cores")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    profile = load_profile(args.profile)
+    if profile.engine.max_batch_size != args.batch:
+        raise SystemExit(f"--batch {args.batch} differs from the profile's {profile.engine.max_batch_size}")
+    lo, hi = (int(x) for x in args.output_len.split(":"))
+    phases = [(args.rate, args.phase_s), (10 * args.rate, args.phase_s), (args.rate, args.phase_s)]
+    plan = phased_workload(
+        phases, popularity="skewed", prompt_len=(8, 48), output_len=(lo, hi), seed=args.seed
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = make_demo(Path(tmp) / "demo")
+        setup = FleetSetup(
+            str(demo.model_dir),
+            str(Path(demo.model_dir) / "adapters"),
+            max_workers=args.workers,
+            max_batch_size=args.batch,
+            idle_release_s=args.idle_release_s,
+            cpu_cores=args.cpu_cores,
+        )
+        real = real_run(setup, plan, seed=args.seed)
+    result = sim_run(setup, profile, real.sent)
+    if args.cpu_cores is not None:
+        print(f"simulated with workers sharing {args.cpu_cores} CPU cores")
+    print(f"{len(plan)} requests; real run {real.report.wall_s:.1f} s, completed {real.report.completed}")
+    print(format_comparison(compare(real, result)))
+    print("\n| t (s) | busy workers real | simulated |\n|---:|---:|---:|")
+    for t, r, s in busy_over_time(real, result, args.phase_s / 4):
+        print(
+            f"| {t:.0f} | {'-' if math.isnan(r) else f'{r:.2f}'} | {'-' if math.isnan(s) else f'{s:.2f}'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
