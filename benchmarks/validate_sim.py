@@ -10,6 +10,7 @@ as `lorafleet demo` sends. Prints the comparison table (markdown) and busy worke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 from pathlib import Path
@@ -51,10 +52,13 @@ def main() -> None:
             cpu_cores=args.cpu_cores,
         )
         real = real_run(setup, plan, seed=args.seed)
-    result = sim_run(setup, profile, real.sent)
-    if args.cpu_cores is not None:
-        print(f"simulated with workers sharing {args.cpu_cores} CPU cores")
     print(f"{len(plan)} requests; real run {real.report.wall_s:.1f} s, completed {real.report.completed}")
+    if args.cpu_cores is not None:  # the comparison without the contention model, for reference
+        plain = sim_run(dataclasses.replace(setup, cpu_cores=None), profile, real.sent)
+        print("\nsimulated without a CPU contention model:")
+        print(format_comparison(compare(real, plain)))
+        print(f"\nsimulated with workers sharing {args.cpu_cores} CPU cores:")
+    result = sim_run(setup, profile, real.sent)
     print(format_comparison(compare(real, result)))
     print("\n| t (s) | busy workers real | simulated |\n|---:|---:|---:|")
     for t, r, s in busy_over_time(real, result, args.phase_s / 4):

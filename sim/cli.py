@@ -220,6 +220,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=int, default=8, help="timed steps per grid point")
     p.add_argument("--no-ray-start", action="store_true", help="time Engine start-up only, not a Ray actor")
+    p.add_argument(
+        "--no-serving", action="store_true", help="skip measuring the serving stack's overheads (Ray, gRPC)"
+    )
     p.add_argument("--out", required=True, help="profile YAML to write")
 
 
@@ -249,6 +252,7 @@ def run_profile_cli(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         ray_start=not args.no_ray_start,
+        serving=not args.no_serving,
         log=lambda line: print(line, file=sys.stderr),
     )
     mapping = profile.to_mapping()

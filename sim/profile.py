@@ -2,7 +2,7 @@
 
 Step latency model (seconds), fitted by `lorafleet profile` from grid measurements:
 
-    step = base(decode_seqs) + per_prefill_token * prefill_tokens
+    step = step_overhead + base(decode_seqs) + per_prefill_token * prefill_tokens
          + per_context_token * total_context + per_adapter * (distinct_adapters - 1)
 
 `base` is piecewise linear over the measured decode batch sizes (0 = a prefill-only step), extended
@@ -72,6 +72,10 @@ class LatencyProfile:
     adapter_disk_load_s: float  # an adapter not in the host cache: read from disk, then uploaded
     adapter_host_load_s: float  # an adapter in the host cache: upload to a GPU slot only
     worker_start_s: float  # from asking for a worker to it taking requests
+    # The serving stack around the engine (Ray actor loop, head, gRPC), measured through a real
+    # one-worker fleet: added to every step, and to each request's first token and finish (delivery).
+    step_overhead_s: float = 0.0
+    request_overhead_s: float = 0.0
     source: str = ""  # where it was measured (machine, command, date)
     samples: tuple[tuple[float, ...], ...] = field(default=(), repr=False)  # raw grid, for the record
 
@@ -87,6 +91,8 @@ class LatencyProfile:
             "adapter_disk_load_s",
             "adapter_host_load_s",
             "worker_start_s",
+            "step_overhead_s",
+            "request_overhead_s",
         ):
             _check_nonneg(name, getattr(self, name))
         for v in self.decode_base_s:
@@ -103,7 +109,8 @@ class LatencyProfile:
 
     def step_s(self, decode_seqs: int, prefill_tokens: int, total_context: int, adapters: int) -> float:
         return (
-            self.base(decode_seqs)
+            self.step_overhead_s
+            + self.base(decode_seqs)
             + self.per_prefill_token_s * prefill_tokens
             + self.per_context_token_s * total_context
             + self.per_adapter_s * max(0, adapters - 1)
@@ -135,6 +142,10 @@ class LatencyProfile:
                 "host_s": float(self.adapter_host_load_s),
             },
             "worker_start_s": float(self.worker_start_s),
+            "serving": {
+                "step_overhead_s": float(self.step_overhead_s),
+                "request_overhead_s": float(self.request_overhead_s),
+            },
             "samples": {
                 "columns": ["decode_seqs", "prefill_tokens", "total_context", "adapters", "step_s"],
                 "rows": [list(s) for s in self.samples],
@@ -198,6 +209,9 @@ def parse_profile(raw: Any, where: str) -> LatencyProfile:
         return sec[key]
 
     engine, lat, load = section("engine"), section("step_latency"), section("adapter_load")
+    serving = raw.get("serving") or {}
+    if not isinstance(serving, Mapping):
+        raise ValueError(f"{where}: 'serving' must be a mapping")
     samples = raw.get("samples") or {}
     rows = samples.get("rows", []) if isinstance(samples, Mapping) else []
     try:
@@ -226,6 +240,8 @@ def parse_profile(raw: Any, where: str) -> LatencyProfile:
             adapter_disk_load_s=get(load, "disk_s", "adapter_load"),
             adapter_host_load_s=get(load, "host_s", "adapter_load"),
             worker_start_s=get(raw, "worker_start_s", ""),
+            step_overhead_s=serving.get("step_overhead_s", 0.0),
+            request_overhead_s=serving.get("request_overhead_s", 0.0),
             source=str(raw.get("source", "")),
             samples=tuple(tuple(float(v) for v in r) for r in rows),
         )

@@ -7,6 +7,9 @@ Sweeps (each step timed alone with perf_counter around `Engine.step`, after warm
 - adapters: a full batch over 1, 2, 4, ... distinct adapters (the per-adapter slope);
 - adapter loads: first use of an adapter (disk read + upload) on the measured engine, and re-uploads
   from the host cache on a second engine with one GPU slot (so every switch reloads);
+- the serving stack: one request at a time through a real one-worker fleet (`start_serving` and a
+  gRPC client); what its TPOT and TTFT exceed the engine model by becomes the per-step and
+  per-request overheads (Ray actor loop, head, gRPC);
 - worker start-up: a `WorkerActor` in a local Ray, created until `ready()` answers (as the runtime
   grows the fleet); with `--no-ray-start`, `Engine.from_pretrained` alone.
 The fit (see `sim/profile.py`) is least squares per sweep; the raw samples go into the file too.
@@ -127,6 +130,65 @@ def ray_worker_start_s(model_dir: str, device: str, dtype: str, engine_options: 
     return seconds
 
 
+def serving_latency(
+    model_dir: str,
+    adapters_dir: str | None,
+    device: str,
+    dtype: str,
+    engine_options: dict[str, Any],
+    *,
+    prompt: int,
+    new_tokens: int,
+    count: int,
+) -> tuple[float, float, float]:
+    """One request at a time through the real stack (`start_serving`: Ray worker, head, gRPC) as a
+    client sees it: (median TTFT, median TPOT, seconds until the one-worker fleet was ready)."""
+    import asyncio
+
+    from lorafleet.client import AsyncClient
+    from lorafleet.config import ServeConfig
+    from lorafleet.serve import shutdown_serving, start_serving
+
+    async def run() -> tuple[float, float, float]:
+        config = ServeConfig(
+            model=model_dir,
+            adapters_dir=adapters_dir,
+            device=device,
+            dtype=dtype,
+            port=0,
+            metrics_port=None,
+            engine=dict(engine_options),
+        )
+        t0 = time.perf_counter()
+        api = await start_serving(config)
+        ready_s = time.perf_counter() - t0
+        ttfts, tpots = [], []
+        try:
+            async with AsyncClient(api.address) as client:
+                await client.wait_ready(60.0)
+                adapters = sorted(await client.list_adapters())
+                sampling = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+                for i in range(count):
+                    sent = time.perf_counter()
+                    first = last = None
+                    tokens = 0
+                    ids = [3 + (7 * j + i) % 250 for j in range(prompt)]
+                    adapter = adapters[0] if adapters else None
+                    async for chunk in client.stream(ids, adapter=adapter, sampling=sampling):
+                        if chunk.token_ids:
+                            last = time.perf_counter()
+                            first = first or last
+                            tokens += len(chunk.token_ids)
+                    if first is not None and last is not None and tokens > 1:
+                        ttfts.append(first - sent)
+                        tpots.append((last - first) / (tokens - 1))
+        finally:
+            await shutdown_serving(api, drain_timeout_s=30.0)
+        return statistics.median(ttfts), statistics.median(tpots), ready_s
+
+    return asyncio.run(run())
+
+
 def _median_by(samples: list[Sample], key: Callable[[Sample], Any]) -> dict[Any, list[Sample]]:
     groups: dict[Any, list[Sample]] = {}
     for s in samples:
@@ -145,6 +207,7 @@ def measure_profile(
     warmup: int = 3,
     repeats: int = 8,
     ray_start: bool = True,
+    serving: bool = True,
     log: Callable[[str], None] = print,
 ) -> LatencyProfile:
     from lorafleet.worker import Engine
@@ -239,6 +302,28 @@ def measure_profile(
         max_model_len=max_len,
         host_cache_adapters=int(host_adapters),
     )
+    del engine, runner  # the serving measurement below starts its own worker
+    step_overhead = request_overhead = 0.0
+    if serving:
+        prompt, new = min(16, max_len // 4), min(32, max_len // 4)
+        ttft, tpot, _ = serving_latency(
+            model_dir,
+            adapters_dir,
+            device,
+            dtype,
+            engine_options,
+            prompt=prompt,
+            new_tokens=new,
+            count=warmup + repeats,
+        )
+        model_tpot = bases[0] + per_ctx * (prompt + new // 2) if batches and batches[0] == 1 else 0.0
+        step_overhead = max(0.0, tpot - model_tpot)
+        model_ttft = step_overhead + max(0.0, base0) + (per_prefill + per_ctx) * prompt
+        request_overhead = max(0.0, ttft - model_ttft)
+        log(
+            f"serving stack, one request at a time: TTFT {ttft * 1e3:.2f} ms, TPOT {tpot * 1e3:.2f} ms -> "
+            f"step overhead {step_overhead * 1e3:.2f} ms, request overhead {request_overhead * 1e3:.2f} ms"
+        )
     disk_s = statistics.median(disk_loads) if disk_loads else 0.0
     host_s = statistics.median(host_loads) if host_loads else disk_s
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -253,6 +338,8 @@ def measure_profile(
         adapter_disk_load_s=disk_s,
         adapter_host_load_s=host_s,
         worker_start_s=start_s,
+        step_overhead_s=step_overhead,
+        request_overhead_s=request_overhead,
         source=(
             f"lorafleet profile --model {model_dir} --device {device} --dtype {dtype}"
             + "".join(f" --engine {k}={v}" for k, v in engine_options.items())

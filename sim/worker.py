@@ -381,10 +381,10 @@ class SimWorker:
                 seq.generated += 1
             rec = seq.record
             if rec.first_token is None:
-                rec.first_token = end
+                rec.first_token = end + self.profile.request_overhead_s
             rec.delivered += k if k > 1 else 1
             if seq.generated >= seq.output:
-                rec.finish = end
+                rec.finish = end + self.profile.request_overhead_s
                 rec.worker = self.worker_id
                 finished.append(seq)
         for seq in finished:

@@ -18,7 +18,16 @@ def test_profile_measures_and_writes_a_loadable_profile(tmp_path: Path) -> None:
     demo = make_demo(tmp_path / "demo", num_adapters=2)
     out = tmp_path / "p.yaml"
     argv = ["profile", "--model", str(demo.model_dir), "--device", "cpu", "--out", str(out)]
-    argv += ["--engine", "max_batch_size=2", "--warmup", "0", "--repeats", "2", "--no-ray-start"]
+    argv += [
+        "--engine",
+        "max_batch_size=2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--no-ray-start",
+        "--no-serving",
+    ]
     assert main(argv) == 0
     profile = load_profile(str(out))
     assert profile.name == "p"
