@@ -3,7 +3,8 @@
 The workload is synthetic (no trace needed): Poisson arrivals at a rate that keeps about `--gpus`
 workers busy under the profile (estimated from its full-batch decode step), prompt and output
 lengths uniform in the given ranges, skewed adapter popularity over 1,000 adapters. The fleet may grow
-to `--gpus` workers; the packing policy with migration (the heaviest: consolidation every 2 s).
+to `--gpus` workers, all started at time 0 (min = max); the packing policy with migration (the
+heaviest: consolidation every 2 s).
 
     .venv/bin/python benchmarks/bench_sim.py --requests 1000000 --gpus 1000
     .venv/bin/python benchmarks/bench_sim.py --sweep        # time against requests, then GPUs
@@ -51,7 +52,9 @@ def run(
     interval: float,
 ) -> dict:
     reqs = workload(profile, n, gpus, prompt, output)
-    cfg = SimConfig(policy="packing", max_gpus=gpus, placement_interval_s=interval)
+    # All GPUs up from the start: the fleet grows one worker per start-up time, so a cold start would
+    # spend most of a short run ramping up instead of measuring a fleet of this size.
+    cfg = SimConfig(policy="packing", max_gpus=gpus, min_gpus=gpus, placement_interval_s=interval)
     t0 = time.perf_counter()
     result = Simulator(cfg, profile, reqs).run()
     wall = time.perf_counter() - t0
