@@ -11,14 +11,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+from lorafleet.bench import RequestRecord, WorkerSample
 from lorafleet.sim.profile import load_profile
-from lorafleet.sim.validate import FleetSetup, busy_over_time, compare, format_comparison, real_run, sim_run
+from lorafleet.sim.simulator import SimRequest
+from lorafleet.sim.validate import (
+    FleetSetup,
+    RealRun,
+    busy_over_time,
+    compare,
+    format_comparison,
+    real_run,
+    sim_run,
+)
 from lorafleet.worker.demo_assets import make_demo
 from lorafleet.workload import phased_workload
+
+
+def save_real(real: RealRun, path: Path) -> None:
+    data = {
+        "records": [dataclasses.asdict(r) for r in real.records],
+        "sent": [dataclasses.asdict(r) for r in real.sent],
+        "samples": [dataclasses.asdict(s) for s in real.report.workers_over_time],
+        "tokens_per_s": real.report.tokens_per_s,
+        "wall_s": real.report.wall_s,
+        "completed": real.report.completed,
+    }
+    path.write_text(json.dumps(data))
+
+
+def load_real(path: Path) -> RealRun:
+    data = json.loads(path.read_text())
+    report = SimpleNamespace(
+        tokens_per_s=data["tokens_per_s"],
+        wall_s=data["wall_s"],
+        completed=data["completed"],
+        workers_over_time=[WorkerSample(**s) for s in data["samples"]],
+    )
+    records = [RequestRecord(**r) for r in data["records"]]
+    return RealRun(report, records, [SimRequest(**r) for r in data["sent"]])
 
 
 def main() -> None:
@@ -32,6 +68,8 @@ def main() -> None:
     p.add_argument("--output-len", default="32:160")
     p.add_argument("--cpu-cores", type=float, default=None, help="simulate workers sharing this many cores")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", type=Path, help="write the real run's records here (JSON) for --load")
+    p.add_argument("--load", type=Path, help="skip the real run: compare against a --save file")
     args = p.parse_args()
     profile = load_profile(args.profile)
     if profile.engine.max_batch_size != args.batch:
@@ -42,16 +80,21 @@ def main() -> None:
         phases, popularity="skewed", prompt_len=(8, 48), output_len=(lo, hi), seed=args.seed
     )
     with tempfile.TemporaryDirectory() as tmp:
-        demo = make_demo(Path(tmp) / "demo")
         setup = FleetSetup(
-            str(demo.model_dir),
-            str(Path(demo.model_dir) / "adapters"),
+            str(Path(tmp) / "demo"),
+            str(Path(tmp) / "demo" / "adapters"),
             max_workers=args.workers,
             max_batch_size=args.batch,
             idle_release_s=args.idle_release_s,
             cpu_cores=args.cpu_cores,
         )
-        real = real_run(setup, plan, seed=args.seed)
+        if args.load is not None:
+            real = load_real(args.load)
+        else:
+            make_demo(Path(tmp) / "demo")
+            real = real_run(setup, plan, seed=args.seed)
+        if args.save is not None:
+            save_real(real, args.save)
     print(f"{len(plan)} requests; real run {real.report.wall_s:.1f} s, completed {real.report.completed}")
     if args.cpu_cores is not None:  # the comparison without the contention model, for reference
         plain = sim_run(dataclasses.replace(setup, cpu_cores=None), profile, real.sent)

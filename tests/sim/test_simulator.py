@@ -75,3 +75,14 @@ def test_config_is_validated() -> None:
         SimConfig(policy="nope")
     with pytest.raises(ValueError, match="max_gpus"):
         SimConfig(max_gpus=0)
+
+
+def test_the_simulator_imports_neither_torch_nor_ray() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import lorafleet.sim.simulator, lorafleet.sim.workloads, lorafleet.sim.cli, "
+        "lorafleet.sim.report; bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
