@@ -22,7 +22,14 @@ from dataclasses import dataclass, field, fields
 from lorafleet.scheduler.consolidation import ConsolidationPolicy, group_moves
 from lorafleet.scheduler.fleet_config import POLICIES, FleetConfig, check_int, check_positive
 from lorafleet.scheduler.policy import make_placement_policy
-from lorafleet.scheduler.policy_types import PendingRequest, Place, Reject, StartWorker, WorkerState
+from lorafleet.scheduler.policy_types import (
+    PendingRequest,
+    Place,
+    Reject,
+    StartWorker,
+    WorkerState,
+    blocks_for,
+)
 from lorafleet.scheduler.request_queue import RequestQueue
 from lorafleet.sim.profile import LatencyProfile
 from lorafleet.sim.worker import Phase, RequestRecord, SimSeq, SimWorker
@@ -161,6 +168,7 @@ class Simulator:
         reqs, n, i = self.requests, len(self.requests), 0
         heap = self._heap
         prev_at = -math.inf
+        stalled_ticks = 0
         while True:
             next_at = reqs[i].at_s if i < n else math.inf
             if heap and (heap[0][0], heap[0][1]) <= (next_at, _ARRIVAL):
@@ -177,6 +185,15 @@ class Simulator:
                 else:
                     self._consolidate(t)
                     if i < n or self._outstanding:
+                        # Only this tick left to come, twice in a row, with requests unfinished and
+                        # no arrival due: nothing can ever change again (a bug, not a workload).
+                        idle = not heap and i >= n
+                        stalled_ticks = stalled_ticks + 1 if idle else 0
+                        if stalled_ticks >= 2:
+                            raise RuntimeError(
+                                f"simulation stalled at {t:.1f} s with {self._outstanding} requests "
+                                f"unfinished ({len(self.queue)} queued)"
+                            )
                         self._push(t + self.config.consolidation_interval_s, _CONSOLIDATE, None)
             elif i < n:
                 req = reqs[i]
@@ -222,6 +239,17 @@ class Simulator:
         self.records.append(rec)
         self.by_id[rid] = rec
         self._outstanding += 1
+        # The fleet's admission check (scheduler/fleet.py): a request that could outgrow a worker's
+        # whole KV cache is refused up front, or the engine would preempt it forever.
+        e = self.profile.engine
+        longest = min(req.prompt_tokens + req.output_tokens, e.max_model_len)
+        if blocks_for(longest, e.block_size) > e.num_kv_blocks:
+            rec.rejected = (
+                f"up to {longest} tokens need more KV blocks than a worker holds "
+                f"({e.num_kv_blocks} of {e.block_size} tokens)"
+            )
+            self._finish(rec)
+            return
         self._enqueue(PendingRequest(rid, req.adapter, req.prompt_tokens, req.output_tokens, req.at_s))
         self._want_placement(req.at_s)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -58,6 +59,19 @@ def test_a_request_larger_than_any_cache_is_rejected(tiny_profile: LatencyProfil
     result = Simulator(SimConfig(max_gpus=2), tiny_profile, reqs).run()
     assert "KV blocks" in result.records[1].rejected
     assert result.records[0].finish is not None and result.records[2].finish is not None
+
+
+def test_a_request_that_could_outgrow_the_kv_cache_is_refused_at_admission(
+    tiny_profile: LatencyProfile,
+) -> None:
+    profile = dataclasses.replace(
+        tiny_profile, engine=dataclasses.replace(tiny_profile.engine, max_model_len=512)
+    )
+    capacity = profile.engine.num_kv_blocks * profile.engine.block_size  # 256 tokens
+    reqs = [SimRequest(0.0, None, 8, capacity), SimRequest(0.1, None, 8, 8)]
+    result = Simulator(SimConfig(max_gpus=1), profile, reqs).run()
+    assert "more KV blocks than a worker holds" in result.records[0].rejected
+    assert result.records[1].finish is not None
 
 
 def test_ttft_includes_the_worker_start_up(tiny_profile: LatencyProfile) -> None:
