@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 
 from lorafleet.scheduler.consolidation import ConsolidationPolicy, group_moves
 from lorafleet.scheduler.fleet_config import POLICIES, FleetConfig, check_int, check_positive
+from lorafleet.scheduler.placement_index import PlacementIndex
 from lorafleet.scheduler.policy import make_placement_policy
 from lorafleet.scheduler.policy_types import (
     PendingRequest,
@@ -59,6 +60,7 @@ class SimConfig:
     max_migrations_per_pass: int = _DEFAULTS["max_migrations_per_pass"]
     min_remaining_tokens: int = _DEFAULTS["min_remaining_tokens"]
     placement_interval_s: float = 0.0  # >0 batches admissions into passes at most this often
+    keep_index: bool = True  # keep the placement index across passes (False: rebuild it every pass)
     # Workers sharing this many CPU cores (CPU validation): a step planned while n workers compute
     # takes max(1, n / cpu_cores) times its profiled time. None: every worker has its own device.
     cpu_cores: float | None = None
@@ -149,6 +151,9 @@ class Simulator:
         # blocked head stays blocked until capacity frees (a finish, an export, a worker ready or
         # stopped); `_epoch` counts those, `_blocked` remembers (epoch, head) of the last failed pass.
         self._epoch = 0
+        self._index: PlacementIndex | None = None
+        self._index_workers: list[SimWorker] = []
+        self._index_versions: list[int] = []
         self._blocked: tuple[int, str] | None = None
         self.gpus_over_time: list[tuple[float, int]] = []
         self.busy_over_time: list[tuple[float, int, int]] = []  # (t, live, busy) at each busy change
@@ -274,7 +279,9 @@ class Simulator:
         head = self.queue.peek()
         if head is None or self._blocked == (self._epoch, head.request_id):
             return
-        decisions = self.placement.schedule(self.queue, [w.snapshot() for w in self.live])
+        decisions = self.placement.schedule(
+            self.queue, [w.snapshot() for w in self.live], index=self._sync_index()
+        )
         head = self.queue.peek()
         self._blocked = (self._epoch, head.request_id) if head is not None else None
         for d in decisions:
@@ -292,6 +299,30 @@ class Simulator:
                 self._finish(rec)
             elif isinstance(d, StartWorker):
                 self._start_worker(now)
+
+    def _sync_index(self) -> PlacementIndex | None:
+        """The placement index of the active workers, kept across passes: rebuilt when the set of
+        active workers changed other than by new ones at the end, else only the workers whose
+        snapshot changed are refreshed (exactly what a rebuild would hold; a test checks it)."""
+        if not self.config.keep_index:
+            return None
+        active = [w for w in self.live if w.state is WorkerState.ACTIVE]
+        index, known = self._index, self._index_workers
+        if index is None or active[: len(known)] != known:
+            self._index = PlacementIndex(w.snapshot() for w in active)
+            self._index_workers = active
+            self._index_versions = [w.version for w in active]
+            return self._index
+        versions = self._index_versions
+        for i, w in enumerate(known):
+            if versions[i] != w.version:
+                index.refresh(w.snapshot())
+                versions[i] = w.version
+        for w in active[len(known) :]:
+            index.append(w.snapshot())
+            known.append(w)
+            versions.append(w.version)
+        return index
 
     # ------------------------------------------------------------ workers
 

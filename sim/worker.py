@@ -271,6 +271,11 @@ class SimWorker:
                 scheduled.append((seq, n))
                 budget -= n
         if not scheduled:
+            self._touch()
+            if preempted:
+                # The oldest sequence preempted itself for want of a block: the engine's next step
+                # (at once, nothing ran) admits again from the queue.
+                return self.plan(now)
             # Everything left is waiting on something only a finish or an export can free.
             self.phase = None
             return None

@@ -100,3 +100,20 @@ def test_the_simulator_imports_neither_torch_nor_ray() -> None:
         "lorafleet.sim.report; bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("policy", ["packing", "least_loaded", "round_robin", "random"])
+def test_keeping_the_placement_index_across_passes_changes_nothing(
+    tiny_profile: LatencyProfile, policy: str
+) -> None:
+    reqs = _bursty(600, seed=5)
+    runs = [
+        Simulator(
+            SimConfig(policy=policy, max_gpus=6, idle_release_s=3.0, keep_index=keep), tiny_profile, reqs
+        ).run()
+        for keep in (False, True)
+    ]
+    assert [(r.first_token, r.finish, r.worker) for r in runs[0].records] == [
+        (r.first_token, r.finish, r.worker) for r in runs[1].records
+    ]
+    assert runs[0].workers_released > 0  # releases (index rebuilds) happened along the way
