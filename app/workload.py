@@ -155,13 +155,21 @@ def read_azure_trace(path: str | Path, limit: int | None = None) -> list[TraceRo
             raise ValueError(f"{file}: not an Azure LLM trace; missing column(s) {', '.join(missing)}")
         for line, record in enumerate(reader, start=2):
             where = f"{file}:{line}"
-            try:
-                context, generated = int(record["ContextTokens"]), int(record["GeneratedTokens"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: token counts must be integers") from None
-            if context < 0 or generated < 0:
-                raise ValueError(f"{where}: token counts must be >= 0")
-            rows.append((_parse_timestamp(record["TIMESTAMP"], where), context, generated))
+            counts = []
+            for column in ("ContextTokens", "GeneratedTokens"):
+                try:
+                    value = int(record[column])
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{where}: column {column}: token counts must be integers, got {record[column]!r}"
+                    ) from None
+                if value < 0:
+                    raise ValueError(f"{where}: column {column}: token counts must be >= 0, got {value}")
+                counts.append(value)
+            context, generated = counts
+            rows.append(
+                (_parse_timestamp(record["TIMESTAMP"], where + ": column TIMESTAMP"), context, generated)
+            )
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
