@@ -211,8 +211,12 @@ async def run_bench(
     allow_aliases: int = 256,
     use_base: bool = False,
     progress: ProgressBar | None = None,
+    records_out: list[RequestRecord] | None = None,
 ) -> BenchReport:
-    """Send `plan` against the server behind `client`; returns the summary."""
+    """Send `plan` against the server behind `client`; returns the summary.
+
+    `records_out`, if given, receives the per-request records in plan order (the simulator's
+    validation replays exactly what was sent)."""
     if not plan:
         raise ValueError("the workload is empty: raise --rate or --duration")
     status = await client.status(timeout=10.0)
@@ -222,6 +226,8 @@ async def run_bench(
     rng = random.Random(seed)
     prompts = [prompt_token_ids(p.prompt_len, vocab, rng) for p in plan]
     records = [RequestRecord(mapping[p.adapter_index], p.prompt_len, 0.0) for p in plan]
+    if records_out is not None:
+        records_out.extend(records)
     samples: list[WorkerSample] = []
     start = time.monotonic()
     sampler = asyncio.create_task(_sample_workers(client, start, samples, sample_every_s))

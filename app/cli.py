@@ -1,4 +1,5 @@
-"""The `lorafleet` command: serve, generate, status, adapters, bench, demo, make-demo, selfcheck.
+"""The `lorafleet` command: serve, generate, status, adapters, bench, demo, sim, profile, make-demo,
+selfcheck.
 
 User errors (bad flags, unreachable server, a gRPC error status) print one clear line to stderr
 and exit non-zero; tracebacks are for bugs only.
@@ -137,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(sub.add_parser("bench", help="load-test a server (trace replay or synthetic)"))
     demo.add_arguments(sub.add_parser("demo", help="the whole system on this machine in about a minute"))
+
+    from lorafleet.sim import cli as sim_cli
+
+    sim_cli.add_arguments(sub.add_parser("sim", help="simulate a fleet on a trace with a measured profile"))
+    sim_cli.add_profile_arguments(
+        sub.add_parser("profile", help="measure a latency profile for `lorafleet sim` on a real engine")
+    )
 
     p = sub.add_parser("make-demo", help="write the tiny demo model and adapters into a folder")
     p.add_argument("out_dir")
@@ -298,6 +306,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from lorafleet import bench, demo
+    from lorafleet.sim import cli as sim_cli
 
     commands = {
         "serve": cmd_serve,
@@ -306,6 +315,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "adapters": cmd_adapters,
         "bench": bench.run_cli,
         "demo": demo.run_cli,
+        "sim": sim_cli.run_cli,
+        "profile": sim_cli.run_profile_cli,
         "make-demo": cmd_make_demo,
         "selfcheck": cmd_selfcheck,
     }

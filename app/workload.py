@@ -40,20 +40,28 @@ class TraceRow:
     generated_tokens: int
 
 
-def adapter_indices(popularity: str, n: int, rng: random.Random) -> list[int]:
-    """One logical adapter index per request under a Punica popularity."""
+def adapter_indices(
+    popularity: str, n: int, rng: random.Random, num_adapters: int | None = None
+) -> list[int]:
+    """One logical adapter index per request under a Punica popularity.
+
+    `num_adapters` fixes the adapter count instead of deriving it from n (the simulator's
+    `--adapters N`): uniform and skewed draw over N adapters, distinct cycles through them.
+    """
     if popularity not in POPULARITIES:
         raise ValueError(f"popularity must be one of {', '.join(POPULARITIES)}, got {popularity!r}")
     if n < 0:
         raise ValueError(f"number of requests must be >= 0, got {n}")
+    if num_adapters is not None and num_adapters < 1:
+        raise ValueError(f"the number of adapters must be >= 1, got {num_adapters}")
     if popularity == "distinct":
-        return list(range(n))
+        return list(range(n)) if num_adapters is None else [i % num_adapters for i in range(n)]
     if popularity == "identical":
         return [0] * n
     if popularity == "uniform":
-        k = max(1, math.ceil(math.sqrt(n)))
+        k = num_adapters or max(1, math.ceil(math.sqrt(n)))
         return [rng.randrange(k) for _ in range(n)]
-    weights = [(k + 1) ** -ZIPF_ALPHA for k in range(max(n, 1))]
+    weights = [(k + 1) ** -ZIPF_ALPHA for k in range(num_adapters or max(n, 1))]
     return rng.choices(range(len(weights)), weights=weights, k=n)
 
 
@@ -147,13 +155,21 @@ def read_azure_trace(path: str | Path, limit: int | None = None) -> list[TraceRo
             raise ValueError(f"{file}: not an Azure LLM trace; missing column(s) {', '.join(missing)}")
         for line, record in enumerate(reader, start=2):
             where = f"{file}:{line}"
-            try:
-                context, generated = int(record["ContextTokens"]), int(record["GeneratedTokens"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: token counts must be integers") from None
-            if context < 0 or generated < 0:
-                raise ValueError(f"{where}: token counts must be >= 0")
-            rows.append((_parse_timestamp(record["TIMESTAMP"], where), context, generated))
+            counts = []
+            for column in ("ContextTokens", "GeneratedTokens"):
+                try:
+                    value = int(record[column])
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{where}: column {column}: token counts must be integers, got {record[column]!r}"
+                    ) from None
+                if value < 0:
+                    raise ValueError(f"{where}: column {column}: token counts must be >= 0, got {value}")
+                counts.append(value)
+            context, generated = counts
+            rows.append(
+                (_parse_timestamp(record["TIMESTAMP"], where + ": column TIMESTAMP"), context, generated)
+            )
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:

@@ -29,6 +29,24 @@ from lorafleet.scheduler.policy_types import (
 )
 
 
+def group_moves(
+    decisions: Sequence[Decision],
+) -> tuple[dict[tuple[str, str | None], list[str]], list[ReleaseWorker]]:
+    """A pass's decisions as the runtime and the simulator carry them out: one export per
+    (source, target) pair, in decision order (target None = evict back to the queue), and the
+    releases."""
+    moves: dict[tuple[str, str | None], list[str]] = {}
+    releases: list[ReleaseWorker] = []
+    for d in decisions:
+        if isinstance(d, Migrate):
+            moves.setdefault((d.source, d.target), []).append(d.request_id)
+        elif isinstance(d, Evict):
+            moves.setdefault((d.worker_id, None), []).append(d.request_id)
+        elif isinstance(d, ReleaseWorker):
+            releases.append(d)
+    return moves, releases
+
+
 class _Plan:
     """Working copy of one worker during a pass."""
 

@@ -23,6 +23,9 @@ class WorkerSlot:
     def __init__(self, order: int, snap: WorkerSnapshot) -> None:
         self.order = order
         self.worker_id = snap.worker_id
+        self.load(snap)
+
+    def load(self, snap: WorkerSnapshot) -> None:
         self.batch = snap.num_running
         self.max_batch = snap.max_batch_size
         self.free = snap.free_kv_blocks
@@ -128,6 +131,48 @@ class PlacementIndex:
 
     def feasible_slots(self, prompt_len: int) -> list[WorkerSlot]:
         return [s for s in self.slots if s.feasible(prompt_len)]
+
+    # ------------------------------------------------------------ keeping an index across passes
+
+    def refresh(self, snap: WorkerSnapshot) -> None:
+        """Reload one worker from a newer snapshot, as if the index were rebuilt (a caller that keeps
+        an index across passes refreshes every worker whose snapshot changed, including those its
+        last pass placed on). The worker must keep its place: an added, removed or no longer active
+        worker needs a rebuild."""
+        slot = self.by_id[snap.worker_id]
+        if snap.state is not WorkerState.ACTIVE:
+            raise ValueError(f"worker {snap.worker_id} is {snap.state.value}: rebuild the index")
+        if slot.batch < slot.max_batch:
+            self._unlink(slot)
+        for adapter in slot.resident:
+            holders = self._resident.get(adapter)
+            if holders is not None:
+                holders.discard(slot.order)
+                if not holders:
+                    del self._resident[adapter]
+        old_total = slot.total
+        slot.load(snap)
+        for adapter in slot.resident:
+            self._resident.setdefault(adapter, set()).add(slot.order)
+        if slot.batch < slot.max_batch:
+            self._link(slot)
+        if slot.total >= self.max_total_blocks:
+            self.max_total_blocks = slot.total
+        elif old_total == self.max_total_blocks:
+            self.max_total_blocks = max(s.total for s in self.slots)
+
+    def append(self, snap: WorkerSnapshot) -> None:
+        """Add an active worker after all the others (it takes the last place, as in a rebuild)."""
+        if snap.state is not WorkerState.ACTIVE or snap.worker_id in self.by_id:
+            raise ValueError(f"worker {snap.worker_id}: only a new active worker can be appended")
+        slot = WorkerSlot(len(self.slots), snap)
+        self.slots.append(slot)
+        self.by_id[slot.worker_id] = slot
+        for adapter in slot.resident:
+            self._resident.setdefault(adapter, set()).add(slot.order)
+        if slot.batch < slot.max_batch:
+            self._link(slot)
+        self.max_total_blocks = max(self.max_total_blocks, slot.total)
 
     # ------------------------------------------------------------ updates
 

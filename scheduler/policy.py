@@ -47,14 +47,22 @@ class PlacementPolicy:
         return index.best_packing(request.adapter, request.prompt_len)
 
     def schedule(
-        self, queue: RequestQueue, workers: Sequence[WorkerSnapshot], *, limit: int | None = None
+        self,
+        queue: RequestQueue,
+        workers: Sequence[WorkerSnapshot],
+        *,
+        limit: int | None = None,
+        index: PlacementIndex | None = None,
     ) -> list[Decision]:
         """Place queued requests from the head; pops what it places or rejects.
 
         Returns Place/Reject decisions in order, then, if the head stays blocked, one Queue decision
-        for it and possibly a StartWorker. `limit` caps the Place decisions of this pass.
+        for it and possibly a StartWorker. `limit` caps the Place decisions of this pass. `index`, if
+        given, must equal `PlacementIndex(workers)` (a caller keeping one across passes, like the
+        simulator, refreshes the workers that changed); the pass updates it with its placements.
         """
-        index = PlacementIndex(workers)
+        if index is None:
+            index = PlacementIndex(workers)
         decisions: list[Decision] = []
         placed = 0
         while len(queue) and (limit is None or placed < limit):

@@ -7,6 +7,7 @@ Outputs: decision dataclasses that the runtime (or the simulator) carries out.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,41 @@ class WorkerSnapshot:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @classmethod
+    def from_load(
+        cls,
+        worker_id: str,
+        state: WorkerState,
+        running: tuple[RunningSeq, ...],
+        *,
+        pending_tokens: Iterable[int],
+        engine_free_blocks: int,
+        max_batch_size: int,
+        total_kv_blocks: int,
+        block_size: int,
+        resident_adapters: frozenset[str],
+        idle_since: float | None,
+    ) -> WorkerSnapshot:
+        """The one way both the runtime and the simulator describe a worker to the policies.
+
+        `running` is every sequence the scheduler has given the worker (authoritative for the batch);
+        `pending_tokens` are the contexts of those the engine holds no KV for yet (just sent, or
+        waiting inside the engine), whose blocks are taken off the engine's free count so that a
+        pass does not promise the same blocks twice.
+        """
+        pending = sum(blocks_for(n, block_size) for n in pending_tokens)
+        return cls(
+            worker_id=worker_id,
+            state=state,
+            running=running,
+            max_batch_size=max_batch_size,
+            free_kv_blocks=engine_free_blocks - pending,
+            total_kv_blocks=total_kv_blocks,
+            block_size=block_size,
+            resident_adapters=resident_adapters,
+            idle_since=idle_since,
+        )
 
 
 # ---------------------------------------------------------------- decisions

@@ -25,17 +25,14 @@ from typing import Any
 
 import ray
 
-from lorafleet.scheduler.consolidation import ConsolidationPolicy
+from lorafleet.scheduler.consolidation import ConsolidationPolicy, group_moves
 from lorafleet.scheduler.errors import short_reason
 from lorafleet.scheduler.fleet_config import FleetConfig
 from lorafleet.scheduler.policy import make_placement_policy
 from lorafleet.scheduler.policy_types import (
-    Evict,
-    Migrate,
     PendingRequest,
     Place,
     Reject,
-    ReleaseWorker,
     StartWorker,
     WorkerState,
 )
@@ -423,18 +420,13 @@ class FleetRuntime:
     def consolidate(self) -> None:
         workers = self.live_workers()
         decisions = self.consolidation.plan([w.snapshot() for w in workers], queue_len=len(self.queue))
-        moves: dict[tuple[str, str | None], list[str]] = defaultdict(list)
-        for d in decisions:
-            if isinstance(d, Migrate):
-                moves[(d.source, d.target)].append(d.request_id)
-            elif isinstance(d, Evict):
-                moves[(d.worker_id, None)].append(d.request_id)
-            elif isinstance(d, ReleaseWorker):
-                rec = self.workers.get(d.worker_id)
-                if rec is not None and rec.state is not WorkerState.STOPPED:
-                    rec.state = WorkerState.DRAINING
-                    if not rec.assigned:
-                        self._stop_worker(rec, d.reason)
+        moves, releases = group_moves(decisions)
+        for d in releases:
+            rec = self.workers.get(d.worker_id)
+            if rec is not None and rec.state is not WorkerState.STOPPED:
+                rec.state = WorkerState.DRAINING
+                if not rec.assigned:
+                    self._stop_worker(rec, d.reason)
         for (source, target), rids in moves.items():
             src = self.workers.get(source)
             dst = self.workers.get(target) if target is not None else None

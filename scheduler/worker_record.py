@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet.scheduler.policy_types import RunningSeq, WorkerSnapshot, WorkerState, blocks_for
+from lorafleet.scheduler.policy_types import RunningSeq, WorkerSnapshot, WorkerState
 from lorafleet.scheduler.tracked_request import TrackedRequest
 from lorafleet.scheduler.worker_actor import WorkerInfo
 from lorafleet.worker.types import EngineStats
@@ -55,17 +55,13 @@ class WorkerRecord:
             for r in self.assigned.values()
         )
         in_engine = set(stats.running_request_ids)
-        pending_blocks = sum(
-            blocks_for(r.num_tokens, info.block_size)
-            for r in self.assigned.values()
-            if r.request_id not in in_engine
-        )
-        return WorkerSnapshot(
-            worker_id=self.worker_id,
-            state=self.state,
-            running=running,
+        return WorkerSnapshot.from_load(
+            self.worker_id,
+            self.state,
+            running,
+            pending_tokens=(r.num_tokens for r in self.assigned.values() if r.request_id not in in_engine),
+            engine_free_blocks=stats.num_free_kv_blocks,
             max_batch_size=info.max_batch_size,
-            free_kv_blocks=stats.num_free_kv_blocks - pending_blocks,
             total_kv_blocks=info.total_kv_blocks,
             block_size=info.block_size,
             resident_adapters=frozenset(stats.resident_adapters),

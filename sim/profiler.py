@@ -1,0 +1,366 @@
+"""`lorafleet profile`: measure a latency profile on a real `Engine` over a small grid.
+
+Sweeps (each step timed alone with perf_counter around `Engine.step`, after warm-up steps):
+- decode: b sequences of one adapter decoding, b over 1, 2, 4, ... up to the max batch;
+- context: half the max batch decoding with longer and longer prompts (the per-context-token slope);
+- prefill: one prompt of P tokens, the step that computes it (intercept = base(0), slope);
+- adapters: a full batch over 1, 2, 4, ... distinct adapters (the per-adapter slope);
+- adapter loads: first use of an adapter (disk read + upload) on the measured engine, and re-uploads
+  from the host cache on a second engine with one GPU slot (so every switch reloads);
+- the serving stack: one request at a time through a real one-worker fleet (`start_serving` and a
+  gRPC client); what its TPOT and TTFT exceed the engine model by becomes the per-step and
+  per-request overheads (Ray actor loop, head, gRPC);
+- worker start-up: a `WorkerActor` in a local Ray, created until `ready()` answers (as the runtime
+  grows the fleet); with `--no-ray-start`, `Engine.from_pretrained` alone.
+The fit (see `sim/profile.py`) is least squares per sweep; the raw samples go into the file too.
+Imports torch (through the engine): only the `profile` command loads this module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorafleet.sim.profile import EngineShape, LatencyProfile
+
+Sample = tuple[int, int, int, int, float]  # decode seqs, prefill tokens, total context, adapters, seconds
+
+
+def _grid(top: int) -> list[int]:
+    out, b = [], 1
+    while b < top:
+        out.append(b)
+        b *= 2
+    return [*out, top]
+
+
+def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope); slope 0 when the xs do not vary."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return my, 0.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
+
+
+class _Runner:
+    def __init__(self, engine: Any, adapters: list[str], warmup: int, repeats: int) -> None:
+        from lorafleet.worker.types import Request, SamplingParams
+
+        self.engine = engine
+        self.adapters = adapters
+        self.warmup = warmup
+        self.repeats = repeats
+        self._request, self._sampling = Request, SamplingParams
+        self._ids = 0
+
+    def _add(self, prompt: int, max_new: int, adapter: str | None) -> str:
+        self._ids += 1
+        rid = f"profile-{self._ids}"
+        tokens = tuple(3 + (i * 7 + self._ids) % 250 for i in range(prompt))
+        sampling = self._sampling(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(self._request(rid, tokens, adapter, sampling))
+        return rid
+
+    def _clear(self, rids: list[str]) -> None:
+        for rid in rids:
+            self.engine.abort(rid)
+
+    def decode(self, batch: int, prompt: int, adapters: int) -> list[Sample]:
+        """Samples of decode steps with `batch` sequences over `adapters` distinct adapters."""
+        steps = self.warmup + self.repeats
+        names = [self.adapters[i % adapters] if self.adapters else None for i in range(batch)]
+        rids = [self._add(prompt, steps + 2, names[i]) for i in range(batch)]
+        sched = self.engine.scheduler
+        while sched.waiting or any(
+            s.num_uncomputed_tokens != 1 or not s.output_token_ids for s in sched.running
+        ):
+            self.engine.step()  # prefill (possibly chunked) until everyone decodes
+        out: list[Sample] = []
+        for i in range(steps):
+            ctx = sum(s.num_computed_tokens + 1 for s in sched.running)
+            t0 = time.perf_counter()
+            self.engine.step()
+            dt = time.perf_counter() - t0
+            if i >= self.warmup:
+                out.append((batch, 0, ctx, len({n for n in names if n is not None}), dt))
+        self._clear(rids)
+        return out
+
+    def prefill(self, prompt: int) -> list[Sample]:
+        out: list[Sample] = []
+        for i in range(self.warmup + self.repeats):
+            rid = self._add(prompt, 1, self.adapters[0] if self.adapters else None)
+            t0 = time.perf_counter()
+            self.engine.step()
+            dt = time.perf_counter() - t0
+            self._clear([rid])
+            if i >= self.warmup:
+                out.append((0, prompt, prompt, 1 if self.adapters else 0, dt))
+        return out
+
+
+def ray_worker_start_s(model_dir: str, device: str, dtype: str, engine_options: dict[str, Any]) -> float:
+    """Seconds from creating a `WorkerActor` in a running local Ray to its `ready()` answering: what
+    the runtime waits when it grows the fleet (process start, imports, model load)."""
+    import ray
+
+    from lorafleet.scheduler.worker_actor import WorkerActor
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        gpus = 1.0 if device == "cuda" else 0.0
+        t0 = time.perf_counter()
+        actor = (
+            ray.remote(WorkerActor)
+            .options(num_cpus=0, num_gpus=gpus, max_restarts=0)
+            .remote("profile-start", model_dir, device, dtype, dict(engine_options))
+        )
+        ray.get(actor.ready.remote())
+        seconds = time.perf_counter() - t0
+        ray.kill(actor, no_restart=True)
+    finally:
+        ray.shutdown()
+    return seconds
+
+
+def serving_latency(
+    model_dir: str,
+    adapters_dir: str | None,
+    device: str,
+    dtype: str,
+    engine_options: dict[str, Any],
+    *,
+    prompt: int,
+    new_tokens: int,
+    count: int,
+) -> tuple[float, float, float]:
+    """One request at a time through the real stack (`start_serving`: Ray worker, head, gRPC) as a
+    client sees it: (median TTFT, median TPOT, seconds until the one-worker fleet was ready)."""
+    import asyncio
+
+    from lorafleet.client import AsyncClient
+    from lorafleet.config import ServeConfig
+    from lorafleet.serve import shutdown_serving, start_serving
+
+    async def run() -> tuple[float, float, float]:
+        config = ServeConfig(
+            model=model_dir,
+            adapters_dir=adapters_dir,
+            device=device,
+            dtype=dtype,
+            port=0,
+            metrics_port=None,
+            engine=dict(engine_options),
+        )
+        t0 = time.perf_counter()
+        api = await start_serving(config)
+        ready_s = time.perf_counter() - t0
+        ttfts, tpots = [], []
+        try:
+            async with AsyncClient(api.address) as client:
+                await client.wait_ready(60.0)
+                adapters = sorted(await client.list_adapters())
+                sampling = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+                for i in range(count):
+                    sent = time.perf_counter()
+                    first = last = None
+                    tokens = 0
+                    ids = [3 + (7 * j + i) % 250 for j in range(prompt)]
+                    adapter = adapters[0] if adapters else None
+                    async for chunk in client.stream(ids, adapter=adapter, sampling=sampling):
+                        if chunk.token_ids:
+                            last = time.perf_counter()
+                            first = first or last
+                            tokens += len(chunk.token_ids)
+                    if first is not None and last is not None and tokens > 1:
+                        ttfts.append(first - sent)
+                        tpots.append((last - first) / (tokens - 1))
+        finally:
+            await shutdown_serving(api, drain_timeout_s=30.0)
+        return statistics.median(ttfts), statistics.median(tpots), ready_s
+
+    return asyncio.run(run())
+
+
+def _median_by(samples: list[Sample], key: Callable[[Sample], Any]) -> dict[Any, list[Sample]]:
+    groups: dict[Any, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(key(s), []).append(s)
+    return groups
+
+
+def measure_profile(
+    model_dir: str,
+    *,
+    device: str,
+    dtype: str,
+    engine_options: dict[str, Any],
+    adapters_dir: str | None,
+    name: str,
+    warmup: int = 3,
+    repeats: int = 8,
+    ray_start: bool = True,
+    serving: bool = True,
+    log: Callable[[str], None] = print,
+) -> LatencyProfile:
+    from lorafleet.worker import Engine
+
+    adapter_dirs = (
+        sorted(p for p in Path(adapters_dir).iterdir() if (p / "adapter_config.json").is_file())
+        if adapters_dir
+        else []
+    )
+
+    # Adapter re-uploads from the host cache: a one-slot engine where every switch reloads.
+    host_loads: list[float] = []
+    if len(adapter_dirs) >= 2:
+        small = Engine.from_pretrained(
+            model_dir, device=device, dtype=dtype, **{**engine_options, "max_loras": 1}
+        )
+        for d in adapter_dirs[:2]:
+            small.add_adapter(d.name, d)
+        run = _Runner(small, [d.name for d in adapter_dirs[:2]], 0, 1)
+        for i in range(2 * (warmup + repeats)):
+            rid = run._add(4, 1, adapter_dirs[i % 2].name)
+            small.step()
+            small.abort(rid)
+            loads = small.adapters.take_load_seconds()
+            if i >= 2 + warmup:  # the first two are disk loads
+                host_loads.extend(loads)
+        del small, run
+        log(f"host-cache reloads: median {statistics.median(host_loads) * 1e3:.2f} ms")
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, **engine_options)
+    start_s = time.perf_counter() - t0
+    log(f"engine start-up: {start_s:.2f} s")
+    if ray_start:
+        start_s = ray_worker_start_s(model_dir, device, dtype, engine_options)
+        log(f"Ray worker start-up: {start_s:.2f} s")
+    for d in adapter_dirs:
+        engine.add_adapter(d.name, d)
+    names = [d.name for d in adapter_dirs]
+    cfg = engine.config
+    max_len = engine.max_model_len
+    runner = _Runner(engine, names, warmup, repeats)
+
+    disk_loads: list[float] = []
+    for n in names[: cfg.max_loras]:  # first use of each: read from disk and upload
+        rid = runner._add(4, 1, n)
+        engine.step()
+        engine.abort(rid)
+        disk_loads.extend(engine.adapters.take_load_seconds())
+
+    samples: list[Sample] = []
+    room = max_len - (warmup + repeats + 4)
+    short = min(16, room)
+    decode = [s for b in _grid(cfg.max_batch_size) for s in runner.decode(b, short, 1 if names else 0)]
+    log(f"decode sweep: {len(decode)} steps")
+    half = max(1, cfg.max_batch_size // 2)
+    lengths = sorted({min(room, n) for n in (16, 64, 128, 256, 512, 1024, 2048) if n <= room} or {room})
+    context = [s for n in lengths for s in runner.decode(half, n, 1 if names else 0)]
+    log(f"context sweep: {len(context)} steps")
+    top_prefill = min(cfg.max_num_batched_tokens, max_len - 2)
+    prompts = sorted({p for p in (16, 64, 128, 256, 512, 1024, 2048, top_prefill) if p <= top_prefill})
+    prefill = [s for p in prompts for s in runner.prefill(p)]
+    log(f"prefill sweep: {len(prefill)} steps")
+    adapter_counts = _grid(min(len(names), cfg.max_batch_size, cfg.max_loras)) if names else []
+    adapter = [s for a in adapter_counts for s in runner.decode(cfg.max_batch_size, short, a)]
+    log(f"adapter sweep: {len(adapter)} steps")
+    samples = decode + context + prefill + adapter
+
+    _, per_ctx = _slope([float(s[2]) for s in context], [s[4] for s in context])
+    per_ctx = max(0.0, per_ctx)
+    base0, prefill_slope = _slope([float(s[1]) for s in prefill], [s[4] for s in prefill])
+    per_prefill = max(0.0, prefill_slope - per_ctx)
+    per_adapter = 0.0
+    if len(adapter_counts) > 1:
+        _, per_adapter = _slope([float(s[3] - 1) for s in adapter], [s[4] - per_ctx * s[2] for s in adapter])
+        per_adapter = max(0.0, per_adapter)
+    groups = _median_by(decode, lambda s: s[0])
+    batches = sorted(groups)
+    bases = [statistics.median(s[4] - per_ctx * s[2] for s in groups[b]) for b in batches]
+    host_adapters = 0
+    if names:  # how many adapters of this size the host cache's byte budget holds
+        from lorafleet.worker.adapters import load_adapter
+
+        nbytes = load_adapter(adapter_dirs[0], engine.model_config, name=names[0], dtype=engine.dtype).nbytes
+        host_adapters = cfg.host_cache_bytes // nbytes if nbytes else 0
+    shape = EngineShape(
+        max_batch_size=cfg.max_batch_size,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        block_size=cfg.block_size,
+        num_kv_blocks=engine.allocator.num_blocks,
+        max_loras=cfg.max_loras,
+        max_model_len=max_len,
+        host_cache_adapters=int(host_adapters),
+    )
+    del engine, runner  # the serving measurement below starts its own worker
+    step_overhead = request_overhead = 0.0
+    if serving:
+        prompt, new = min(16, max_len // 4), min(32, max_len // 4)
+        ttft, tpot, _ = serving_latency(
+            model_dir,
+            adapters_dir,
+            device,
+            dtype,
+            engine_options,
+            prompt=prompt,
+            new_tokens=new,
+            count=warmup + repeats,
+        )
+        model_tpot = bases[0] + per_ctx * (prompt + new // 2) if batches and batches[0] == 1 else 0.0
+        step_overhead = max(0.0, tpot - model_tpot)
+        model_ttft = step_overhead + max(0.0, base0) + (per_prefill + per_ctx) * prompt
+        request_overhead = max(0.0, ttft - model_ttft)
+        log(
+            f"serving stack, one request at a time: TTFT {ttft * 1e3:.2f} ms, TPOT {tpot * 1e3:.2f} ms -> "
+            f"step overhead {step_overhead * 1e3:.2f} ms, request overhead {request_overhead * 1e3:.2f} ms"
+        )
+    disk_s = statistics.median(disk_loads) if disk_loads else 0.0
+    host_s = statistics.median(host_loads) if host_loads else disk_s
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return LatencyProfile(
+        name=name,
+        engine=shape,
+        decode_batch=(0, *batches),
+        decode_base_s=(max(0.0, base0), *(max(0.0, b) for b in bases)),
+        per_prefill_token_s=per_prefill,
+        per_context_token_s=per_ctx,
+        per_adapter_s=per_adapter,
+        adapter_disk_load_s=disk_s,
+        adapter_host_load_s=host_s,
+        worker_start_s=start_s,
+        step_overhead_s=step_overhead,
+        request_overhead_s=request_overhead,
+        source=(
+            f"lorafleet profile --model {model_dir} --device {device} --dtype {dtype}"
+            + "".join(f" --engine {k}={v}" for k, v in engine_options.items())
+            + f"; {when}; "
+            f"{platform.node()} {_cpu_name() if device == 'cpu' else _gpu_name()}"
+        ),
+        samples=tuple(samples),
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"

@@ -1,0 +1,73 @@
+"""`lorafleet profile` on the tiny demo model (CPU, smallest grid, no Ray): the file it writes loads
+back as a profile whose numbers come from the measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorafleet.cli import main
+from lorafleet.sim.profile import load_profile, shipped_profiles
+
+
+@pytest.mark.slow
+def test_profile_measures_and_writes_a_loadable_profile(tmp_path: Path) -> None:
+    from lorafleet.worker.demo_assets import make_demo
+
+    demo = make_demo(tmp_path / "demo", num_adapters=2)
+    out = tmp_path / "p.yaml"
+    argv = ["profile", "--model", str(demo.model_dir), "--device", "cpu", "--out", str(out)]
+    argv += [
+        "--engine",
+        "max_batch_size=2",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--no-ray-start",
+        "--no-serving",
+    ]
+    assert main(argv) == 0
+    profile = load_profile(str(out))
+    assert profile.name == "p"
+    assert profile.engine.max_batch_size == 2 and profile.engine.max_loras == 8
+    assert profile.decode_batch == (0, 1, 2)
+    assert all(s > 0 for s in profile.decode_base_s[1:])
+    assert profile.adapter_disk_load_s > 0 and profile.adapter_host_load_s > 0
+    assert profile.worker_start_s > 0
+    assert len(profile.samples) > 10 and all(len(s) == 5 for s in profile.samples)
+
+
+def test_profile_rejects_a_folder_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        main(["profile", "--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "p.yaml")]) == 1
+    )
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_shipped_profiles_load_by_name() -> None:
+    assert "cpu-demo" in shipped_profiles()
+    for name in shipped_profiles():
+        profile = load_profile(name)
+        assert profile.samples, f"{name}: a shipped profile carries its measurements"
+        assert "lorafleet profile" in profile.source
+
+
+def test_profile_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: {max_batch_size: 4}\nstep_latency: {}\nadapter_load: {}\n")
+    with pytest.raises(ValueError, match=rf"{bad}: missing key engine.max_num_batched_tokens"):
+        load_profile(str(bad))
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping"):
+        load_profile(str(bad))
+    with pytest.raises(ValueError, match="neither a file nor a shipped profile"):
+        load_profile("no-such-profile")
+
+
+def test_a_profile_not_measured_yet_says_how_to_measure_it() -> None:
+    if "h200-llama2-7b" in shipped_profiles():
+        pytest.skip("h200-llama2-7b has been measured and shipped")
+    with pytest.raises(ValueError, match=r"not been measured yet.*lorafleet profile .*--device cuda"):
+        load_profile("h200-llama2-7b")

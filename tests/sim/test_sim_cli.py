@@ -1,0 +1,89 @@
+"""`lorafleet sim` end to end on small inputs: outputs, --json, --compare, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorafleet.cli import main
+
+HERE = Path(__file__).parent
+PROFILE = str(HERE / "tiny_profile.yaml")
+JSON_KEYS = (
+    "requests",
+    "completed",
+    "throughput_tok_s",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "gpu_seconds",
+    "peak_gpus",
+    "migrations",
+    "sim_wall_s",
+)
+
+
+def _trace(tmp_path: Path, n: int = 200) -> Path:
+    lines = ["timestamp_s,prompt_tokens,output_tokens"]
+    lines += [f"{i * 0.05:.3f},{8 + i % 40},{1 + i % 30}" for i in range(n)]
+    path = tmp_path / "trace.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sim_writes_its_outputs_and_a_json_last_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    argv = ["sim", "--trace", str(_trace(tmp_path)), "--profile", PROFILE, "--max-gpus", "4"]
+    rc = main([*argv, "--out", str(out), "--json", "--quiet", "--adapters", "5"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(k in last for k in JSON_KEYS)
+    assert last["requests"] == last["completed"] == 200
+    assert last["peak_gpus"] <= 4
+    rows = (out / "requests.csv").read_text().splitlines()
+    assert len(rows) == 201 and rows[0].startswith("request_id,arrival_s,adapter")
+    assert (out / "gpus.png").stat().st_size > 1000 and (out / "latency_cdf.png").stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["completed"] == 200
+
+
+def test_compare_prints_one_table_over_every_policy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["sim", "--trace", str(_trace(tmp_path, 80)), "--profile", PROFILE, "--max-gpus", "3"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--compare", "--no-plots", "--quiet", "--json"]) == 0
+    text = capsys.readouterr().out
+    for label in ("packing", "packing-no-migration", "least_loaded", "round_robin", "random"):
+        assert f"\n{label} " in text
+    assert set(json.loads(text.strip().splitlines()[-1])["compare"]) >= {"packing", "round_robin"}
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--profile", "no-such-profile"], "no-such-profile"),
+        (["--max-gpus", "0"], "max_gpus"),
+        (["--popularity", "zipf"], "--popularity"),
+        (["--rate-scale", "-1"], "rate_scale"),
+    ],
+)
+def test_bad_input_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], match: str
+) -> None:
+    base = {"--profile": PROFILE, "--max-gpus": "2"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["sim", "--trace", str(_trace(tmp_path, 5)), "--out", str(tmp_path / "o"), "--quiet"]
+    for flag, value in base.items():
+        argv += [flag, value]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lorafleet: error: ") and match in err[0]
+
+
+def test_bad_trace_row_names_file_row_and_column(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp_s,prompt_tokens,output_tokens\n0,5,3\n1,5,-1\n")
+    argv = ["sim", "--trace", str(bad), "--profile", PROFILE, "--max-gpus", "2", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert f"lorafleet: error: {bad}: row 3, column output_tokens: negative length" in capsys.readouterr().err
