@@ -33,9 +33,9 @@ class DemoConfig:
     workers: int = 3
     max_batch_size: int = 4  # per worker: small, so a burst needs more than one worker
     calibration_s: float = 4.0  # how long one worker is measured before the workload
-    quiet_s: float = 6.0  # first quiet phase
+    quiet_s: float = 5.0  # first quiet phase
     burst_s: float = 6.0
-    cooldown_s: float = 12.0  # the quiet phase after the burst: migrations, then release to one
+    cooldown_s: float = 10.0  # the quiet phase after the burst: migrations, then release to one
     quiet_load: float = 0.3  # quiet rate, as a share of what one worker sustains (low TTFT)
     burst_load: float = 2.0  # burst rate, as a multiple of what one worker sustains
     consolidation_interval_s: float = 0.25
