@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
@@ -55,6 +56,9 @@ class WorkerSample:
     busy: int  # workers running at least one sequence
     running: int
     queue_len: int
+    # The fleet's totals at this moment (since it started), so a timeline can place them in time.
+    migrations: int = 0
+    workers_released: int = 0
 
 
 @dataclass
@@ -77,9 +81,13 @@ class BenchReport:
     adapters_used: int = 0
     clamped: int = 0
     first_errors: list[str] = field(default_factory=list)
+    # Per request, in plan order: for callers that slice the run (the demo's phases); not in the JSON.
+    records: list[RequestRecord] = field(default_factory=list, repr=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        summary = asdict(self)
+        del summary["records"]
+        return json.dumps(summary)
 
 
 def _quantiles(values: list[float]) -> dict[str, float | None]:
@@ -117,6 +125,7 @@ def summarize(
         preemptions=counters.get("preemptions", 0),
         adapters_used=len({r.adapter for r in records}),
         first_errors=[f"{r.status}: {r.error}" for r in records if r.status != "ok"][:5],
+        records=records,
     )
 
 
@@ -183,21 +192,31 @@ async def _one_request(
         record.done_at = time.monotonic()
 
 
-async def _sample_workers(client: AsyncClient, start: float, out: list[WorkerSample], every_s: float) -> None:
+async def _sample_workers(
+    client: AsyncClient,
+    start: float,
+    out: list[WorkerSample],
+    every_s: float,
+    on_sample: Callable[[WorkerSample], None] | None,
+) -> None:
     while True:
         try:
             st = await client.status(timeout=5.0)
-            out.append(
-                WorkerSample(
-                    t_s=time.monotonic() - start,
-                    active=st.workers_in("active"),
-                    busy=st.num_busy_workers,
-                    running=sum(w.num_running for w in st.workers),
-                    queue_len=st.queue_len,
-                )
-            )
         except ApiError:
-            pass  # a missed sample is not worth failing the run over
+            st = None  # a missed sample is not worth failing the run over
+        if st is not None:
+            sample = WorkerSample(
+                t_s=time.monotonic() - start,
+                active=st.workers_in("active"),
+                busy=st.num_busy_workers,
+                running=sum(w.num_running for w in st.workers),
+                queue_len=st.queue_len,
+                migrations=st.counters.migrations,
+                workers_released=st.counters.workers_released,
+            )
+            out.append(sample)
+            if on_sample is not None:
+                on_sample(sample)
         await asyncio.sleep(every_s)
 
 
@@ -212,11 +231,15 @@ async def run_bench(
     use_base: bool = False,
     progress: ProgressBar | None = None,
     records_out: list[RequestRecord] | None = None,
+    on_sample: Callable[[WorkerSample], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> BenchReport:
     """Send `plan` against the server behind `client`; returns the summary.
 
     `records_out`, if given, receives the per-request records in plan order (the simulator's
-    validation replays exactly what was sent)."""
+    validation replays exactly what was sent); `on_sample` sees every worker sample as it is taken;
+    `on_start` runs at the plan's time 0.
+    """
     if not plan:
         raise ValueError("the workload is empty: raise --rate or --duration")
     status = await client.status(timeout=10.0)
@@ -230,7 +253,9 @@ async def run_bench(
         records_out.extend(records)
     samples: list[WorkerSample] = []
     start = time.monotonic()
-    sampler = asyncio.create_task(_sample_workers(client, start, samples, sample_every_s))
+    if on_start is not None:
+        on_start()
+    sampler = asyncio.create_task(_sample_workers(client, start, samples, sample_every_s, on_sample))
     tasks: list[asyncio.Task[None]] = []
     try:
         for p, record, prompt in zip(plan, records, prompts):

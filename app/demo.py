@@ -1,23 +1,34 @@
-"""`lorafleet demo`: the whole system on this machine, in one command and about a minute.
+"""`lorafleet demo`: the whole system on this machine, in one command and under a minute.
 
 Makes the tiny demo model and its adapters once (cached), starts a local Ray with CPU workers
-behind the gRPC server, replays a short synthetic multi-adapter workload through gRPC with a
-progress bar, prints a summary, and shuts everything down.
+behind the gRPC server, measures what one worker sustains here, and sizes a quiet / burst / quiet
+workload from that figure, so the fleet's story shows on a slow machine as on a fast one: one
+worker while quiet, more for the burst, then migrations and a release back to one. It replays the
+workload through gRPC with a progress line, checks the story, prints the timeline phase by phase,
+writes the run as JSON and PNG, and shuts everything down.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lorafleet.scheduler.fleet_config import POLICIES
-from lorafleet.workload import POPULARITIES
+from lorafleet.demo_config import DemoConfig
+from lorafleet.demo_config import add_arguments as add_demo_arguments
+
+if TYPE_CHECKING:
+    from lorafleet.bench import BenchReport
+    from lorafleet.demo_calibrate import Calibration
+    from lorafleet.demo_story import Machine, Phase
+    from lorafleet.workload import PlannedRequest
 
 DEMO_ADAPTERS = 8
 
@@ -55,83 +66,185 @@ def ensure_demo_assets(cache_dir: Path) -> tuple[Path, Path]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cache-dir", type=Path, default=None, help=f"where the demo model lives ({default_cache_dir()})"
-    )
-    p.add_argument("--workers", type=int, default=3, help="CPU workers (default 3)")
-    p.add_argument(
-        "--rate", type=float, default=3.0, help="quiet-phase requests/s; the burst sends 10x (default 3)"
-    )
-    p.add_argument("--phase-s", type=float, default=4.0, help="length of each of the 3 phases (default 4 s)")
-    p.add_argument(
-        "--popularity", choices=POPULARITIES, default="skewed", help="adapter mix (default skewed)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policy", default="packing", choices=POLICIES)
-    p.add_argument("--no-progress", action="store_true")
+    add_demo_arguments(p)
 
 
-async def run_demo(args: argparse.Namespace) -> int:
-    from lorafleet.bench import run_bench
+async def run_demo(cfg: DemoConfig) -> int:
+    from lorafleet.bench import WorkerSample, run_bench
     from lorafleet.client import AsyncClient
     from lorafleet.config import ServeConfig
+    from lorafleet.demo_calibrate import calibrate, wait_idle
+    from lorafleet.demo_story import Machine, demo_phases, phase_of
     from lorafleet.progress import ProgressBar
-    from lorafleet.report import format_bench
     from lorafleet.serve import shutdown_serving, start_serving
     from lorafleet.workload import phased_workload
 
-    if not args.rate > 0 or not args.phase_s > 0:
-        raise ValueError("--rate and --phase-s must be > 0")
     started = time.monotonic()
-    cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    machine = Machine.here()  # before our own workers add to the load: what others put on it
+    cache = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
     say(f"demo model and {DEMO_ADAPTERS} adapters in {cache}")
     model_dir, adapters_dir = ensure_demo_assets(cache)
     config = ServeConfig(
         model=str(model_dir),
         adapters_dir=str(adapters_dir),
-        workers=args.workers,
-        max_workers=args.workers,
+        workers=cfg.workers,
+        max_workers=cfg.workers,
         port=0,
         metrics_port=0,
-        policy=args.policy,
-        # Short intervals so a one-minute run shows consolidation at work.
-        consolidation_interval_s=1.0,
-        idle_release_s=60.0,
-        engine={"max_batch_size": 4, "max_loras": 4},
+        policy=cfg.policy,
+        consolidation_interval_s=cfg.consolidation_interval_s,
+        idle_release_s=cfg.idle_release_s,
+        engine={"max_batch_size": cfg.max_batch_size, "max_loras": 4},
     )
-    say(f"starting a local Ray and {args.workers} CPU workers ...")
+    say(f"starting a local Ray and {cfg.workers} CPU workers ({machine.cores} cores here) ...")
     api = await start_serving(config)
     try:
         say(f"serving on {api.address}; metrics at http://{api.host}:{api.metrics_port}/metrics")
-        # Quiet, burst, quiet: the burst spills onto more workers, the packing policy gathers the
-        # load back onto few once it passes.
-        phases = [(args.rate, args.phase_s), (10 * args.rate, args.phase_s), (args.rate, args.phase_s)]
-        plan = phased_workload(
-            phases, popularity=args.popularity, prompt_len=(8, 48), output_len=(32, 160), seed=args.seed
-        )
         async with AsyncClient(api.address) as client:
             await client.wait_ready(30.0)
             say(
-                f"sending {len(plan)} requests: {args.rate:g} req/s, a burst of {10 * args.rate:g} req/s, "
-                f"then {args.rate:g} req/s again ({args.popularity} adapter popularity)"
+                f"measuring what one worker sustains ({cfg.calibration_s:g} s, "
+                f"a batch of {cfg.max_batch_size}) ..."
             )
-            progress = None if args.no_progress else ProgressBar(len(plan), label="demo")
-            report = await run_bench(client, plan, seed=args.seed, request_timeout_s=120.0, progress=progress)
+            cal = await calibrate(
+                client,
+                seconds=cfg.calibration_s,
+                concurrency=cfg.max_batch_size,
+                prompt_len=cfg.prompt_len,
+                output_len=cfg.output_len,
+                popularity=cfg.popularity,
+                seed=cfg.seed,
+            )
+            say(
+                f"one worker sustains {cal.tokens_per_s:.0f} tokens/s, "
+                f"about {cal.requests_per_s:.1f} requests/s of this workload (slices spread {cal.spread:.0%})"
+            )
+            if cal.max_busy_workers > 1:
+                say(f"note: {cal.max_busy_workers} workers ran during the calibration: it may overstate one")
+            await wait_idle(client, 30.0)
+            phases = demo_phases(cfg, cal.requests_per_s)
+            plan = phased_workload(
+                [(p.rate_rps, p.end_s - p.start_s) for p in phases],
+                popularity=cfg.popularity,
+                prompt_len=cfg.prompt_len,
+                output_len=cfg.output_len,
+                seed=cfg.seed,
+            )
+            say(
+                f"sending {len(plan)} requests: quiet {phases[0].rate_rps:.1f} req/s for {cfg.quiet_s:g} s, "
+                f"a burst of {phases[1].rate_rps:.1f} req/s for {cfg.burst_s:g} s, then quiet for "
+                f"{cfg.cooldown_s:g} s ({cfg.popularity} adapter popularity)"
+            )
+            say(
+                f"the {cfg.workers} workers stay up through the burst (a cold CPU worker takes seconds to "
+                f"start); after it, a worker idle for {cfg.idle_release_s:g} s is released, down to 1"
+            )
+            progress = ProgressBar(len(plan), label="demo") if cfg.progress else None
+
+            def on_sample(sample: WorkerSample) -> None:
+                if progress is not None:
+                    progress.set_status(
+                        f"{phase_of(phases, sample.t_s).name:<8} workers busy {sample.busy}/{sample.active}  "
+                        f"queue {sample.queue_len}"
+                    )
+
+            def allow_release() -> None:
+                api.fleet.set_worker_bounds(min_workers=1)
+
+            def on_start() -> None:
+                asyncio.get_running_loop().call_later(phases[1].end_s, allow_release)
+
+            report = await run_bench(
+                client,
+                plan,
+                seed=cfg.seed,
+                request_timeout_s=120.0,
+                progress=progress,
+                on_sample=on_sample,
+                on_start=on_start,
+            )
             if progress is not None:
                 progress.close()
     finally:
         say("shutting down ...")
         await shutdown_serving(api, drain_timeout_s=30.0)
+    return finish(cfg, machine, cal, phases, plan, report, time.monotonic() - started)
+
+
+def finish(
+    cfg: DemoConfig,
+    machine: Machine,
+    cal: Calibration,
+    phases: list[Phase],
+    plan: list[PlannedRequest],
+    report: BenchReport,
+    wall_s: float,
+) -> int:
+    """Check the story, write the JSON and the PNG, print the report; the exit status."""
+    from lorafleet.demo_plot import write_plot
+    from lorafleet.demo_report import format_phases, format_story, format_timeline, run_summary
+    from lorafleet.demo_story import check_story, quiet_ttft_p50, summarize_phases, timeline
+    from lorafleet.report import format_bench
+
+    samples = report.workers_over_time
+    slices = timeline(samples, phases, cfg.slice_s)
+    summaries = summarize_phases(phases, plan, report.records, samples)
+    ttft_quiet = quiet_ttft_p50(phases, plan, report.records)
+    checks = check_story(cfg, cal, summaries, samples, ttft_quiet, machine)
+    story_ok = all(c.ok for c in checks)
+    json_path, png_path = cfg.out_dir / "demo-run.json", cfg.out_dir / "demo-run.png"
+    title = (
+        f"lorafleet demo: {cfg.workers} CPU workers on {machine.cores} cores, one worker "
+        f"{cal.tokens_per_s:.0f} tokens/s; story {'shown' if story_ok else 'NOT shown'}"
+    )
+    files = {"json": str(json_path)}
+    if samples:
+        write_plot(png_path, samples, phases, workers=cfg.workers, title=title)
+        files["png"] = str(png_path)
+    summary = run_summary(
+        config=cfg,
+        machine=machine,
+        calibration=cal,
+        phases=phases,
+        report=report,
+        summaries=summaries,
+        slices=slices,
+        checks=checks,
+        ttft_quiet_p50_s=ttft_quiet,
+        wall_s=wall_s,
+        files=files,
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(summary, indent=1) + "\n")
     print()
-    print(f"lorafleet demo: {args.workers} CPU workers, tiny Llama, {DEMO_ADAPTERS} LoRA adapters + aliases")
+    print(
+        f"lorafleet demo: {cfg.workers} CPU workers on {machine.cores} cores (load average "
+        f"{machine.load_avg_1m:.1f} at the start), tiny Llama, {DEMO_ADAPTERS} LoRA adapters + aliases"
+    )
+    print(
+        f"calibration: one worker sustains {cal.tokens_per_s:.0f} tokens/s "
+        f"({cal.requests_per_s:.1f} requests/s of this workload)"
+    )
     print(format_bench(report))
-    print(f"total demo time {time.monotonic() - started:.1f} s")
-    return 0 if report.completed == report.requests else 1
+    print()
+    print(format_phases(summaries))
+    print()
+    print(format_timeline(slices, cfg.slice_s))
+    print()
+    print(format_story(checks))
+    print(f"run written to {json_path}" + (f" and {png_path}" if "png" in files else ""))
+    print(f"total demo time {wall_s:.1f} s")
+    if cfg.json:
+        print(json.dumps(summary))
+    return 0 if story_ok and report.completed == report.requests else 1
+
+
+_STARTED = time.monotonic()
 
 
 def say(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+    print(f"[demo {time.monotonic() - _STARTED:4.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    return asyncio.run(run_demo(args))
+    return asyncio.run(run_demo(DemoConfig.from_args(args)))

@@ -25,6 +25,15 @@ class ProgressBar:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._lock = threading.Lock()
         self._closed = False
+        self.status = ""  # extra text at the end of the line, e.g. how many workers are busy
+
+    def set_status(self, text: str) -> None:
+        """Show `text` after the counters (redrawn at once on a terminal, with the next line otherwise)."""
+        with self._lock:
+            changed = text != self.status
+            self.status = text
+            if changed and self._tty:
+                self._draw()
 
     def advance(self, tokens: int = 0, error: bool = False) -> None:
         with self._lock:
@@ -39,9 +48,10 @@ class ProgressBar:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         bar = "#" * filled + "." * (self.width - filled)
         prefix = f"{self.label} " if self.label else ""
+        status = f"  {self.status}" if self.status else ""
         return (
             f"{prefix}[{bar}] {self.done}/{self.total} requests  "
-            f"{self.tokens / elapsed:7.1f} tok/s  errors {self.errors}  {elapsed:5.1f} s"
+            f"{self.tokens / elapsed:7.1f} tok/s  errors {self.errors}  {elapsed:5.1f} s{status}"
         )
 
     def _draw(self, force: bool = False) -> None:

@@ -104,13 +104,25 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         config: EngineConfig | None = None,
+        skip_tokenizer_init: bool = False,
         **tuning: Any,
     ) -> Engine:
-        """Load a Hugging Face model directory; ``tuning`` keywords are EngineConfig fields."""
+        """Load a Hugging Face model directory; ``tuning`` keywords are EngineConfig fields.
+
+        A folder without tokenizer.json loads too (as does any folder with ``skip_tokenizer_init``,
+        vLLM's name): the engine then takes token-id prompts only, and a text prompt or a stop string
+        is a ValueError saying so. The fleet sends token ids, so a tokenizer-less model serves fine.
+        """
         if config is not None and tuning:
             raise ValueError("pass either config or tuning keywords, not both")
         engine_config = config or EngineConfig.from_dict(tuning)
-        loaded = load_model(model_dir, device=device, dtype=resolve_dtype(dtype))
+        loaded = load_model(
+            model_dir,
+            device=device,
+            dtype=resolve_dtype(dtype),
+            require_tokenizer=False,
+            skip_tokenizer=skip_tokenizer_init,
+        )
         return cls(loaded, engine_config)
 
     def _num_kv_blocks(self) -> int:
@@ -156,6 +168,11 @@ class Engine:
         if bad:
             raise ValueError(f"request {rid}: token id {bad[0]} outside the vocabulary [0, {vocab})")
         params = request.sampling
+        if params.stop and self.tokenizer is None:
+            # Without a tokenizer there is no output text to search, so the stop would never match.
+            raise ValueError(
+                f"request {rid}: stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            )
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {rid}: stop token id {bad[0]} outside the vocabulary [0, {vocab})")
@@ -369,7 +386,10 @@ class Engine:
     def _encode(self, prompt: str | Seq[int], index: int) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass token-id lists")
+                raise ValueError(
+                    f"prompt {index} is text, but this model was loaded without a tokenizer "
+                    "(no tokenizer.json, or skip_tokenizer_init): pass token-id lists"
+                )
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(t) for t in prompt]

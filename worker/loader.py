@@ -43,8 +43,12 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = "float32",
     require_tokenizer: bool = True,
+    skip_tokenizer: bool = False,
 ) -> LoadedModel:
     """Load config, weights and tokenizer of the Hugging Face directory ``model_dir``.
+
+    ``skip_tokenizer`` leaves the tokenizer unread (the model then takes token ids only, like vLLM's
+    ``skip_tokenizer_init``); otherwise a missing tokenizer.json is an error when ``require_tokenizer``.
 
     Raises FileNotFoundError for a missing directory/file and ValueError for anything malformed
     (unsupported architecture, pickle-only weights, corrupt safetensors, missing or misshapen
@@ -79,7 +83,9 @@ def load_model(
     model.eval()
     tokenizer = None
     tok_path = model_dir / "tokenizer.json"
-    if tok_path.is_file():
+    if skip_tokenizer:
+        pass  # token ids only: a tokenizer.json, even a broken one, is not read
+    elif tok_path.is_file():
         tokenizer = Tokenizer.from_dir(model_dir)
     elif require_tokenizer:
         raise FileNotFoundError(f"{tok_path}: no such file (the worker needs a fast tokenizer.json)")

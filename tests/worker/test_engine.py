@@ -282,3 +282,23 @@ def test_generate_leaves_the_engine_idle_when_a_step_raises(demo, monkeypatch) -
     assert not engine.has_unfinished() and stats.num_free_kv_blocks == stats.num_total_kv_blocks
     monkeypatch.undo()
     assert len(engine.generate(prompts(1), sampling=GREEDY)[0].token_ids) == GREEDY.max_new_tokens
+
+
+def test_model_without_tokenizer_takes_token_ids_and_refuses_text(demo, tmp_path: Path) -> None:
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(demo.model_dir, folder, ignore=shutil.ignore_patterns("adapters"))
+    (folder / "tokenizer.json").unlink()
+    engine = Engine.from_pretrained(folder)
+    assert engine.tokenizer is None
+    with_tokenizer = Engine.from_pretrained(demo.model_dir)
+    ids = prompts(1)
+    expected = with_tokenizer.generate(ids, sampling=GREEDY)[0].token_ids
+    assert engine.generate(ids, sampling=GREEDY)[0].token_ids == expected  # same model, same tokens
+    with pytest.raises(ValueError, match=r"prompt 0 is text.*without a tokenizer.*token-id lists"):
+        engine.generate(["hello"], sampling=GREEDY)
+    stop = dataclasses.replace(GREEDY, stop=("x",))
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        engine.generate(ids, sampling=stop)
+    # skip_tokenizer_init ignores a tokenizer.json that is there (even a broken one).
+    (folder / "tokenizer.json").write_text("{}")
+    assert Engine.from_pretrained(folder, skip_tokenizer_init=True).tokenizer is None
