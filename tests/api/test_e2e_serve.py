@@ -225,14 +225,14 @@ def test_metrics_after_traffic(server) -> None:
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
-    assert samples['lorafleet_requests_total{status="ok"}'] >= 3
+    assert samples['lorafleet_requests_total{api="grpc",status="ok"}'] >= 3
     assert samples["lorafleet_generated_tokens_total"] >= 3 * MAX_NEW
     assert samples['lorafleet_workers{state="active"}'] == 2
-    assert samples["lorafleet_time_to_first_token_seconds_count"] >= 3
+    assert samples['lorafleet_time_to_first_token_seconds_count{api="grpc"}'] >= 3
     assert (
         0
-        < samples["lorafleet_time_per_output_token_seconds_sum"]
-        / samples["lorafleet_time_per_output_token_seconds_count"]
+        < samples['lorafleet_time_per_output_token_seconds_sum{api="grpc"}']
+        / samples['lorafleet_time_per_output_token_seconds_count{api="grpc"}']
         < 1.0
     )
     assert samples["lorafleet_adapter_loads_total"] >= 1
