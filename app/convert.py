@@ -100,11 +100,13 @@ def request_from_proto(
     token_ids = validation.prompt_token_ids(
         prompt, encode=encode, vocab_size=vocab_size, max_context_tokens=max_context_tokens
     )
+    sampling = sampling_from_proto(msg.sampling)
+    validation.check_stop_token_ids(sampling, vocab_size)
     return validation.build_request(
         request_id=request_id,
         token_ids=token_ids,
         adapter=msg.adapter or None,
-        sampling=sampling_from_proto(msg.sampling),
+        sampling=sampling,
         arrival_time=arrival_time,
     )
 

@@ -29,10 +29,11 @@ def default_cache_dir() -> Path:
 
 def ensure_demo_assets(cache_dir: Path) -> tuple[Path, Path]:
     """The demo model folder and its adapters folder, made on first use (atomically: no half copies)."""
-    from lorafleet.worker.demo_assets import make_demo
+    from lorafleet.worker.demo_assets import ensure_chat_template, make_demo
 
     adapters = cache_dir / "adapters"
     if (cache_dir / "config.json").is_file() and adapters.is_dir():
+        ensure_chat_template(cache_dir)  # caches made before the HTTP API had no chat template
         return cache_dir, adapters
     if cache_dir.exists() and any(cache_dir.iterdir()):
         raise ValueError(f"{cache_dir} exists but holds no demo model; remove it or pick another --cache-dir")
@@ -93,6 +94,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         max_workers=args.workers,
         port=0,
         metrics_port=0,
+        http_port=0,
         policy=args.policy,
         # Short intervals so a one-minute run shows consolidation at work.
         consolidation_interval_s=1.0,
@@ -102,7 +104,10 @@ async def run_demo(args: argparse.Namespace) -> int:
     say(f"starting a local Ray and {args.workers} CPU workers ...")
     api = await start_serving(config)
     try:
-        say(f"serving on {api.address}; metrics at http://{api.host}:{api.metrics_port}/metrics")
+        say(
+            f"serving on {api.address}; OpenAI API at http://{api.host}:{api.http_port}/v1; "
+            f"metrics at http://{api.host}:{api.metrics_port}/metrics"
+        )
         # Quiet, burst, quiet: the burst spills onto more workers, the packing policy gathers the
         # load back onto few once it passes.
         phases = [(args.rate, args.phase_s), (10 * args.rate, args.phase_s), (args.rate, args.phase_s)]

@@ -132,6 +132,15 @@ def check_prompt_ids(
     return token_ids
 
 
+def check_stop_token_ids(
+    sampling: SamplingParams, vocab_size: int | None, field: str = "stop_token_ids"
+) -> None:
+    if vocab_size is not None:
+        bad = [t for t in sampling.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise FieldError(field, f"{field} must be in [0, {vocab_size}), got {bad[:5]}")
+
+
 def build_request(
     *,
     request_id: str,
