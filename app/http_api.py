@@ -150,7 +150,9 @@ class _Api:
             try:
                 self.s.fleet.register_adapter(name, path)
             except (ValueError, KeyError) as exc:
-                raise FieldError("lora_path", f"adapter {name!r} ({path}): {_message(exc)}") from exc
+                raise FieldError(
+                    "lora_path", f"lora_path: adapter {name!r} ({path}): {_message(exc)}"
+                ) from exc
         except Exception as exc:
             return http_error(exc).response()
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -163,7 +165,8 @@ class _Api:
             try:
                 self.s.fleet.unregister_adapter(name)
             except KeyError as exc:
-                raise HttpError(404, _message(exc), "not_found", "lora_name", "adapter_not_found") from exc
+                message = f"lora_name: {_message(exc)}"
+                raise HttpError(404, message, "not_found", "lora_name", "adapter_not_found") from exc
         except Exception as exc:
             return http_error(exc).response()
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
