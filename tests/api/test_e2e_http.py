@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -104,8 +105,14 @@ def server(demo_model: Path) -> Iterator[dict]:
     metrics_url = ready.split("metrics at ")[1].strip()
     with Client(grpc_address, timeout=60) as client:
         client.wait_ready(60)
-    yield {"grpc": grpc_address, "base_url": base_url, "metrics": metrics_url, "model": demo_model.name}
-    proc.send_signal(signal.SIGINT)
+    yield {
+        "grpc": grpc_address,
+        "base_url": base_url,
+        "metrics": metrics_url,
+        "model": demo_model.name,
+        "proc": proc,
+    }
+    proc.send_signal(signal.SIGINT)  # no-op when the last test already stopped it
     try:
         assert proc.wait(90) == 0, "".join(errors)[-3000:]
     finally:
@@ -267,3 +274,31 @@ def test_disconnected_stream_frees_its_kv_blocks_and_metrics_say_http(server) ->
     }
     assert values['lorafleet_requests_total{api="http",status="ok"}'] >= len(JOBS)
     assert values['lorafleet_requests_total{api="http",status="cancelled"}'] >= 1
+
+
+def test_zz_sigint_drains_http_streams_and_refuses_new_calls(server) -> None:
+    """Last in the module: it stops the shared server."""
+    base = server["base_url"].removesuffix("/v1")
+    body = {"model": "adapter-0", "prompt": [5, 6, 7], "max_tokens": 200, "stream": True, "ignore_eos": True}
+    refuse = {"model": "adapter-0", "prompt": [1], "max_tokens": 1}
+    with (
+        httpx.Client(base_url=base, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as reply,
+    ):
+        lines = reply.iter_lines()
+        first = next(lines)
+        server["proc"].send_signal(signal.SIGINT)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            refused = http.post("/v1/completions", json=refuse)
+            if refused.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert http.get("/health").status_code == 503
+        rest = [first, *lines]
+    events = [ln[len("data: ") :] for ln in rest if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert server["proc"].wait(90) == 0

@@ -105,6 +105,7 @@ def server(demo_model: Path) -> Iterator[dict]:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     args = ["--model", str(demo_model), "--adapters-dir", str(demo_model / "adapters"), "--workers", "2"]
     args += ["--port", "0", "--metrics-port", "0", "--host", "127.0.0.1", "--drain-timeout-s", "20"]
+    args += ["--http-port", "0"]
     serve = ServeProcess(args, env)
     address, metrics_port = serve.wait_ready(180)
     with Client(address, timeout=60) as client:
@@ -301,7 +302,8 @@ def test_cli_status_adapters_and_bench(server) -> None:
 def test_sigint_drains_running_requests_then_exits_zero(demo_model: Path) -> None:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     args = ["--model", str(demo_model), "--adapter", f"solo={demo_model / 'adapters' / 'adapter-0'}"]
-    args += ["--workers", "1", "--port", "0", "--metrics-port", "off", "--drain-timeout-s", "60"]
+    args += ["--workers", "1", "--port", "0", "--metrics-port", "off", "--http-port", "off"]
+    args += ["--drain-timeout-s", "60"]
     serve = ServeProcess(args, env)
     address = None  # metrics are off, so the ready line has no metrics URL
     end = time.monotonic() + 180
