@@ -276,6 +276,18 @@ def test_disconnected_stream_frees_its_kv_blocks_and_metrics_say_http(server) ->
     assert values['lorafleet_requests_total{api="http",status="cancelled"}'] >= 1
 
 
+def test_cli_bench_through_http(server) -> None:
+    cmd = [sys.executable, "-m", "lorafleet.cli", "bench", "--server", server["grpc"], "--http"]
+    cmd += [server["base_url"], "--synthetic", "--popularity", "uniform", "--rate", "20", "--duration", "1"]
+    cmd += ["--output-len", "4-8", "--json", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["requests"] == report["completed"] > 5
+    assert report["generated_tokens"] >= 4 * report["requests"]
+    assert report["ttft_s"]["p50"] > 0 and report["tpot_s"]["p50"] > 0
+
+
 def test_zz_sigint_drains_http_streams_and_refuses_new_calls(server) -> None:
     """Last in the module: it stops the shared server."""
     base = server["base_url"].removesuffix("/v1")
