@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -215,14 +214,18 @@ class _Api:
         trackers = [RequestTracker(self.s.metrics, "http", adapter, arrival) for _ in requests]
         streams = ChoiceStreams(self.s.fleet, requests, trackers, self.s.metrics)
         shape = _Shape(spec, chat, self.s.codec, prompts, len(requests))
+        # A client that leaves while its request waits in the queue is noticed now, not at its first token.
+        watcher = asyncio.create_task(_watch_disconnect(http, streams))
         try:
             await streams.start()  # admission errors (404, 429, 503, 400) before any byte is sent
         except Exception as exc:
+            await _stop(watcher)
             await streams.close()
-            return http_error(exc).response()
+            return Response(status_code=499) if isinstance(exc, ClientGone) else http_error(exc).response()
         if spec.stream:
+            await _stop(watcher)  # the SSE response listens for the disconnect from here on
             return _SSEResponse(_sse(streams, shape), streams)
-        return await _collect(http, streams, shape)
+        return await _collect(streams, shape, watcher)
 
     def _adapter_for(self, model: str) -> str | None:
         if model == self.s.model.name:
@@ -443,14 +446,20 @@ async def _sse(streams: ChoiceStreams, shape: _Shape) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _collect(http: HttpRequest, streams: ChoiceStreams, shape: _Shape) -> Response:
-    async def watch() -> None:
-        # The body is read, so the next message is http.disconnect: the client left early.
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-        streams.client_gone()
+async def _watch_disconnect(http: HttpRequest, streams: ChoiceStreams) -> None:
+    # The body is read, so the next message is http.disconnect: the client left early.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    streams.client_gone()
 
-    watcher = asyncio.create_task(watch())
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _collect(streams: ChoiceStreams, shape: _Shape, watcher: asyncio.Task[None]) -> Response:
     try:
         async for choice, delta in streams:
             shape.add(choice, delta)
@@ -459,12 +468,6 @@ async def _collect(http: HttpRequest, streams: ChoiceStreams, shape: _Shape) -> 
     except Exception as exc:
         return http_error(exc).response()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await _stop(watcher)
         await streams.close()
     return JSONResponse(shape.final())
-
-
-def model_root(model_dir: str | Path) -> str:
-    return str(Path(model_dir).resolve())

@@ -66,6 +66,7 @@ class FakeFleet:
         self.migrations = 0
         self.load_count = 0
         self.recent_loads: list[float] = []
+        self.queue_wait_s = 0.0  # seconds an admitted request waits before its first token
 
     async def generate(self, request: Request) -> AsyncIterator[TokenDelta]:
         if self.closing:
@@ -82,6 +83,8 @@ class FakeFleet:
             self.load_count += 1
             self.recent_loads.append(0.002 * self.load_count)
         try:
+            if self.queue_wait_s:
+                await asyncio.sleep(self.queue_wait_s)
             n = request.sampling.max_new_tokens
             for i in range(n):
                 await asyncio.sleep(self.token_delay_s)

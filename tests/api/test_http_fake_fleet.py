@@ -258,6 +258,20 @@ def test_client_disconnect_aborts_the_request(server, stream: bool) -> None:
     assert _wait_until(lambda: not fleet.held and len(fleet.abort_requested) == before + 1)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_while_queued_aborts_at_once(server, stream: bool) -> None:
+    fleet = server["fleet"]
+    before = len(fleet.abort_requested)
+    fleet.queue_wait_s = 30.0  # no first token for 30 s: the request waits as if queued
+    try:
+        body = {"model": "alice", "prompt": [4, 5], "max_tokens": 4, "stream": stream}
+        with httpx.Client(base_url=server["base"], timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+            http.post(C, json=body)
+        assert _wait_until(lambda: not fleet.held and len(fleet.abort_requested) == before + 1)
+    finally:
+        fleet.queue_wait_s = 0.0
+
+
 def test_models_and_adapter_admin(server) -> None:
     http = server["http"]
     reply = http.post("/v1/load_lora_adapter", json={"lora_name": "carol", "lora_path": "/adapters/carol"})
