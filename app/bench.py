@@ -3,6 +3,8 @@
 Each planned request is sent at its arrival time (never waiting for earlier ones), streamed to the
 end, and timed: TTFT = first token - send, TPOT = (last token - first token) / (tokens - 1).
 A poller samples GetClusterStatus to record how many workers were in use over time.
+With `--http URL` the requests go through the OpenAI-compatible HTTP API instead (bench_http.py);
+the control calls stay on gRPC.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
@@ -159,6 +161,17 @@ async def _resolve_adapters(
     return mapping, aliases
 
 
+# Sends one planned request and fills its record: (record, prompt, max_new_tokens, timeout_s).
+Send = Callable[[RequestRecord, list[int], int, float], Awaitable[None]]
+
+
+def grpc_sender(client: AsyncClient) -> Send:
+    async def send(record: RequestRecord, prompt: list[int], max_new_tokens: int, timeout_s: float) -> None:
+        await _one_request(client, record, prompt, max_new_tokens, timeout_s)
+
+    return send
+
+
 async def _one_request(
     client: AsyncClient,
     record: RequestRecord,
@@ -233,8 +246,9 @@ async def run_bench(
     records_out: list[RequestRecord] | None = None,
     on_sample: Callable[[WorkerSample], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    send: Send | None = None,
 ) -> BenchReport:
-    """Send `plan` against the server behind `client`; returns the summary.
+    """Send `plan` against the server behind `client` (or through `send`); returns the summary.
 
     `records_out`, if given, receives the per-request records in plan order (the simulator's
     validation replays exactly what was sent); `on_sample` sees every worker sample as it is taken;
@@ -252,6 +266,7 @@ async def run_bench(
     if records_out is not None:
         records_out.extend(records)
     samples: list[WorkerSample] = []
+    send = send or grpc_sender(client)
     start = time.monotonic()
     if on_start is not None:
         on_start()
@@ -262,9 +277,7 @@ async def run_bench(
             delay = start + p.at_s - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(
-                _one_request(client, record, prompt, p.max_new_tokens, request_timeout_s)
-            )
+            task = asyncio.create_task(send(record, prompt, p.max_new_tokens, request_timeout_s))
             if progress is not None:
                 task.add_done_callback(lambda _t, r=record: progress.advance(r.tokens, r.status != "ok"))
             tasks.append(task)
@@ -300,6 +313,13 @@ def _int_range(text: str) -> tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    p.add_argument(
+        "--http",
+        metavar="URL",
+        default=None,
+        help="send the requests through the OpenAI-compatible HTTP API at URL (e.g. http://127.0.0.1:8000);"
+        " status and adapters still use --server",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
     source.add_argument("--synthetic", action="store_true", help="Poisson arrivals, Punica popularities")
@@ -363,9 +383,27 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
     from lorafleet.report import format_bench
 
     rows = read_azure_trace(args.trace) if args.trace else None  # a bad file fails before connecting
-    async with AsyncClient(args.server) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(AsyncClient(args.server))
         await client.wait_ready(args.connect_timeout)
         status = await client.status(timeout=10.0)
+        send = None
+        if args.http is not None:
+            import httpx
+
+            from lorafleet.bench_http import base_url, http_sender
+
+            # One connection per concurrent stream, as gRPC multiplexes them on one channel.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=base_url(args.http), limits=limits)
+            )
+            reply = await http.get("/health", timeout=args.connect_timeout)
+            if reply.status_code != 200:
+                raise ValueError(
+                    f"{args.http}/health answered {reply.status_code}: the HTTP API is not serving"
+                )
+            send = http_sender(http, status.model.name)
         plan, clamped = build_plan(args, status.model.max_context_tokens, rows)
         progress = None if args.no_progress else ProgressBar(len(plan), label="bench")
         report = await run_bench(
@@ -376,6 +414,7 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
             allow_aliases=args.aliases,
             use_base=args.base_model,
             progress=progress,
+            send=send,
         )
         if progress is not None:
             progress.close()

@@ -62,7 +62,7 @@ def _add_server_flag(p: argparse.ArgumentParser) -> None:
 def _add_serve_parser(sub: Any) -> None:
     # dest == ServeConfig field name for every flag (tests check the 1:1 mapping); default None
     # means "not given", so YAML values survive unless a flag overrides them.
-    p = sub.add_parser("serve", help="serve a model and its adapters over gRPC")
+    p = sub.add_parser("serve", help="serve a model and its adapters over gRPC and OpenAI-compatible HTTP")
     p.add_argument("--config", help="YAML file with any of the settings below (flags win)")
     p.add_argument("--model", help="base model folder (Hugging Face layout)")
     p.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR", help="repeatable")
@@ -82,6 +82,9 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port (default 9400; 'off')")
+    p.add_argument(
+        "--http-port", type=_port_or_off, help="OpenAI-compatible HTTP API port (default 8000; 'off')"
+    )
     p.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
     p.add_argument("--policy", choices=POLICIES)
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
@@ -174,16 +177,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["adapter_roots"] = tuple(args.adapter_roots)
     if args.engine:
         overrides["engine"] = dict(parse_engine_option(s) for s in args.engine)
-    metrics_off = args.metrics_port == METRICS_OFF
-    if metrics_off:
-        overrides["metrics_port"] = None  # None = "not given" to load(); switched off below
+    switched_off = [name for name in ("metrics_port", "http_port") if getattr(args, name) == METRICS_OFF]
+    for name in switched_off:
+        overrides[name] = None  # None = "not given" to load(); switched off below
     config = ServeConfig.load(args.config, overrides)
-    if metrics_off:
-        config = dataclasses.replace(config, metrics_port=None)
+    if switched_off:
+        config = dataclasses.replace(config, **dict.fromkeys(switched_off))
 
     def ready(api: Any) -> None:
+        http = f"; OpenAI API at http://{api.host}:{api.http_port}/v1" if api.http_port is not None else ""
         where = f"; metrics at http://{api.host}:{api.metrics_port}/metrics" if api.metrics_port else ""
-        print(f"lorafleet: serving {config.model} on {api.address}{where}", flush=True)
+        print(f"lorafleet: serving {config.model} on {api.address}{http}{where}", flush=True)
 
     asyncio.run(serve(config, on_ready=ready))
     return 0

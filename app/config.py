@@ -54,6 +54,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9400  # None = no metrics endpoint
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
     ray_address: str | None = None  # None = start a local Ray; "auto" or an address joins one
     policy: str = "packing"
     max_queue: int = 256  # requests admitted but not yet placed; beyond it -> RESOURCE_EXHAUSTED
@@ -101,6 +102,8 @@ class ServeConfig:
         _check_port("port", self.port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
+        if self.http_port is not None:
+            _check_port("http_port", self.http_port)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         check_int("max_queue", self.max_queue, 1)

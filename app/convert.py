@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from lorafleet import validation
 from lorafleet.api_types import ClusterView, GenerateChunk, ModelView, Usage
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
@@ -30,15 +31,13 @@ _PLAIN_SAMPLING = ("stop_token_ids", "stop", "ignore_eos", "logprobs")
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Unset optional fields take SamplingParams' defaults; ValueError names a bad value."""
+    """Unset optional fields take SamplingParams' defaults; FieldError (a ValueError) names a bad one."""
     values: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
     values["stop_token_ids"] = tuple(msg.stop_token_ids)
     values["stop"] = tuple(msg.stop)
     values["ignore_eos"] = msg.ignore_eos
     values["logprobs"] = msg.logprobs
-    if any(t < 0 for t in values["stop_token_ids"]):
-        raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(msg.stop_token_ids)}")
-    return SamplingParams(**values)
+    return validation.sampling_params(values)
 
 
 def sampling_to_proto(sampling: SamplingParams | Mapping[str, Any] | None) -> pb.SamplingParams:
@@ -88,31 +87,24 @@ def request_from_proto(
     vocab_size: int | None = None,
     max_context_tokens: int | None = None,
 ) -> Request:
-    """Build the engine's Request; ValueError (with a message for the caller) on any bad field."""
+    """Build the engine's Request; ValueError (with a message for the caller) on any bad field.
+
+    The checks are validation.py's, the same the HTTP API runs."""
     kind = msg.WhichOneof("prompt")
     if kind == "text":
-        if not msg.text:
-            raise ValueError("the prompt is empty")
-        token_ids = tuple(int(t) for t in encode(msg.text))
+        prompt: str | tuple[int, ...] = msg.text
     elif kind == "token_ids":
-        token_ids = tuple(msg.token_ids.ids)
+        prompt = tuple(msg.token_ids.ids)
     else:
-        raise ValueError("the prompt is empty: set either text or token_ids")
-    if not token_ids:
-        raise ValueError("the prompt is empty")
-    if vocab_size is not None:
-        bad = [t for t in token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
-    if max_context_tokens is not None and len(token_ids) >= max_context_tokens:
-        raise ValueError(
-            f"the prompt has {len(token_ids)} tokens; the model's context is {max_context_tokens} "
-            "tokens, so the prompt must be shorter than that"
-        )
+        raise validation.FieldError("prompt", "the prompt is empty: set either text or token_ids")
+    token_ids = validation.prompt_token_ids(
+        prompt, encode=encode, vocab_size=vocab_size, max_context_tokens=max_context_tokens
+    )
     sampling = sampling_from_proto(msg.sampling)
-    return Request(
+    validation.check_stop_token_ids(sampling, vocab_size)
+    return validation.build_request(
         request_id=request_id,
-        prompt_token_ids=token_ids,
+        token_ids=token_ids,
         adapter=msg.adapter or None,
         sampling=sampling,
         arrival_time=arrival_time,

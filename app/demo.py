@@ -40,10 +40,11 @@ def default_cache_dir() -> Path:
 
 def ensure_demo_assets(cache_dir: Path) -> tuple[Path, Path]:
     """The demo model folder and its adapters folder, made on first use (atomically: no half copies)."""
-    from lorafleet.worker.demo_assets import make_demo
+    from lorafleet.worker.demo_assets import ensure_chat_template, make_demo
 
     adapters = cache_dir / "adapters"
     if (cache_dir / "config.json").is_file() and adapters.is_dir():
+        ensure_chat_template(cache_dir)  # caches made before the HTTP API had no chat template
         return cache_dir, adapters
     if cache_dir.exists() and any(cache_dir.iterdir()):
         raise ValueError(f"{cache_dir} exists but holds no demo model; remove it or pick another --cache-dir")
@@ -91,6 +92,7 @@ async def run_demo(cfg: DemoConfig) -> int:
         max_workers=cfg.workers,
         port=0,
         metrics_port=0,
+        http_port=0,
         policy=cfg.policy,
         consolidation_interval_s=cfg.consolidation_interval_s,
         idle_release_s=cfg.idle_release_s,
@@ -99,7 +101,10 @@ async def run_demo(cfg: DemoConfig) -> int:
     say(f"starting a local Ray and {cfg.workers} CPU workers ({machine.cores} cores here) ...")
     api = await start_serving(config)
     try:
-        say(f"serving on {api.address}; metrics at http://{api.host}:{api.metrics_port}/metrics")
+        say(
+            f"serving on {api.address}; OpenAI API at http://{api.host}:{api.http_port}/v1; "
+            f"metrics at http://{api.host}:{api.metrics_port}/metrics"
+        )
         async with AsyncClient(api.address) as client:
             await client.wait_ready(30.0)
             say(

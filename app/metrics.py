@@ -1,6 +1,7 @@
 """Prometheus metrics of a `lorafleet serve` process (prometheus-client, own registry).
 
-Two sources feed them: the gRPC servicer reports each finished request (`request_finished`), and a
+Two sources feed them: the API servers (gRPC and HTTP) report each finished request through a
+`RequestTracker` (`request_finished`; per-request series carry an `api` label, "grpc" or "http"), and a
 poller hands the fleet's status snapshot to `observe_cluster` about once a second (gauges, and
 counters advanced by the growth of the fleet's cumulative counters).
 
@@ -22,7 +23,9 @@ from lorafleet.scheduler.status import ClusterStatus
 OTHER = "other"
 BASE = "(base)"  # requests without an adapter; parentheses keep it apart from adapter names
 
-# gRPC status names a finished request is counted under ("ok" = completed with STOP or LENGTH).
+APIS = ("grpc", "http")
+# gRPC status names a finished request is counted under ("ok" = completed with STOP or LENGTH); the
+# HTTP API counts its requests under the same names (404 -> not_found, 429 -> resource_exhausted, ...).
 REQUEST_STATUSES = (
     "ok",
     "cancelled",
@@ -90,9 +93,12 @@ class ServerMetrics:
     def __init__(self, top_adapters: int = 20, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lorafleet_requests", "Requests by final gRPC status", ["status"], registry=r)
-        for status in REQUEST_STATUSES:
-            self.requests.labels(status=status)
+        self.requests = Counter(
+            "lorafleet_requests", "Requests by API and final (gRPC) status", ["api", "status"], registry=r
+        )
+        for api in APIS:
+            for status in REQUEST_STATUSES:
+                self.requests.labels(api=api, status=status)
         self.adapter_requests = Counter(
             "lorafleet_adapter_requests",
             "Requests per adapter (top adapters by traffic; the rest under 'other')",
@@ -110,25 +116,33 @@ class ServerMetrics:
         self.adapter_labels = AdapterLabels(top_adapters, on_evict=self._drop_adapter_series)
         self.generated_tokens = Counter("lorafleet_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens admitted", registry=r)
-        self.in_flight = Gauge("lorafleet_in_flight_requests", "Generate streams open now", registry=r)
+        self.in_flight = Gauge(
+            "lorafleet_in_flight_requests", "Generation requests open now", ["api"], registry=r
+        )
         self.ttft = Histogram(
             "lorafleet_time_to_first_token_seconds",
             "From receiving a request to its first token",
+            ["api"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "lorafleet_time_per_output_token_seconds",
             "Mean gap between generated tokens after the first, per request",
+            ["api"],
             buckets=_TPOT_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "lorafleet_request_duration_seconds",
             "From receiving a request to its last message",
+            ["api"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        for api in APIS:
+            for metric in (self.in_flight, self.ttft, self.tpot, self.e2e):
+                metric.labels(api=api)
         self.queue_length = Gauge("lorafleet_queue_length", "Requests waiting for a worker", registry=r)
         self.workers = Gauge("lorafleet_workers", "Workers by state", ["state"], registry=r)
         for state in WORKER_STATES:
@@ -172,6 +186,7 @@ class ServerMetrics:
     def request_finished(
         self,
         *,
+        api: str = "grpc",
         adapter: str | None,
         status: str,
         generated_tokens: int,
@@ -181,17 +196,19 @@ class ServerMetrics:
     ) -> None:
         if status not in REQUEST_STATUSES:
             raise ValueError(f"unknown request status {status!r} (known: {', '.join(REQUEST_STATUSES)})")
-        self.requests.labels(status=status).inc()
+        if api not in APIS:
+            raise ValueError(f"unknown api {api!r} (known: {', '.join(APIS)})")
+        self.requests.labels(api=api, status=status).inc()
         label = self.adapter_labels.label_for(adapter)
         self.adapter_requests.labels(adapter=label).inc()
         if generated_tokens:
             self.adapter_tokens.labels(adapter=label).inc(generated_tokens)
             self.generated_tokens.inc(generated_tokens)
-        self.e2e.observe(duration_s)
+        self.e2e.labels(api=api).observe(duration_s)
         if ttft_s is not None:
-            self.ttft.observe(ttft_s)
+            self.ttft.labels(api=api).observe(ttft_s)
         if tpot_s is not None:
-            self.tpot.observe(tpot_s)
+            self.tpot.labels(api=api).observe(tpot_s)
 
     def _drop_adapter_series(self, adapter: str) -> None:
         for metric in (self.adapter_requests, self.adapter_tokens):
@@ -255,3 +272,48 @@ class ServerMetrics:
         """Start the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_port
+
+
+class RequestTracker:
+    """Times one generation request of one API and reports it to the metrics exactly once."""
+
+    def __init__(self, metrics: ServerMetrics | None, api: str, adapter: str | None, arrival: float) -> None:
+        self.metrics = metrics
+        self.api = api
+        self.adapter = adapter
+        self.arrival = arrival
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.generated = 0
+        self.prompt_tokens = 0
+        self.reported = False
+
+    def tokens(self, n: int, now: float) -> None:
+        if n and self.first_token_at is None:
+            self.first_token_at = now
+        if n:
+            self.last_token_at = now
+        self.generated += n
+
+    @property
+    def ttft_s(self) -> float:
+        # No token (e.g. aborted before the first one): 0 rather than a made-up TTFT.
+        return 0.0 if self.first_token_at is None else self.first_token_at - self.arrival
+
+    def finish(self, status: str, now: float) -> None:
+        if self.reported or self.metrics is None:
+            self.reported = True
+            return
+        self.reported = True
+        tpot = None
+        if self.generated > 1 and self.first_token_at is not None and self.last_token_at is not None:
+            tpot = (self.last_token_at - self.first_token_at) / (self.generated - 1)
+        self.metrics.request_finished(
+            api=self.api,
+            adapter=self.adapter,
+            status=status,
+            generated_tokens=self.generated,
+            duration_s=now - self.arrival,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
+            tpot_s=tpot,
+        )

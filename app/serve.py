@@ -1,9 +1,12 @@
-"""Wiring of `lorafleet serve`: the Fleet, the gRPC server (+ health, reflection), metrics, shutdown.
+"""Wiring of `lorafleet serve`: the Fleet, the gRPC server (+ health, reflection), the OpenAI-compatible
+HTTP API, metrics, shutdown.
 
-`start_api` puts the gRPC and metrics endpoints in front of any fleet (tests use a fake one);
+`start_api` puts the gRPC, HTTP and metrics endpoints in front of any fleet (tests use a fake one).
+The HTTP API is a uvicorn server running as a task on the same asyncio loop as grpc.aio and the
+fleet, so both APIs reach the fleet without a thread or process hop;
 `start_serving` also starts the real Fleet and registers the configured adapters; `serve` runs
 until SIGINT/SIGTERM, then drains: new calls get UNAVAILABLE, admitted requests finish (up to
-`drain_timeout_s`), the workers stop, and the process exits 0.
+`drain_timeout_s`), the workers stop, and the process exits 0. Both APIs drain together.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lorafleet.api_types import ModelView
+from lorafleet.chat_template import ChatTemplate
 from lorafleet.config import ServeConfig
+from lorafleet.http_api import HttpState, make_app
 from lorafleet.metrics import ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2, serving_pb2_grpc
 from lorafleet.server import FleetLike, LoraFleetServicer
@@ -48,6 +54,11 @@ class ApiServer:
     _metrics_http: Any = None
     _poller: asyncio.Task[None] | None = None
     fleet: Any = field(default=None, repr=False)
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     @property
     def address(self) -> str:
@@ -56,10 +67,14 @@ class ApiServer:
     async def begin_shutdown(self) -> None:
         """New calls get UNAVAILABLE and health says NOT_SERVING; running streams go on."""
         self.servicer.closing = True
+        if self.http is not None:
+            self.http.state.closing = True
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.begin_shutdown()
+        if self.http is not None:
+            await self.http.stop(grace_s)
         await self.grpc_server.stop(grace_s)
         if self._poller is not None:
             self._poller.cancel()
@@ -69,6 +84,67 @@ class ApiServer:
             # shutdown() waits for the serving thread's 0.5 s poll; keep the event loop free meanwhile.
             await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # serve() owns SIGINT/SIGTERM and drains both APIs; uvicorn's own handlers would stop the
+        # HTTP side alone at the first signal.
+        yield
+
+
+@dataclass
+class HttpServer:
+    """The OpenAI-compatible API: a uvicorn server task on the running loop."""
+
+    state: HttpState
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    port: int
+
+    @classmethod
+    async def start(cls, state: HttpState, host: str, port: int) -> HttpServer:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))  # bound here so port 0 resolves and a taken port fails now
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}") from None
+        config = uvicorn.Config(
+            make_app(state), lifespan="off", http="h11", log_level="warning", access_log=False
+        )
+        server = _EmbeddedUvicorn(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                sock.close()
+                task.result()
+                raise OSError(f"the HTTP server on {host}:{port} stopped while starting")
+            await asyncio.sleep(0.01)
+        return cls(state, server, task, sock.getsockname()[1])
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting; open streams get grace_s to end, then they are cancelled (and aborted)."""
+        self.server.config.timeout_graceful_shutdown = max(grace_s, 0.1)
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def http_state(fleet: Any, model: ModelView, model_dir: str | Path | None) -> HttpState:
+    """What the HTTP API needs of the model: its tokenizer (if any) and chat template (if any)."""
+    codec = chat = None
+    if model_dir is not None:
+        from lorafleet.worker.tokenizer import Tokenizer
+
+        with contextlib.suppress(FileNotFoundError):
+            codec = Tokenizer.from_dir(model_dir)
+        chat = ChatTemplate.from_dir(model_dir)
+    root = str(Path(model_dir).resolve()) if model_dir is not None else model.name
+    return HttpState(fleet=fleet, model=model, model_root=root, codec=codec, chat_template=chat)
 
 
 def model_view(model_dir: str | Path, engine_options: dict[str, Any]) -> ModelView:
@@ -115,8 +191,12 @@ async def start_api(
     port: int = 0,
     metrics_port: int | None = None,
     top_adapters: int = 20,
+    http_port: int | None = None,
+    http: HttpState | None = None,
 ) -> ApiServer:
-    """Serve `fleet` over gRPC on host:port (0 = any free port) and /metrics on metrics_port."""
+    """Serve `fleet` over gRPC on host:port (0 = any free port), the OpenAI-compatible HTTP API on
+    http_port (None = off; `http` carries its tokenizer and chat template) and /metrics on
+    metrics_port."""
     metrics = ServerMetrics(top_adapters=top_adapters)
     servicer = LoraFleetServicer(fleet, model=model, encode=encode, metrics=metrics)
     server = grpc.aio.server()
@@ -136,6 +216,14 @@ async def start_api(
         except OSError as exc:
             await server.stop(0)
             raise OSError(f"cannot serve metrics on {host}:{metrics_port}: {exc}") from exc
+    if http_port is not None:
+        state = http if http is not None else http_state(fleet, model, None)
+        state.metrics = metrics
+        try:
+            api.http = await HttpServer.start(state, host, http_port)
+        except BaseException:
+            await api.stop(0)
+            raise
     api._poller = asyncio.create_task(_poll_metrics(fleet, metrics))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -190,11 +278,15 @@ async def start_serving(config: ServeConfig) -> ApiServer:
     check_model_dir(config.model)
     check_port_free(config.host, config.port, "gRPC")
     check_port_free(config.host, config.metrics_port, "metrics")
+    check_port_free(config.host, config.http_port, "HTTP")
     EngineConfig.from_dict(dict(config.engine))  # a typo in an engine option fails before Ray starts
     adapters = config.adapter_sources()
     model = model_view(config.model, dict(config.engine))
     encode = text_encoder(config.model)
+    http = http_state(None, model, config.model) if config.http_port is not None else None
     fleet = await Fleet.start(fleet_config(config))
+    if http is not None:
+        http.fleet = fleet
     try:
         for name, path in adapters:
             try:
@@ -209,6 +301,8 @@ async def start_serving(config: ServeConfig) -> ApiServer:
             port=config.port,
             metrics_port=config.metrics_port,
             top_adapters=config.metrics_top_adapters,
+            http_port=config.http_port,
+            http=http,
         )
     except BaseException:
         await fleet.shutdown(drain=False)

@@ -20,7 +20,7 @@ import grpc
 
 from lorafleet import convert
 from lorafleet.api_types import ModelView, Usage
-from lorafleet.metrics import ServerMetrics
+from lorafleet.metrics import RequestTracker, ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.proto.lorafleet.v1 import serving_pb2_grpc
 from lorafleet.scheduler.errors import (
@@ -73,54 +73,6 @@ def _message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-class _Tracker:
-    """Times one request and reports it to the metrics exactly once."""
-
-    def __init__(self, metrics: ServerMetrics | None, adapter: str | None, arrival: float) -> None:
-        self.metrics = metrics
-        self.adapter = adapter
-        self.arrival = arrival
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.generated = 0
-        self.prompt_tokens = 0
-        self.reported = False
-
-    def tokens(self, n: int, now: float) -> None:
-        if n and self.first_token_at is None:
-            self.first_token_at = now
-        if n:
-            self.last_token_at = now
-        self.generated += n
-
-    def usage(self, now: float) -> Usage:
-        # No token (e.g. aborted before the first one): report 0 rather than a made-up TTFT.
-        ttft = 0.0 if self.first_token_at is None else self.first_token_at - self.arrival
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            generated_tokens=self.generated,
-            time_to_first_token_s=ttft,
-            total_time_s=now - self.arrival,
-        )
-
-    def finish(self, status: str, now: float) -> None:
-        if self.reported or self.metrics is None:
-            self.reported = True
-            return
-        self.reported = True
-        tpot = None
-        if self.generated > 1 and self.first_token_at is not None and self.last_token_at is not None:
-            tpot = (self.last_token_at - self.first_token_at) / (self.generated - 1)
-        self.metrics.request_finished(
-            adapter=self.adapter,
-            status=status,
-            generated_tokens=self.generated,
-            duration_s=now - self.arrival,
-            ttft_s=None if self.first_token_at is None else self.first_token_at - self.arrival,
-            tpot_s=tpot,
-        )
-
-
 class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
     def __init__(
         self,
@@ -142,7 +94,7 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
         # A coroutine writing with context.write (not an async generator), so that a cancelled
         # call always surfaces here as CancelledError, wherever the handler is waiting.
         arrival = time.monotonic()
-        tracker = _Tracker(self.metrics, request.adapter or None, arrival)
+        tracker = RequestTracker(self.metrics, "grpc", request.adapter or None, arrival)
         if self.closing:
             tracker.finish("unavailable", time.monotonic())
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -161,7 +113,7 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request_id}: {exc}")
         tracker.prompt_tokens = len(engine_request.prompt_token_ids)
         if self.metrics is not None:
-            self.metrics.in_flight.inc()
+            self.metrics.in_flight.labels(api="grpc").inc()
         failure = await self._stream(engine_request, context, tracker)
         if failure is not None:
             code, message = failure
@@ -169,7 +121,7 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
             await context.abort(code, message)
 
     async def _stream(
-        self, request: Request, context: grpc.aio.ServicerContext, tracker: _Tracker
+        self, request: Request, context: grpc.aio.ServicerContext, tracker: RequestTracker
     ) -> tuple[grpc.StatusCode, str] | None:
         """Relay the fleet's deltas; returns the failure to answer with, or None on success."""
         request_id = request.request_id
@@ -192,7 +144,7 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
                 if delta.num_prompt_tokens:
                     tracker.prompt_tokens = delta.num_prompt_tokens
                 await context.write(
-                    convert.delta_to_proto(delta, tracker.usage(now) if delta.finished else None)
+                    convert.delta_to_proto(delta, _usage(tracker, now) if delta.finished else None)
                 )
                 if delta.finished:
                     tracker.finish("cancelled" if delta.finish_reason is FinishReason.ABORT else "ok", now)
@@ -220,7 +172,7 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
             return grpc.StatusCode.INTERNAL, f"request {request_id} failed: {type(exc).__name__}: {exc}"
         finally:
             if self.metrics is not None:
-                self.metrics.in_flight.dec()
+                self.metrics.in_flight.labels(api="grpc").dec()
             await _close(stream)
 
     async def _abort_quietly(self, request_id: str) -> None:
@@ -266,6 +218,15 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
             return fn(*args)
         except (FleetError, ValueError, KeyError) as exc:
             await context.abort(status_for(exc), _message(exc))
+
+
+def _usage(tracker: RequestTracker, now: float) -> Usage:
+    return Usage(
+        prompt_tokens=tracker.prompt_tokens,
+        generated_tokens=tracker.generated,
+        time_to_first_token_s=tracker.ttft_s,
+        total_time_s=now - tracker.arrival,
+    )
 
 
 async def _close(stream: AsyncIterator[TokenDelta]) -> None:

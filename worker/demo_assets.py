@@ -21,6 +21,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
+# A ChatML-like chat template with the demo's <s> and </s>, so /v1/chat/completions works on the demo.
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A fleet of small models serves many adapters.",
     "Once upon a time there was a little server that batched requests from thousands of users.",
@@ -105,6 +113,7 @@ def make_demo(
             "pad_token": SPECIAL_TOKENS[2],
             "model_max_length": max_position_embeddings,
             "clean_up_tokenization_spaces": False,
+            "chat_template": DEMO_CHAT_TEMPLATE,
         },
     )
     config = {
@@ -148,6 +157,19 @@ def make_demo(
         spec = ADAPTER_SPECS[i % len(ADAPTER_SPECS)]
         adapters[name] = _write_adapter(out / "adapters" / name, spec, num_layers, shapes, gen)
     return DemoAssets(out, adapters)
+
+
+def ensure_chat_template(model_dir: str | Path) -> bool:
+    """Add the demo chat template to a demo model made before it had one; True if it was added."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("chat_template"):
+        return False
+    config["chat_template"] = DEMO_CHAT_TEMPLATE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    return True
 
 
 def _train_tokenizer(vocab_size: int) -> Tokenizer:

@@ -67,6 +67,7 @@ class FakeFleet:
         self.migrations = 0
         self.load_count = 0
         self.recent_loads: list[float] = []
+        self.queue_wait_s = 0.0  # seconds an admitted request waits before its first token
 
     async def generate(self, request: Request) -> AsyncIterator[TokenDelta]:
         if self.closing:
@@ -83,6 +84,8 @@ class FakeFleet:
             self.load_count += 1
             self.recent_loads.append(0.002 * self.load_count)
         try:
+            if self.queue_wait_s:
+                await asyncio.sleep(self.queue_wait_s)
             n = request.sampling.max_new_tokens
             for i in range(n):
                 await asyncio.sleep(self.token_delay_s)
@@ -198,3 +201,40 @@ def fake_server(loop_thread: LoopThread) -> Iterator[tuple[Any, FakeFleet, LoopT
 def fake_server_with_metrics(loop_thread: LoopThread) -> Iterator[tuple[Any, FakeFleet, LoopThread]]:
     """As fake_server, plus /metrics on a free port (api.metrics_port)."""
     yield from _serve_fake(loop_thread, 0)
+
+
+class FakeCodec:
+    """Text <-> ids as the fake fleet writes them: token t decodes to "<t>"."""
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return fake_encode(text)
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{t}>" for t in ids)
+
+
+@pytest.fixture(scope="module")
+def fake_http_server() -> Iterator[dict[str, Any]]:
+    """One gRPC + OpenAI HTTP server (same loop) over a FakeFleet with the demo chat template, per
+    module: {"api", "fleet", "lt", "base" (the HTTP base URL)}; /metrics on api.metrics_port."""
+    from lorafleet.chat_template import ChatTemplate
+    from lorafleet.http_api import HttpState
+    from lorafleet.serve import start_api
+    from lorafleet.worker.demo_assets import DEMO_CHAT_TEMPLATE
+
+    lt = LoopThread()
+    fleet = FakeFleet()
+    model = ModelView(name="fake", vocab_size=VOCAB, max_context_tokens=MAX_CONTEXT)
+    state = HttpState(
+        fleet=fleet,
+        model=model,
+        model_root="/models/fake",
+        codec=FakeCodec(),
+        chat_template=ChatTemplate(DEMO_CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>"),
+    )
+    api = lt.run(
+        start_api(fleet, model=model, encode=fake_encode, port=0, metrics_port=0, http_port=0, http=state)
+    )
+    yield {"api": api, "fleet": fleet, "lt": lt, "base": f"http://127.0.0.1:{api.http_port}"}
+    lt.run(api.stop(grace_s=0.1))
+    lt.close()

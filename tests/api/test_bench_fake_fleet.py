@@ -76,3 +76,33 @@ def test_only_streams_ending_in_stop_or_length_count_as_completed() -> None:
     assert status_of([tokens, GenerateChunk("r", (9,), "c", finish_reason=FinishReason.LENGTH)]) == ("ok", 3)
     assert status_of([tokens, GenerateChunk("r", (), "", finish_reason=FinishReason.ABORT)]) == ("aborted", 2)
     assert status_of([tokens]) == ("incomplete", 2)
+
+
+def test_bench_over_http_accounts_for_every_request_and_error(fake_http_server) -> None:
+    import httpx
+
+    from lorafleet.bench_http import base_url, http_sender
+
+    api, fleet = fake_http_server["api"], fake_http_server["fleet"]
+    plan = synthetic_workload(
+        popularity="uniform", rate=200, duration_s=1, prompt_len=(2, 6), output_len=(2, 5), max_requests=8
+    )
+
+    async def main(max_running: int):
+        fleet.max_running = max_running
+        async with (
+            AsyncClient(api.address) as client,
+            httpx.AsyncClient(base_url=base_url(fake_http_server["base"] + "/v1")) as http,
+        ):
+            return await run_bench(client, plan, send=http_sender(http, "fake"))
+
+    try:
+        report = asyncio.run(main(100))
+        assert report.requests == report.completed == 8
+        assert report.generated_tokens == sum(p.max_new_tokens for p in plan)  # from the usage chunks
+        assert report.ttft_s["p50"] > 0 and report.tpot_s["p50"] > 0
+        crowded = asyncio.run(main(1))  # one in flight: the rest are 429 -> resource_exhausted
+        assert crowded.completed + crowded.errors.get("resource_exhausted", 0) == 8
+        assert crowded.errors.get("resource_exhausted", 0) >= 1 and "full" in crowded.first_errors[0]
+    finally:
+        fleet.max_running = 4

@@ -105,6 +105,7 @@ def server(demo_model: Path) -> Iterator[dict]:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     args = ["--model", str(demo_model), "--adapters-dir", str(demo_model / "adapters"), "--workers", "2"]
     args += ["--port", "0", "--metrics-port", "0", "--host", "127.0.0.1", "--drain-timeout-s", "20"]
+    args += ["--http-port", "0"]
     serve = ServeProcess(args, env)
     address, metrics_port = serve.wait_ready(180)
     with Client(address, timeout=60) as client:
@@ -233,14 +234,14 @@ def test_metrics_after_traffic(server) -> None:
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
-    assert samples['lorafleet_requests_total{status="ok"}'] >= 3
+    assert samples['lorafleet_requests_total{api="grpc",status="ok"}'] >= 3
     assert samples["lorafleet_generated_tokens_total"] >= 3 * MAX_NEW
     assert samples['lorafleet_workers{state="active"}'] == 2
-    assert samples["lorafleet_time_to_first_token_seconds_count"] >= 3
+    assert samples['lorafleet_time_to_first_token_seconds_count{api="grpc"}'] >= 3
     assert (
         0
-        < samples["lorafleet_time_per_output_token_seconds_sum"]
-        / samples["lorafleet_time_per_output_token_seconds_count"]
+        < samples['lorafleet_time_per_output_token_seconds_sum{api="grpc"}']
+        / samples['lorafleet_time_per_output_token_seconds_count{api="grpc"}']
         < 1.0
     )
     assert samples["lorafleet_adapter_loads_total"] >= 1
@@ -311,7 +312,8 @@ def test_signal_drains_running_requests_then_exits_zero(demo_model: Path, sig: s
     """Ctrl-C, and SIGTERM as systemd and Kubernetes send it, stop accepting, drain, exit 0."""
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     args = ["--model", str(demo_model), "--adapter", f"solo={demo_model / 'adapters' / 'adapter-0'}"]
-    args += ["--workers", "1", "--port", "0", "--metrics-port", "off", "--drain-timeout-s", "60"]
+    args += ["--workers", "1", "--port", "0", "--metrics-port", "off", "--http-port", "off"]
+    args += ["--drain-timeout-s", "60"]
     serve = ServeProcess(args, env)
     address = None  # metrics are off, so the ready line has no metrics URL
     end = time.monotonic() + 180

@@ -139,9 +139,13 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
     for name, kind in EXPECTED_FAMILIES.items():
         assert name in metrics, f"{name} missing from /metrics"
         assert metrics[name]["__type__",] == kind, name
-    assert value(metrics, "lorafleet_requests", "lorafleet_requests_total", status="ok") == 4
-    assert value(metrics, "lorafleet_requests", "lorafleet_requests_total", status="not_found") == 1
-    assert value(metrics, "lorafleet_requests", "lorafleet_requests_total", status="cancelled") == 1
+    assert value(metrics, "lorafleet_requests", "lorafleet_requests_total", api="grpc", status="ok") == 4
+    assert (
+        value(metrics, "lorafleet_requests", "lorafleet_requests_total", api="grpc", status="not_found") == 1
+    )
+    assert (
+        value(metrics, "lorafleet_requests", "lorafleet_requests_total", api="grpc", status="cancelled") == 1
+    )
     assert (
         value(metrics, "lorafleet_adapter_requests", "lorafleet_adapter_requests_total", adapter="alice") == 3
     )
@@ -158,19 +162,34 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
         == 12
     )
     ttft_count = value(
-        metrics, "lorafleet_time_to_first_token_seconds", "lorafleet_time_to_first_token_seconds_count"
+        metrics,
+        "lorafleet_time_to_first_token_seconds",
+        "lorafleet_time_to_first_token_seconds_count",
+        api="grpc",
     )
     assert ttft_count == 5  # 4 completed + the cancelled one that got a first token
     ttft_sum = value(
-        metrics, "lorafleet_time_to_first_token_seconds", "lorafleet_time_to_first_token_seconds_sum"
+        metrics,
+        "lorafleet_time_to_first_token_seconds",
+        "lorafleet_time_to_first_token_seconds_sum",
+        api="grpc",
     )
     assert 0 < ttft_sum / ttft_count < 5
     tpot_count = value(
-        metrics, "lorafleet_time_per_output_token_seconds", "lorafleet_time_per_output_token_seconds_count"
+        metrics,
+        "lorafleet_time_per_output_token_seconds",
+        "lorafleet_time_per_output_token_seconds_count",
+        api="grpc",
     )
     assert tpot_count >= 4
     assert (
-        value(metrics, "lorafleet_request_duration_seconds", "lorafleet_request_duration_seconds_count") == 6
+        value(
+            metrics,
+            "lorafleet_request_duration_seconds",
+            "lorafleet_request_duration_seconds_count",
+            api="grpc",
+        )
+        == 6
     )
     assert value(metrics, "lorafleet_migrations", "lorafleet_migrations_total") == 2
     assert value(metrics, "lorafleet_workers", "lorafleet_workers", state="active") == 1
@@ -185,4 +204,5 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
         value(metrics, "lorafleet_adapter_load_seconds", "lorafleet_adapter_load_seconds_count")
         == fleet.load_count
     )
-    assert value(metrics, "lorafleet_in_flight_requests", "lorafleet_in_flight_requests") == 0
+    assert value(metrics, "lorafleet_in_flight_requests", "lorafleet_in_flight_requests", api="grpc") == 0
+    assert value(metrics, "lorafleet_requests", "lorafleet_requests_total", api="http", status="ok") == 0

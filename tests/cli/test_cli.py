@@ -102,6 +102,12 @@ def test_make_demo_and_refusal_to_overwrite(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["make-demo", str(out), "--num-adapters", "2"]) == 0
     assert (out / "config.json").is_file() and (out / "adapters" / "adapter-1").is_dir()
+    # The chat template that makes /v1/chat/completions work on the demo, and it renders.
+    from lorafleet.chat_template import ChatTemplate
+
+    template = ChatTemplate.from_dir(out)
+    assert template is not None
+    assert template.render([{"role": "user", "content": "hi"}]) == "<s><|user|>\nhi</s>\n<|assistant|>\n"
     assert main(["make-demo", str(out)]) == 1
     assert "overwrite" in capsys.readouterr().err
 
@@ -120,3 +126,15 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys) -> None:
         assert main(["serve", "--model", str(tmp_path), "--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_http_port_in_use_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", str(tmp_path), "--port", "0", "--metrics-port", "off"]
+        assert main([*argv, "--http-port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "HTTP" in err and "Traceback" not in err

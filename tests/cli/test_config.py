@@ -46,6 +46,7 @@ def test_yaml_then_flags_win(tmp_path: Path) -> None:
 def test_defaults_and_max_workers_follow_workers() -> None:
     config = ServeConfig(model="/m", workers=3)
     assert config.max_workers == 3 and config.host == "127.0.0.1" and config.metrics_port == 9400
+    assert config.http_port == 8000
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,8 @@ def test_defaults_and_max_workers_follow_workers() -> None:
         ({"device": "tpu"}, "device"),
         ({"port": 70000}, "port"),
         ({"metrics_port": -1}, "metrics_port"),
+        ({"http_port": 70000}, "http_port"),
+        ({"http_port": "8000"}, "http_port"),
         ({"policy": "best"}, "policy"),
         ({"max_queue": 0}, "max_queue"),
         ({"consolidation_interval_s": 0}, "consolidation_interval_s"),
