@@ -34,7 +34,8 @@ def test_calibration_measures_a_full_batch(fake_server) -> None:
     fleet.token_delay_s = 0.01  # each stream: about 100 tokens/s, so 4 in flight: about 400
     del fleet.adapters["bob"]  # the fake fails some of bob's prompts on purpose; calibration must not
     cal = _calibrate(api.address)
-    assert 100 < cal.tokens_per_s < 500, cal
+    # One stream gives ~100 tokens/s and eight ~800; slice edges and timer slack move the figure.
+    assert 150 < cal.tokens_per_s < 750, cal
     assert cal.requests_per_s == pytest.approx(cal.tokens_per_s / 6.0)
     assert len(cal.slice_tokens_per_s) == 1 and cal.max_busy_workers == 1
     assert not fleet.held
