@@ -73,7 +73,14 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port (default 9400; 'off')")
-    p.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
+    p.add_argument(
+        "--ray-address",
+        help="join this Ray cluster ('auto' or HOST:PORT); default: always a new local Ray "
+        "(RAY_ADDRESS and clusters from `ray start` are used only with 'auto')",
+    )
+    p.add_argument(
+        "--ray-connect-timeout-s", type=float, help="fail if Ray is not started / joined by then (default 60)"
+    )
     p.add_argument("--policy", choices=POLICIES)
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--consolidation-interval-s", type=float)

@@ -157,6 +157,7 @@ def fleet_config(config: ServeConfig) -> Any:
         idle_release_s=config.idle_release_s,
         engine=dict(config.engine),
         ray_address=config.ray_address,
+        ray_connect_timeout_s=config.ray_connect_timeout_s,
     )
 
 

@@ -42,6 +42,7 @@ class FleetConfig:
     idle_release_s: float = 30.0
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig keyword arguments
     ray_address: str | None = None  # None: start a local Ray; "auto" or an address: join a cluster
+    ray_connect_timeout_s: float = 60.0  # starting or joining Ray fails with a clear error after this
     # --- finer settings (defaults suit both the CPU demo and a GPU fleet) ---
     seed: int = 0  # the "random" baseline's generator
     worker_num_cpus: float = 0.0  # Ray CPUs reserved per worker (GPU workers always ask num_gpus=1)
@@ -72,6 +73,7 @@ class FleetConfig:
         object.__setattr__(self, "engine", dict(self.engine))
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
             raise ValueError(f"ray_address must be None, 'auto' or an address, got {self.ray_address!r}")
+        check_positive("ray_connect_timeout_s", self.ray_connect_timeout_s)
         check_int("seed", self.seed, 0)
         check_positive("worker_num_cpus", self.worker_num_cpus, allow_zero=True)
         check_positive("worker_start_timeout_s", self.worker_start_timeout_s)
