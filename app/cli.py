@@ -85,7 +85,14 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument(
         "--http-port", type=_port_or_off, help="OpenAI-compatible HTTP API port (default 8000; 'off')"
     )
-    p.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT); default: a local Ray")
+    p.add_argument(
+        "--ray-address",
+        help="join this Ray cluster ('auto' or HOST:PORT); default: always a new local Ray "
+        "(RAY_ADDRESS and clusters from `ray start` are used only with 'auto')",
+    )
+    p.add_argument(
+        "--ray-connect-timeout-s", type=float, help="fail if Ray is not started / joined by then (default 60)"
+    )
     p.add_argument("--policy", choices=POLICIES)
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--consolidation-interval-s", type=float)
@@ -149,11 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("profile", help="measure a latency profile for `lorafleet sim` on a real engine")
     )
 
-    p = sub.add_parser("make-demo", help="write the tiny demo model and adapters into a folder")
+    p = sub.add_parser("make-demo", help="write a random demo model and adapters into a folder")
     p.add_argument("out_dir")
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="a real model shape (llama2-7b; tiny) as sharded safetensors with rank --adapter-rank "
+        "adapters on every projection; default: the mixed-adapter tiny demo",
+    )
+    p.add_argument("--dtype", default="bfloat16", help="weights' dtype with --shape (default bfloat16)")
+    p.add_argument("--adapter-rank", type=int, default=16, help="adapter rank with --shape (default 16)")
+    p.add_argument("--max-shard-mb", type=int, default=5120, help="shard size with --shape (default 5120)")
 
     p = sub.add_parser("selfcheck", help="check the SGMV kernels against a float64 reference")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -286,7 +302,26 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 def cmd_make_demo(args: argparse.Namespace) -> int:
     from lorafleet.worker.demo_assets import make_demo
 
-    assets = make_demo(args.out_dir, num_adapters=args.num_adapters, seed=args.seed, overwrite=args.overwrite)
+    if args.shape is not None:
+        from lorafleet.worker.demo_shapes import describe, make_shaped_demo
+
+        if args.max_shard_mb < 1:
+            raise UserError(f"--max-shard-mb must be >= 1, got {args.max_shard_mb}")
+        assets = make_shaped_demo(
+            args.out_dir,
+            args.shape,
+            num_adapters=args.num_adapters,
+            adapter_rank=args.adapter_rank,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_mb * 1024**2,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        print(f"shape {args.shape}: {describe(args.shape)}; {args.dtype}")
+    else:
+        assets = make_demo(
+            args.out_dir, num_adapters=args.num_adapters, seed=args.seed, overwrite=args.overwrite
+        )
     print(f"model: {assets.model_dir}")
     for name, path in assets.adapters.items():
         print(f"adapter {name}: {path}")

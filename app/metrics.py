@@ -165,6 +165,19 @@ class ServerMetrics:
         self.migrations = Counter("lorafleet_migrations", "Sequences moved between workers", registry=r)
         self.preemptions = Counter("lorafleet_preemptions", "Sequences preempted for KV space", registry=r)
         self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads into worker slots", registry=r)
+        # Faults: a worker whose report stream failed (killed, node lost, engine crash), each request
+        # it owned that went back to the queue to resume elsewhere, and a worker that did not start.
+        self.worker_deaths = Counter(
+            "lorafleet_worker_deaths", "Workers lost while serving (killed, node lost, crash)", registry=r
+        )
+        self.fault_resumes = Counter(
+            "lorafleet_fault_resumes",
+            "Requests resumed on another worker after their worker died",
+            registry=r,
+        )
+        self.worker_start_failures = Counter(
+            "lorafleet_worker_start_failures", "Worker starts that failed or timed out", registry=r
+        )
         self.adapter_hits = Counter(
             "lorafleet_adapter_cache_hits", "Requests whose adapter was already resident", registry=r
         )
@@ -252,6 +265,9 @@ class ServerMetrics:
                 ("adapter_loads", self.adapter_loads, c.adapter_loads),
                 ("adapter_cache_hits", self.adapter_hits, c.adapter_cache_hits),
                 ("adapter_cache_misses", self.adapter_misses, c.adapter_cache_misses),
+                ("worker_deaths", self.worker_deaths, c.worker_deaths),
+                ("resumed_after_fault", self.fault_resumes, c.resumed_after_fault),
+                ("worker_start_failures", self.worker_start_failures, c.worker_start_failures),
             ):
                 # A fleet counter can only shrink if it restarted; then count from its new value.
                 grown = value - self._last_counters.get(name, 0)

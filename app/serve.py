@@ -246,6 +246,7 @@ def fleet_config(config: ServeConfig) -> Any:
         engine=dict(config.engine),
         ray_address=config.ray_address,
         adapter_roots=config.effective_adapter_roots(),
+        ray_connect_timeout_s=config.ray_connect_timeout_s,
     )
 
 

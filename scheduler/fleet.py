@@ -28,6 +28,7 @@ from lorafleet.scheduler.errors import (
 )
 from lorafleet.scheduler.fleet_config import FleetConfig
 from lorafleet.scheduler.policy_types import blocks_for
+from lorafleet.scheduler.ray_connect import connect_ray
 from lorafleet.scheduler.runtime import FleetRuntime
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
 from lorafleet.scheduler.tracked_request import Failure, TrackedRequest
@@ -56,7 +57,8 @@ class Fleet:
     async def start(cls, config: FleetConfig) -> Fleet:
         """Start (or join) Ray and `config.min_workers` workers; returns once at least one is ready.
 
-        Raises ValueError for a bad engine config and FleetError if no worker could start.
+        Raises ValueError for a bad engine config, RayConnectError (a FleetError) when Ray cannot be
+        started or joined within `ray_connect_timeout_s`, and FleetError if no worker could start.
         """
         engine_config = EngineConfig.from_dict(dict(config.engine))
         try:
@@ -66,9 +68,7 @@ class Fleet:
                 raise ValueError(f"cannot read the model at {config.model_dir}: {exc}") from exc
             log.warning("model not readable on the head (%s); adapters get a shallow check only", exc)
             model_config = None
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            ray.init(address=config.ray_address, include_dashboard=False, configure_logging=False)
+        owns_ray = await connect_ray(config.ray_address, config.ray_connect_timeout_s)
         registry = AdapterRegistry(engine_config, model_config, config.adapter_roots)
         runtime = FleetRuntime(config, registry.get)
         fleet = cls(config, runtime, registry, owns_ray)

@@ -45,6 +45,7 @@ class FleetConfig:
     # Folders that adapters registered through the API must lie in (symlinks resolved); none = the
     # API may register nothing. Adapters the operator passes at start-up are not confined.
     adapter_roots: tuple[str, ...] = ()
+    ray_connect_timeout_s: float = 60.0  # starting or joining Ray fails with a clear error after this
     # --- finer settings (defaults suit both the CPU demo and a GPU fleet) ---
     seed: int = 0  # the "random" baseline's generator
     worker_num_cpus: float = 0.0  # Ray CPUs reserved per worker (GPU workers always ask num_gpus=1)
@@ -80,6 +81,7 @@ class FleetConfig:
         object.__setattr__(self, "adapter_roots", tuple(self.adapter_roots))
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
             raise ValueError(f"ray_address must be None, 'auto' or an address, got {self.ray_address!r}")
+        check_positive("ray_connect_timeout_s", self.ray_connect_timeout_s)
         check_int("seed", self.seed, 0)
         check_positive("worker_num_cpus", self.worker_num_cpus, allow_zero=True)
         check_positive("worker_start_timeout_s", self.worker_start_timeout_s)

@@ -84,8 +84,16 @@ def make_demo(
     max_position_embeddings: int = 512,
     num_shards: int = 1,
     overwrite: bool = False,
+    adapter_specs: tuple[AdapterSpec, ...] = ADAPTER_SPECS,
+    write_weights: bool = True,
 ) -> DemoAssets:
-    """Write the demo model into ``out_dir`` and ``num_adapters`` adapters under ``out_dir/adapters``."""
+    """Write the demo model into ``out_dir`` and ``num_adapters`` adapters under ``out_dir/adapters``.
+
+    ``write_weights=False`` leaves the base weights to the caller (``demo_shapes`` streams large
+    ones shard by shard); adapters cycle through ``adapter_specs``.
+    """
+    if not adapter_specs:
+        raise ValueError("adapter_specs must name at least one adapter layout")
     out = Path(out_dir)
     if num_adapters < 0:
         raise ValueError(f"num_adapters must be >= 0, got {num_adapters}")
@@ -147,14 +155,14 @@ def make_demo(
     _write_json(out / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})
 
     gen = torch.Generator().manual_seed(seed)
-    weights = _base_weights(config, gen)
-    _save_weights(out, weights, num_shards)
+    if write_weights:
+        _save_weights(out, _base_weights(config, gen), num_shards)
 
     adapters: dict[str, Path] = {}
     shapes = _proj_shapes(config)
     for i in range(num_adapters):
         name = f"adapter-{i}"
-        spec = ADAPTER_SPECS[i % len(ADAPTER_SPECS)]
+        spec = adapter_specs[i % len(adapter_specs)]
         adapters[name] = _write_adapter(out / "adapters" / name, spec, num_layers, shapes, gen)
     return DemoAssets(out, adapters)
 
@@ -192,28 +200,38 @@ def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.T
     return torch.randn(shape, generator=gen) * std
 
 
-def _base_weights(config: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random weights scaled so activations stay O(1) and logits are peaked (distinct greedy tokens)."""
+def weight_plan(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], float, float]]:
+    """Every base tensor in draw order: (name, shape, std, offset); the tensor is offset + N(0, std)."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd = config["head_dim"]
     q_out, kv_out = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _normal(gen, (v, h), 1.0)}
+    plan: list[tuple[str, tuple[int, ...], float, float]] = [("model.embed_tokens.weight", (v, h), 1.0, 0.0)]
     for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        w[p + "input_layernorm.weight"] = 1.0 + _normal(gen, (h,), 0.1)
+        plan.append((p + "input_layernorm.weight", (h,), 0.1, 1.0))
         for proj, shape in (
             ("q_proj", (q_out, h)),
             ("k_proj", (kv_out, h)),
             ("v_proj", (kv_out, h)),
             ("o_proj", (h, q_out)),
         ):
-            w[f"{p}self_attn.{proj}.weight"] = _normal(gen, shape, shape[1] ** -0.5)
-        w[p + "post_attention_layernorm.weight"] = 1.0 + _normal(gen, (h,), 0.1)
+            plan.append((f"{p}self_attn.{proj}.weight", shape, shape[1] ** -0.5, 0.0))
+        plan.append((p + "post_attention_layernorm.weight", (h,), 0.1, 1.0))
         for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
-            w[f"{p}mlp.{proj}.weight"] = _normal(gen, shape, shape[1] ** -0.5)
-    w["model.norm.weight"] = 1.0 + _normal(gen, (h,), 0.1)
-    w["lm_head.weight"] = _normal(gen, (v, h), 0.4)
-    return w
+            plan.append((f"{p}mlp.{proj}.weight", shape, shape[1] ** -0.5, 0.0))
+    plan.append(("model.norm.weight", (h,), 0.1, 1.0))
+    plan.append(("lm_head.weight", (v, h), 0.4, 0.0))
+    return plan
+
+
+def draw_weight(gen: torch.Generator, shape: tuple[int, ...], std: float, offset: float) -> torch.Tensor:
+    tensor = _normal(gen, shape, std)
+    return tensor + offset if offset else tensor
+
+
+def _base_weights(config: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights scaled so activations stay O(1) and logits are peaked (distinct greedy tokens)."""
+    return {name: draw_weight(gen, shape, std, off) for name, shape, std, off in weight_plan(config)}
 
 
 def _save_weights(out: Path, weights: dict[str, torch.Tensor], num_shards: int) -> None:

@@ -102,7 +102,9 @@ def offline(demo_model: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def server(demo_model: Path) -> Iterator[dict]:
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    # Without --ray-address, serve starts its own Ray: a RAY_ADDRESS pointing nowhere must not
+    # make it try to join (Ray's own ray.init() would, and hang).
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "RAY_ADDRESS": "127.0.0.1:1"}
     args = ["--model", str(demo_model), "--adapters-dir", str(demo_model / "adapters"), "--workers", "2"]
     args += ["--port", "0", "--metrics-port", "0", "--host", "127.0.0.1", "--drain-timeout-s", "20"]
     args += ["--http-port", "0"]

@@ -34,6 +34,9 @@ EXPECTED_FAMILIES = {
     "lorafleet_adapter_cache_hits": "counter",
     "lorafleet_adapter_cache_misses": "counter",
     "lorafleet_adapter_load_seconds": "histogram",
+    "lorafleet_worker_deaths": "counter",
+    "lorafleet_fault_resumes": "counter",
+    "lorafleet_worker_start_failures": "counter",
 }
 
 
@@ -112,6 +115,31 @@ def test_cluster_counters_advance_by_growth_and_workers_come_and_go() -> None:
     assert samples[("lorafleet_worker_kv_usage_ratio", (("worker", "w1"),))] == pytest.approx(0.25)
     assert samples[("lorafleet_workers", (("state", "active"),))] == 1
     assert samples[("lorafleet_queue_length", ())] == 2
+
+
+def test_fault_counters_follow_the_fleets() -> None:
+    metrics = ServerMetrics()
+
+    def observe(deaths: int, resumes: int, start_failures: int) -> dict[str, float]:
+        counters = FleetCounters(
+            worker_deaths=deaths, resumed_after_fault=resumes, worker_start_failures=start_failures
+        )
+        metrics.observe_cluster(ClusterStatus((), queue_len=0, counters=counters))
+        return {
+            s.name: s.value
+            for f in metrics.registry.collect()
+            for s in f.samples
+            if s.name.endswith("_total")
+        }
+
+    before = observe(0, 0, 0)
+    assert before["lorafleet_worker_deaths_total"] == 0
+    after = observe(1, 3, 2)
+    assert after["lorafleet_worker_deaths_total"] == 1
+    assert after["lorafleet_fault_resumes_total"] == 3
+    assert after["lorafleet_worker_start_failures_total"] == 2
+    later = observe(2, 3, 2)  # a second death with nothing to resume
+    assert later["lorafleet_worker_deaths_total"] == 2 and later["lorafleet_fault_resumes_total"] == 3
 
 
 def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:

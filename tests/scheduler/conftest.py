@@ -44,7 +44,10 @@ def offline(demo) -> Callable[..., list[tuple[int, ...]]]:
 def ray_local() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # "local": a Ray of the test's own, never a cluster `ray start` left on this (shared) machine.
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
     try:
         yield
     finally:

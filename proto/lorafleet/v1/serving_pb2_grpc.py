@@ -5,7 +5,7 @@ import warnings
 
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as lorafleet_dot_v1_dot_serving__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class LoraFleetStub:
+class LoraFleetStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -61,7 +61,7 @@ class LoraFleetStub:
                 _registered_method=True)
 
 
-class LoraFleetServicer:
+class LoraFleetServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -132,7 +132,7 @@ def add_LoraFleetServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LoraFleet:
+class LoraFleet(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
