@@ -180,13 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- commands
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> Any:
+    """The ServeConfig of `serve`'s flags over its --config YAML (and LORAFLEET_API_KEYS_FILE)."""
     from lorafleet.config import ServeConfig, parse_adapter_spec, parse_engine_option
-    from lorafleet.serve import serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in ServeConfig.field_names()}
     if args.adapters:
         overrides["adapters"] = tuple(parse_adapter_spec(s) for s in args.adapters)
@@ -202,6 +199,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig.load(args.config, overrides)
     if switched_off:
         config = dataclasses.replace(config, **dict.fromkeys(switched_off))
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorafleet.serve import serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = serve_config(args)
 
     def ready(api: Any) -> None:
         http = f"; OpenAI API at http://{api.host}:{api.http_port}/v1" if api.http_port is not None else ""
