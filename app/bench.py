@@ -154,7 +154,16 @@ async def _resolve_adapters(
         elif rank - len(names) < allow_aliases:
             # Another name for an existing adapter's files: a distinct adapter to the cache.
             alias = f"{ALIAS_PREFIX}{rank}"
-            await client.register_adapter(alias, registered[names[rank % len(names)]])
+            try:
+                await client.register_adapter(alias, registered[names[rank % len(names)]])
+            except ApiError as exc:
+                if exc.code.name != "PERMISSION_DENIED":
+                    raise
+                # Aliases are registrations, an admin's call: say how to run with a client token.
+                raise ValueError(
+                    f"the workload needs {len(needed)} adapters and {len(names)} are registered; "
+                    "registering aliases needs an admin token (or pass --aliases 0 to reuse adapters)"
+                ) from None
             aliases.append(alias)
             mapping[index] = alias
         else:

@@ -133,3 +133,22 @@ def test_serve_is_quiet_on_loopback(tmp_path: Path, capsys) -> None:
         port = str(taken.getsockname()[1])
         assert main(["serve", "--model", str(tmp_path), "--port", port]) == 1
     assert "WARNING" not in capsys.readouterr().err
+
+
+BENCH = ["--synthetic", "--popularity", "distinct", "--rate", "50", "--duration", "1", "--max-requests", "4"]
+BENCH += ["--prompt-len", "2", "--output-len", "2", "--no-progress", "--json"]
+
+
+def test_bench_with_tokens(auth_server, capsys, monkeypatch) -> None:
+    address = auth_server["api"].address
+    monkeypatch.setenv("LORAFLEET_TOKEN", auth_server["client"])
+    # distinct adapters need aliases, which are registrations: a client token gets a clear hint
+    assert main(["bench", "--server", address, *BENCH]) == 1
+    assert "needs an admin token" in capsys.readouterr().err
+    assert main(["bench", "--server", address, *BENCH, "--aliases", "0"]) == 0
+    assert '"requests": 4' in capsys.readouterr().out
+    monkeypatch.setenv("LORAFLEET_TOKEN", auth_server["admin"])
+    # over HTTP the token goes as a header; status and aliases still use gRPC
+    assert main(["bench", "--server", address, "--http", auth_server["base"], *BENCH]) == 0
+    out = capsys.readouterr().out
+    assert '"requests": 4' in out and "unauthenticated" not in out
