@@ -366,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lorafleet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ApiError as exc:
-        print(f"lorafleet: error from {getattr(args, 'server', 'the server')}: {exc}", file=sys.stderr)
+        hint = ""
+        if exc.code.name == "UNAVAILABLE" and getattr(args, "tls_ca", None) is None:
+            hint = " (if the server uses TLS, pass --tls-ca)"  # a TLS server just closes a plain socket
+        print(f"lorafleet: error from {getattr(args, 'server', 'the server')}: {exc}{hint}", file=sys.stderr)
         return EXIT_ERROR
     except (
         UserError,

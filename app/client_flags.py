@@ -23,6 +23,10 @@ def add_client_auth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tls-ca", metavar="FILE", default=None, help="PEM CA certificate of a TLS server (turns TLS on)"
     )
+    p.add_argument(
+        "--tls-client-cert", metavar="FILE", default=None, help="PEM client certificate for an mTLS server"
+    )
+    p.add_argument("--tls-client-key", metavar="FILE", default=None, help="PEM key of --tls-client-cert")
 
 
 def client_token(args: argparse.Namespace) -> str | None:
@@ -36,4 +40,9 @@ def client_token(args: argparse.Namespace) -> str | None:
 
 def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of Client/AsyncClient from the parsed flags."""
-    return {"token": client_token(args), "tls_ca": getattr(args, "tls_ca", None)}
+    return {
+        "token": client_token(args),
+        "tls_ca": getattr(args, "tls_ca", None),
+        "tls_client_cert": getattr(args, "tls_client_cert", None),
+        "tls_client_key": getattr(args, "tls_client_key", None),
+    }

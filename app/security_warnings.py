@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import stat
 
 from lorafleet.config import ServeConfig
 
@@ -42,4 +44,19 @@ def security_warnings(config: ServeConfig) -> list[str]:
             "lorafleet: WARNING: tokens cross the network in clear text on gRPC without --tls-cert "
             "(and always on HTTP: put a TLS proxy in front of it)."
         )
+    if config.api_keys_file is not None:
+        out.extend(_keys_file_warnings(config.api_keys_file))
     return out
+
+
+def _keys_file_warnings(path: str) -> list[str]:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []  # loading the file reports it
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [
+            f"lorafleet: WARNING: the API keys file {path!r} is open to other users "
+            f"(mode {stat.S_IMODE(mode):o}); `chmod 600` it."
+        ]
+    return []

@@ -118,3 +118,15 @@ def test_metrics_stay_on_loopback_by_default() -> None:
 def test_config_checks_security_settings(values: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         ServeConfig(model="/m", **values)
+
+
+def test_warning_for_a_keys_file_others_can_read(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"admin {SECRET}\n")
+    keys.chmod(0o644)
+    config = ServeConfig(model="/m", api_keys_file=str(keys))
+    warnings = security_warnings(config)
+    assert len(warnings) == 1 and "chmod 600" in warnings[0] and "644" in warnings[0]
+    assert SECRET not in warnings[0]
+    keys.chmod(0o600)
+    assert security_warnings(config) == []

@@ -116,3 +116,18 @@ def test_clear_errors_for_tls_files(certs: Path, tmp_path: Path) -> None:
         server_credentials(str(certs / "server.pem"), str(certs / "server.key"), str(tmp_path / "junk.pem"))
     with pytest.raises(ValueError, match="needs its key"):
         channel_credentials(str(certs / "ca.pem"), client_cert=str(certs / "client.pem"))
+
+
+def test_cli_over_tls_and_mtls(mtls_server, certs: Path, capsys, monkeypatch) -> None:
+    from lorafleet.cli import main
+
+    monkeypatch.delenv("LORAFLEET_TOKEN", raising=False)
+    api, _ = mtls_server
+    base = ["status", "--server", api.address, "--timeout", "3"]
+    client = ["--tls-client-cert", str(certs / "client.pem"), "--tls-client-key", str(certs / "client.key")]
+    assert main([*base, "--tls-ca", str(certs / "ca.pem"), *client, "--json"]) == 0
+    assert '"vocab_size": 384' in capsys.readouterr().out
+    assert main([*base, "--tls-ca", str(certs / "ca.pem")]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert main(base) == 1
+    assert "pass --tls-ca" in capsys.readouterr().err
