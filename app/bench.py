@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
 from lorafleet.client import ApiError, AsyncClient
+from lorafleet.client_flags import add_client_auth_flags, client_kwargs
 from lorafleet.progress import ProgressBar
 from lorafleet.worker.types import FinishReason
 from lorafleet.workload import (
@@ -153,7 +154,16 @@ async def _resolve_adapters(
         elif rank - len(names) < allow_aliases:
             # Another name for an existing adapter's files: a distinct adapter to the cache.
             alias = f"{ALIAS_PREFIX}{rank}"
-            await client.register_adapter(alias, registered[names[rank % len(names)]])
+            try:
+                await client.register_adapter(alias, registered[names[rank % len(names)]])
+            except ApiError as exc:
+                if exc.code.name != "PERMISSION_DENIED":
+                    raise
+                # Aliases are registrations, an admin's call: say how to run with a client token.
+                raise ValueError(
+                    f"the workload needs {len(needed)} adapters and {len(names)} are registered; "
+                    "registering aliases needs an admin token (or pass --aliases 0 to reuse adapters)"
+                ) from None
             aliases.append(alias)
             mapping[index] = alias
         else:
@@ -313,6 +323,7 @@ def _int_range(text: str) -> tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    add_client_auth_flags(p)  # the token also goes to --http as `Authorization: Bearer`
     p.add_argument(
         "--http",
         metavar="URL",
@@ -384,7 +395,8 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
 
     rows = read_azure_trace(args.trace) if args.trace else None  # a bad file fails before connecting
     async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(AsyncClient(args.server))
+        auth = client_kwargs(args)
+        client = await stack.enter_async_context(AsyncClient(args.server, **auth))
         await client.wait_ready(args.connect_timeout)
         status = await client.status(timeout=10.0)
         send = None
@@ -395,8 +407,9 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
 
             # One connection per concurrent stream, as gRPC multiplexes them on one channel.
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            headers = {"Authorization": f"Bearer {auth['token']}"} if auth["token"] else {}
             http = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=base_url(args.http), limits=limits)
+                httpx.AsyncClient(base_url=base_url(args.http), limits=limits, headers=headers)
             )
             reply = await http.get("/health", timeout=args.connect_timeout)
             if reply.status_code != 200:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorafleet import __version__
+from lorafleet.auth import API_KEYS_ENV
+from lorafleet.client_flags import add_client_auth_flags, client_kwargs
 from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES
 
 DEFAULT_SERVER = os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051")
@@ -57,6 +59,7 @@ def _add_server_flag(p: argparse.ArgumentParser) -> None:
         "--server", default=DEFAULT_SERVER, help=f"HOST:PORT of a lorafleet server (default {DEFAULT_SERVER})"
     )
     p.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    add_client_auth_flags(p)
 
 
 def _add_serve_parser(sub: Any) -> None:
@@ -82,6 +85,20 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=_port_or_off, help="Prometheus port (default 9400; 'off')")
+    p.add_argument(
+        "--metrics-host", help="address of /metrics (default 127.0.0.1, even when --host is not loopback)"
+    )
+    p.add_argument(
+        "--api-keys-file",
+        metavar="FILE",
+        help="`ROLE TOKEN` lines (ROLE client or admin) turn bearer-token auth on for gRPC, HTTP and "
+        f"/metrics (default: ${API_KEYS_ENV}); see docs/security.md",
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: gRPC over TLS (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", metavar="FILE", help="mTLS: require client certificates signed by this PEM CA"
+    )
     p.add_argument(
         "--http-port", type=_port_or_off, help="OpenAI-compatible HTTP API port (default 8000; 'off')"
     )
@@ -179,18 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- commands
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> Any:
+    """The ServeConfig of `serve`'s flags over its --config YAML (and LORAFLEET_API_KEYS_FILE)."""
     from lorafleet.config import ServeConfig, parse_adapter_spec, parse_engine_option
-    from lorafleet.serve import serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in ServeConfig.field_names()}
     if args.adapters:
         overrides["adapters"] = tuple(parse_adapter_spec(s) for s in args.adapters)
     if args.adapter_roots:
         overrides["adapter_roots"] = tuple(args.adapter_roots)
+    if args.api_keys_file is None and os.environ.get(API_KEYS_ENV):
+        overrides["api_keys_file"] = os.environ[API_KEYS_ENV]  # the flag wins over the variable
     if args.engine:
         overrides["engine"] = dict(parse_engine_option(s) for s in args.engine)
     switched_off = [name for name in ("metrics_port", "http_port") if getattr(args, name) == METRICS_OFF]
@@ -199,10 +215,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig.load(args.config, overrides)
     if switched_off:
         config = dataclasses.replace(config, **dict.fromkeys(switched_off))
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorafleet.serve import serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = serve_config(args)
 
     def ready(api: Any) -> None:
         http = f"; OpenAI API at http://{api.host}:{api.http_port}/v1" if api.http_port is not None else ""
-        where = f"; metrics at http://{api.host}:{api.metrics_port}/metrics" if api.metrics_port else ""
+        metrics = f"http://{api.metrics_host}:{api.metrics_port}/metrics"
+        where = f"; metrics at {metrics}" if api.metrics_port else ""
         print(f"lorafleet: serving {config.model} on {api.address}{http}{where}", flush=True)
 
     asyncio.run(serve(config, on_ready=ready))
@@ -222,7 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lorafleet.client import Client
 
     prompt: Any = args.prompt if args.prompt is not None else args.prompt_ids
-    with Client(args.server, timeout=args.timeout) as client:
+    with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
         chunks = []
         for chunk in client.stream(
             prompt, adapter=args.adapter, sampling=_sampling(args), request_id=args.request_id
@@ -267,7 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from lorafleet.client import Client
     from lorafleet.report import format_status
 
-    with Client(args.server, timeout=args.timeout or 10.0) as client:
+    with Client(args.server, timeout=args.timeout or 10.0, **client_kwargs(args)) as client:
         status = client.status()
     if args.json:
         print(json.dumps(dataclasses.asdict(status)))
@@ -279,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_adapters(args: argparse.Namespace) -> int:
     from lorafleet.client import Client
 
-    with Client(args.server, timeout=args.timeout or 30.0) as client:
+    with Client(args.server, timeout=args.timeout or 30.0, **client_kwargs(args)) as client:
         if args.action == "list":
             adapters = client.list_adapters()
             if args.json:
@@ -374,7 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lorafleet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ApiError as exc:
-        print(f"lorafleet: error from {getattr(args, 'server', 'the server')}: {exc}", file=sys.stderr)
+        hint = ""
+        if exc.code.name == "UNAVAILABLE" and getattr(args, "tls_ca", None) is None:
+            hint = " (if the server uses TLS, pass --tls-ca)"  # a TLS server just closes a plain socket
+        print(f"lorafleet: error from {getattr(args, 'server', 'the server')}: {exc}{hint}", file=sys.stderr)
         return EXIT_ERROR
     except (
         UserError,

@@ -43,6 +43,25 @@ class ApiError(Exception):
         return cls(code or grpc.StatusCode.UNKNOWN, details or "")
 
 
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The bearer token as call metadata (sent with every call, health checks included)."""
+    if token is None:
+        return None
+    token = token.strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the token must be one word without spaces")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _tls(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS when any TLS file is given (plain gRPC otherwise)."""
+    if ca is None and cert is None and key is None:
+        return None
+    from lorafleet.tls import channel_credentials
+
+    return channel_credentials(ca, cert, key)
+
+
 def _check_target(target: str) -> str:
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -53,10 +72,23 @@ def _check_target(target: str) -> str:
 class Client:
     """Blocking client; `timeout` (seconds) is the default deadline of every call (None = none)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+    ) -> None:
         self.target = _check_target(target)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._metadata = _auth_metadata(token)
+        credentials = _tls(tls_ca, tls_client_cert, tls_client_key)
+        self._channel = (
+            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+        )
         self._stub = serving_pb2_grpc.LoraFleetStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -78,7 +110,9 @@ class Client:
         last = "no answer"
         while time.monotonic() < end:
             try:
-                reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
+                reply = self._health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0, metadata=self._metadata
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -99,7 +133,7 @@ class Client:
         msg = convert.generate_request_to_proto(
             prompt, adapter=adapter, sampling=sampling, request_id=request_id
         )
-        call = self._stub.Generate(msg, timeout=self._deadline(timeout))
+        call = self._stub.Generate(msg, timeout=self._deadline(timeout), metadata=self._metadata)
         try:
             for response in call:
                 yield convert.chunk_from_proto(response)
@@ -113,7 +147,7 @@ class Client:
 
     def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self._deadline(timeout))
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise ApiError.from_rpc_error(exc) from None
 
@@ -137,10 +171,25 @@ class Client:
 class AsyncClient:
     """asyncio client; create and use it inside one running event loop."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+    ) -> None:
         self.target = _check_target(target)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        self._metadata = _auth_metadata(token)
+        credentials = _tls(tls_ca, tls_client_cert, tls_client_key)
+        self._channel = (
+            grpc.aio.insecure_channel(target)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials)
+        )
         self._stub = serving_pb2_grpc.LoraFleetStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -162,7 +211,7 @@ class AsyncClient:
         while time.monotonic() < end:
             try:
                 reply = await self._health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0, metadata=self._metadata
                 )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -184,7 +233,7 @@ class AsyncClient:
         msg = convert.generate_request_to_proto(
             prompt, adapter=adapter, sampling=sampling, request_id=request_id
         )
-        call = self._stub.Generate(msg, timeout=self._deadline(timeout))
+        call = self._stub.Generate(msg, timeout=self._deadline(timeout), metadata=self._metadata)
         try:
             async for response in call:
                 yield convert.chunk_from_proto(response)
@@ -198,7 +247,7 @@ class AsyncClient:
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self._deadline(timeout))
+            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise ApiError.from_rpc_error(exc) from None
 

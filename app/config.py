@@ -16,6 +16,7 @@ import yaml
 
 # The fleet's own choices and number check: one definition, so serve flags and FleetConfig agree.
 from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES, check_int, check_positive
+from lorafleet.tls import check_server_tls
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, str]:
@@ -51,9 +52,11 @@ class ServeConfig:
     max_workers: int | None = None  # None = workers
     device: str = "cpu"
     dtype: str = "float32"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # gRPC and HTTP; beyond loopback without api_keys_file -> a loud warning
     port: int = 50051
     metrics_port: int | None = 9400  # None = no metrics endpoint
+    # /metrics has its own address, so `--host 0.0.0.0` does not publish it by itself.
+    metrics_host: str = "127.0.0.1"
     http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
     ray_address: str | None = None  # None = always a new local Ray; "auto" or HOST:PORT joins one
     ray_connect_timeout_s: float = 60.0  # give up starting / joining Ray after this, with an error
@@ -64,6 +67,11 @@ class ServeConfig:
     drain_timeout_s: float = 30.0  # Ctrl-C waits this long for running requests
     metrics_top_adapters: int = 20  # per-adapter metric series kept; the rest sum into "other"
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig fields
+    # `ROLE TOKEN` lines (auth.py); None = no authentication. A path, never a token: flags show in `ps`.
+    api_keys_file: str | None = None
+    tls_cert: str | None = None  # PEM certificate (chain) of the gRPC server; needs tls_key
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mTLS: clients must present a certificate signed by this CA
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -101,6 +109,13 @@ class ServeConfig:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError("host must be a non-empty address to listen on")
         _check_port("port", self.port)
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise ValueError("metrics_host must be a non-empty address to listen on")
+        for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a file path, got {value!r}")
+        check_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
         if self.http_port is not None:

@@ -29,6 +29,8 @@ from starlette.types import Receive, Scope, Send
 
 from lorafleet import openai_types as oai
 from lorafleet.api_types import ModelView
+from lorafleet.auth import ApiKeys
+from lorafleet.auth_http import BearerAuthMiddleware
 from lorafleet.chat_template import ChatTemplate, TemplateError
 from lorafleet.http_streams import ChoiceStreams, ClientGone, HttpError, http_error
 from lorafleet.metrics import RequestTracker, ServerMetrics
@@ -63,6 +65,7 @@ class HttpState:
     chat_template: ChatTemplate | None
     metrics: ServerMetrics | None = None
     closing: bool = False  # draining: new calls get 503, running streams finish
+    keys: ApiKeys | None = None  # bearer tokens every path needs (auth_http.py); None = open
     created: int = dataclasses.field(default_factory=oai.now_s)
 
 
@@ -109,6 +112,9 @@ def make_app(state: HttpState) -> FastAPI:
     app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
     app.add_api_route("/v1/load_lora_adapter", api.load_adapter, methods=["POST"])
     app.add_api_route("/v1/unload_lora_adapter", api.unload_adapter, methods=["POST"])
+    if state.keys is not None:
+        # Outermost, so it runs before routing: unknown paths and bodies are not looked at unauthenticated.
+        app.add_middleware(BearerAuthMiddleware, keys=state.keys)
     return app
 
 

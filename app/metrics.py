@@ -13,11 +13,16 @@ cost top_n + 2 series, not 10,000.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from lorafleet.auth import ApiKeys
+from lorafleet.auth_http import bearer_wsgi
 from lorafleet.scheduler.status import ClusterStatus
 
 OTHER = "other"
@@ -284,10 +289,32 @@ class ServerMetrics:
 
     # ---------------------------------------------------------------- exposition
 
-    def serve(self, host: str, port: int) -> tuple[Any, int]:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, keys: ApiKeys | None = None) -> tuple[Any, int]:
+        """Start the /metrics HTTP endpoint in a daemon thread; returns (server, bound port).
+
+        prometheus_client's own WSGI app, served here rather than by `start_http_server` so that a
+        bearer check (any role) can wrap it when auth is on.
+        """
+        app = make_wsgi_app(self.registry)
+        if keys is not None:
+            app = bearer_wsgi(app, keys)
+        server_class = _MetricsServerV6 if ":" in host else _MetricsServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server, server.server_port
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress must not keep the process alive
+
+
+class _MetricsServerV6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # every scrape would print a line on stderr
 
 
 class RequestTracker:

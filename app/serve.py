@@ -28,12 +28,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lorafleet.api_types import ModelView
+from lorafleet.auth import ApiKeys, load_keys
+from lorafleet.auth_grpc import BearerAuthInterceptor
 from lorafleet.chat_template import ChatTemplate
 from lorafleet.config import ServeConfig
 from lorafleet.http_api import HttpState, make_app
 from lorafleet.metrics import ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2, serving_pb2_grpc
+from lorafleet.security_warnings import security_warnings
 from lorafleet.server import FleetLike, LoraFleetServicer
+from lorafleet.tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraFleet"].full_name
@@ -51,6 +55,7 @@ class ApiServer:
     port: int
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
+    metrics_host: str | None = None
     _metrics_http: Any = None
     _poller: asyncio.Task[None] | None = None
     fleet: Any = field(default=None, repr=False)
@@ -193,32 +198,43 @@ async def start_api(
     top_adapters: int = 20,
     http_port: int | None = None,
     http: HttpState | None = None,
+    keys: ApiKeys | None = None,
+    tls: grpc.ServerCredentials | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> ApiServer:
     """Serve `fleet` over gRPC on host:port (0 = any free port), the OpenAI-compatible HTTP API on
     http_port (None = off; `http` carries its tokenizer and chat template) and /metrics on
-    metrics_port."""
+    metrics_host:metrics_port.
+
+    With `keys`, every gRPC method, HTTP path and /metrics needs a bearer token (auth_grpc.py,
+    auth_http.py); with `tls`, gRPC is served over TLS only.
+    """
     metrics = ServerMetrics(top_adapters=top_adapters)
     servicer = LoraFleetServicer(fleet, model=model, encode=encode, metrics=metrics)
-    server = grpc.aio.server()
+    interceptors = [BearerAuthInterceptor(keys)] if keys is not None else []
+    server = grpc.aio.server(interceptors=interceptors)
     serving_pb2_grpc.add_LoraFleetServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a failed bind this way
         raise OSError(f"cannot listen on {host}:{port}: address in use or not on this machine") from exc
     await server.start()
     api = ApiServer(server, servicer, health_servicer, host, bound, metrics=metrics, fleet=fleet)
     if metrics_port is not None:
         try:
-            api._metrics_http, api.metrics_port = metrics.serve(host, metrics_port)
+            api._metrics_http, api.metrics_port = metrics.serve(metrics_host, metrics_port, keys)
         except OSError as exc:
             await server.stop(0)
-            raise OSError(f"cannot serve metrics on {host}:{metrics_port}: {exc}") from exc
+            raise OSError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}") from exc
+        api.metrics_host = metrics_host
     if http_port is not None:
         state = http if http is not None else http_state(fleet, model, None)
         state.metrics = metrics
+        state.keys = keys
         try:
             api.http = await HttpServer.start(state, host, http_port)
         except BaseException:
@@ -277,8 +293,13 @@ async def start_serving(config: ServeConfig) -> ApiServer:
     from lorafleet.worker.engine_config import EngineConfig
 
     check_model_dir(config.model)
+    # Keys and certificates fail before Ray starts, each naming its file (never a token).
+    keys = load_keys(config.api_keys_file) if config.api_keys_file is not None else None
+    tls = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    for warning in security_warnings(config):
+        print(warning, file=sys.stderr, flush=True)
     check_port_free(config.host, config.port, "gRPC")
-    check_port_free(config.host, config.metrics_port, "metrics")
+    check_port_free(config.metrics_host, config.metrics_port, "metrics")
     check_port_free(config.host, config.http_port, "HTTP")
     EngineConfig.from_dict(dict(config.engine))  # a typo in an engine option fails before Ray starts
     adapters = config.adapter_sources()
@@ -304,6 +325,9 @@ async def start_serving(config: ServeConfig) -> ApiServer:
             top_adapters=config.metrics_top_adapters,
             http_port=config.http_port,
             http=http,
+            keys=keys,
+            tls=tls,
+            metrics_host=config.metrics_host,
         )
     except BaseException:
         await fleet.shutdown(drain=False)

@@ -238,3 +238,41 @@ def fake_http_server() -> Iterator[dict[str, Any]]:
     yield {"api": api, "fleet": fleet, "lt": lt, "base": f"http://127.0.0.1:{api.http_port}"}
     lt.run(api.stop(grace_s=0.1))
     lt.close()
+
+
+# Tokens of the auth fixtures (auth.MIN_TOKEN_CHARS long or more).
+CLIENT_TOKEN = "client-token-0123456789"
+ADMIN_TOKEN = "admin-token-0123456789ab"
+
+
+@pytest.fixture(scope="module")
+def auth_server() -> Iterator[dict[str, Any]]:
+    """gRPC + HTTP + /metrics over a FakeFleet with auth on (one client and one admin token), per
+    module: {"api", "fleet", "lt", "state", "base" (HTTP base URL), "client", "admin" (tokens)}."""
+    from lorafleet.auth import parse_keys
+    from lorafleet.http_api import HttpState
+    from lorafleet.serve import start_api
+
+    keys = parse_keys([f"client {CLIENT_TOKEN}", f"admin {ADMIN_TOKEN}"], "test")
+    lt = LoopThread()
+    fleet = FakeFleet()
+    model = ModelView(name="fake", vocab_size=VOCAB, max_context_tokens=MAX_CONTEXT)
+    state = HttpState(
+        fleet=fleet, model=model, model_root="/models/fake", codec=FakeCodec(), chat_template=None
+    )
+    api = lt.run(
+        start_api(
+            fleet, model=model, encode=fake_encode, port=0, metrics_port=0, http_port=0, http=state, keys=keys
+        )
+    )
+    yield {
+        "api": api,
+        "fleet": fleet,
+        "lt": lt,
+        "state": state,
+        "base": f"http://127.0.0.1:{api.http_port}",
+        "client": CLIENT_TOKEN,
+        "admin": ADMIN_TOKEN,
+    }
+    lt.run(api.stop(grace_s=0.1))
+    lt.close()
