@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from lorafleet import openai_types as oai
 from lorafleet.metrics import RequestTracker, ServerMetrics
 from lorafleet.scheduler.errors import (
+    AdapterInUseError,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
@@ -35,6 +36,7 @@ _ABORT_TIMEOUT_S = 10.0
 _KINDS = {
     400: "invalid_request_error",
     404: "invalid_request_error",  # OpenAI's kind for an unknown model (code model_not_found)
+    409: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -77,6 +79,8 @@ def http_error(exc: BaseException) -> HttpError:
         return HttpError(404, str(exc), "not_found", "model", "model_not_found")
     if isinstance(exc, QueueFullError):
         return HttpError(429, str(exc), "resource_exhausted", None, "queue_full")
+    if isinstance(exc, AdapterInUseError):  # gRPC's FAILED_PRECONDITION
+        return HttpError(409, f"lora_name: {exc}", "failed_precondition", "lora_name", "adapter_in_use")
     if isinstance(exc, ShuttingDownError):
         return HttpError(503, str(exc), "unavailable")
     if isinstance(exc, (InvalidRequestError, ValueError)):

@@ -112,10 +112,20 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/load_lora_adapter", {"lora_name": "fake", "lora_path": "/adapters/x"}, 400, "lora_name"),
     ("/v1/load_lora_adapter", {"lora_name": "", "lora_path": "/adapters/x"}, 400, "lora_name"),
     ("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, 404, "lora_name"),
+    # The fake fleet's "busy-*" names are used by running requests: no re-pointing (gRPC's
+    # FAILED_PRECONDITION); "busy-0" points to /adapters/v1 from the fixture below.
+    ("/v1/load_lora_adapter", {"lora_name": "busy-0", "lora_path": "/adapters/v2"}, 409, "lora_name"),
 ]
 
 
-def test_bad_requests_get_openai_errors_naming_the_field(server) -> None:
+@pytest.fixture
+def busy_adapter(server):
+    server["fleet"].adapters["busy-0"] = "/adapters/v1"
+    yield
+    server["fleet"].adapters.pop("busy-0", None)
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(server, busy_adapter) -> None:
     failures = []
     for path, body, status, field in BAD_REQUESTS:
         if isinstance(body, bytes):
