@@ -55,7 +55,16 @@ def sampling_to_proto(sampling: SamplingParams | Mapping[str, Any] | None) -> pb
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         values = {k: v for k, v in sampling.items() if v is not None}
-    return pb.SamplingParams(**values)
+    msg = pb.SamplingParams()
+    for name, value in values.items():
+        try:  # one field at a time, so that an out-of-range value names its field
+            if name in ("stop", "stop_token_ids"):
+                getattr(msg, name).extend(value)
+            else:
+                setattr(msg, name, value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"sampling parameter {name}: {exc}") from exc
+    return msg
 
 
 # ------------------------------------------------------------------ generate
@@ -74,7 +83,10 @@ def generate_request_to_proto(
     if isinstance(prompt, str):
         msg.text = prompt
     else:
-        msg.token_ids.ids.extend(int(t) for t in prompt)
+        try:
+            msg.token_ids.ids.extend(int(t) for t in prompt)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"prompt token ids: {exc} (token ids are 32-bit integers)") from exc
     return msg
 
 

@@ -32,6 +32,7 @@ from lorafleet.auth import ApiKeys, load_keys
 from lorafleet.auth_grpc import BearerAuthInterceptor
 from lorafleet.chat_template import ChatTemplate
 from lorafleet.config import ServeConfig
+from lorafleet.grpc_decode import DecodeErrorInterceptor
 from lorafleet.http_api import HttpState, make_app
 from lorafleet.metrics import ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2, serving_pb2_grpc
@@ -211,7 +212,9 @@ async def start_api(
     """
     metrics = ServerMetrics(top_adapters=top_adapters)
     servicer = LoraFleetServicer(fleet, model=model, encode=encode, metrics=metrics)
-    interceptors = [BearerAuthInterceptor(keys)] if keys is not None else []
+    # Auth first: an unauthenticated caller's bytes are refused before anything decodes them.
+    interceptors: list[grpc.aio.ServerInterceptor] = [BearerAuthInterceptor(keys)] if keys is not None else []
+    interceptors.append(DecodeErrorInterceptor())
     server = grpc.aio.server(interceptors=interceptors)
     serving_pb2_grpc.add_LoraFleetServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

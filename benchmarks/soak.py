@@ -50,7 +50,8 @@ BATCH = 4  # per worker: the fleet's capacity is workers x BATCH streams
 def start_server(model: Path, adapters: Path, workers: int) -> tuple[subprocess.Popen, str, int]:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     args = ["--model", str(model), "--adapters-dir", str(adapters), "--workers", str(workers)]
-    args += ["--port", "0", "--metrics-port", "0", "--max-queue", str(4 * workers * BATCH)]
+    args += ["--port", "0", "--metrics-port", "0", "--http-port", "off"]
+    args += ["--max-queue", str(4 * workers * BATCH)]
     args += ["--engine", f"max_batch_size={BATCH}", "--idle-release-s", "5"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorafleet.cli", "serve", *args],

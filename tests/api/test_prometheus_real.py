@@ -79,6 +79,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     port, metrics_port = _free_port(), _free_port()
     args = ["--model", str(model), "--adapters-dir", str(model / "adapters"), "--workers", "1"]
     args += ["--port", str(port), "--metrics-port", str(metrics_port), "--drain-timeout-s", "5"]
+    args += ["--http-port", "off"]
     log = (tmp_path_factory.mktemp("prom-logs") / "serve.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorafleet.cli", "serve", *args],

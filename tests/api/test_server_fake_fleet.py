@@ -248,3 +248,31 @@ def test_cli_generate_exits_non_zero_on_a_stream_the_server_aborted(fake_server,
     err = capsys.readouterr().err
     assert "lorafleet: error:" in err and "aborted by the server after 2 tokens" in err
     assert main([*base, "--prompt-ids", "5,1,2", "--json"]) == 0  # a complete stream is still fine
+
+
+def test_undecodable_requests_are_invalid_argument(fake_server) -> None:
+    """Garbage bytes or invalid UTF-8 in a string field: INVALID_ARGUMENT, not grpc's UNKNOWN."""
+    api, _, _ = fake_server
+    garbage = b"\xff\xff\xff\xff\xff"  # not even a valid field tag
+    cases = [
+        ("Generate", garbage),
+        ("Generate", b"\x1a\x02\xff\xfe"),  # field 3 (adapter, a string) holding invalid UTF-8
+        ("ListAdapters", garbage),
+        ("RegisterAdapter", b"\x0a\x02\xff\xfe"),  # field 1 (name) holding invalid UTF-8
+    ]
+    with grpc.insecure_channel(api.address) as channel:
+        for method, payload in cases:
+            kind = channel.unary_stream if method == "Generate" else channel.unary_unary
+            call = kind(
+                f"/lorafleet.v1.LoraFleet/{method}",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                result = call(payload, timeout=10)
+                if method == "Generate":
+                    list(result)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, payload)
+            assert "not a valid protobuf message" in info.value.details()
+    with Client(api.address, timeout=10) as client:  # and valid requests still work
+        assert "alice" in client.list_adapters()

@@ -45,7 +45,7 @@ def _closed_port() -> int:
 
 
 def _serve(model_dir: Path, ray_address: str) -> tuple[subprocess.CompletedProcess, float]:
-    args = ["serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "off"]
+    args = ["serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "off", "--http-port", "off"]
     args += ["--ray-address", ray_address, "--ray-connect-timeout-s", "3"]
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
     started = time.monotonic()
@@ -85,6 +85,6 @@ def test_silent_address_fails_after_the_connect_bound(model_dir: Path, silent_po
 
 
 def test_malformed_address_is_a_usage_error(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "off"]
+    argv = ["serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "off", "--http-port", "off"]
     assert main([*argv, "--ray-address", "head-without-port"]) == 1
     assert "must be 'auto' or HOST:PORT" in capsys.readouterr().err
