@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -27,6 +28,9 @@ from lorafleet.scheduler.status import ClusterStatus
 
 OTHER = "other"
 BASE = "(base)"  # requests without an adapter; parentheses keep it apart from adapter names
+# Requests naming an adapter that is not registered: any string a caller sends must not become a
+# label value (a series per typo, or a flood of names taking the top-N slots).
+UNREGISTERED = "(unregistered)"
 
 APIS = ("grpc", "http")
 # gRPC status names a finished request is counted under ("ok" = completed with STOP or LENGTH); the
@@ -192,6 +196,8 @@ class ServerMetrics:
         self.adapter_load_seconds = Histogram(
             "lorafleet_adapter_load_seconds", "Time to load one adapter", buckets=_LOAD_BUCKETS, registry=r
         )
+        # Set by the server: whether an adapter name is registered (None: every name is).
+        self.is_registered: Callable[[str], bool] | None = None
         self._last_counters: dict[str, float] = {}
         self._known_workers: set[str] = set()
         self._lock = threading.Lock()
@@ -217,7 +223,10 @@ class ServerMetrics:
         if api not in APIS:
             raise ValueError(f"unknown api {api!r} (known: {', '.join(APIS)})")
         self.requests.labels(api=api, status=status).inc()
-        label = self.adapter_labels.label_for(adapter)
+        if adapter is not None and self.is_registered is not None and not self.is_registered(adapter):
+            label = UNREGISTERED
+        else:
+            label = self.adapter_labels.label_for(adapter)
         self.adapter_requests.labels(adapter=label).inc()
         if generated_tokens:
             self.adapter_tokens.labels(adapter=label).inc(generated_tokens)

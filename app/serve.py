@@ -211,6 +211,7 @@ async def start_api(
     auth_http.py); with `tls`, gRPC is served over TLS only.
     """
     metrics = ServerMetrics(top_adapters=top_adapters)
+    metrics.is_registered = lambda name: name in fleet.list_adapters()
     servicer = LoraFleetServicer(fleet, model=model, encode=encode, metrics=metrics)
     # Auth first: an unauthenticated caller's bytes are refused before anything decodes them.
     interceptors: list[grpc.aio.ServerInterceptor] = [BearerAuthInterceptor(keys)] if keys is not None else []

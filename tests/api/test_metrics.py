@@ -151,6 +151,8 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
         client.generate([7, 7], sampling={"max_new_tokens": 2})
         with pytest.raises(ApiError):
             client.generate([1], adapter="nobody")
+        with pytest.raises(ApiError):  # refused for its sampling, and naming no registered adapter
+            client.generate([1], adapter="typo-adapter", sampling={"top_p": 2.0})
         stream = client.stream([1, 2], sampling={"max_new_tokens": 500})
         next(stream)
         stream.close()
@@ -177,6 +179,13 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
     assert (
         value(metrics, "lorafleet_adapter_requests", "lorafleet_adapter_requests_total", adapter="alice") == 3
     )
+    # Names that are not registered never become label values.
+    unregistered = value(
+        metrics, "lorafleet_adapter_requests", "lorafleet_adapter_requests_total", adapter="(unregistered)"
+    )
+    assert unregistered == 2
+    labels = {key for family in metrics.values() for key in family if isinstance(key, tuple)}
+    assert not any("nobody" in str(key) or "typo-adapter" in str(key) for key in labels)
     assert value(metrics, "lorafleet_generated_tokens", "lorafleet_generated_tokens_total") >= 3 * 4 + 2
     # Admitted prompts only: 3 x [1, 2, i], [7, 7] and the cancelled [1, 2]; not the unknown adapter's.
     assert value(metrics, "lorafleet_prompt_tokens", "lorafleet_prompt_tokens_total") == 3 * 3 + 2 + 2
@@ -217,7 +226,13 @@ def test_metrics_endpoint_after_traffic(fake_server_with_metrics) -> None:
             "lorafleet_request_duration_seconds_count",
             api="grpc",
         )
-        == 6
+        == 7  # every request that reached the server, the two refused ones included
+    )
+    assert (
+        value(
+            metrics, "lorafleet_requests", "lorafleet_requests_total", api="grpc", status="invalid_argument"
+        )
+        == 1
     )
     assert value(metrics, "lorafleet_migrations", "lorafleet_migrations_total") == 2
     assert value(metrics, "lorafleet_workers", "lorafleet_workers", state="active") == 1
