@@ -9,7 +9,9 @@ For each model shape (random bf16 weights; Llama-2-7B MHA and Llama-3-8B GQA):
    step, the roofline = (weight bytes + KV bytes read + adapter bytes of the distinct slots) / the
    device-to-device copy bandwidth measured in this run, the share of it reached, the GPU-busy
    share of the step (union of GPU activity under torch.profiler / the step's wall time) and the
-   GPU operations and host launch calls per step.
+   GPU operations and host launch calls per step. Overlapped stepping is on (as the engine runs on
+   CUDA by default), so a step's wall time is the interval between steps in steady state;
+   ``--compare-sync`` also times each case with it off, ``--sync`` turns it off throughout.
 3. End to end through ``Engine.add_request`` / ``step`` with real PEFT adapter directories (1,000
    registered names over a few files): a fixed shape (batch 64, prompt 128, 32 new tokens, distinct
    adapters) and Punica's workload (lognormal prompt and output lengths, skewed adapters).
@@ -177,6 +179,16 @@ def run_steps(engine: Engine, config, bw: float, rows: list[dict], shape: str, a
                     engine.step()
                     times.append(time.perf_counter() - t0)
                 prof = profile_steps(engine.step, 3)
+                sync_ms = None
+                if args.compare_sync:  # the same batch without overlapped stepping, for comparison
+                    engine._overlap = False
+                    sync_times = []
+                    for _ in range(steps):
+                        t0 = time.perf_counter()
+                        engine.step()
+                        sync_times.append(time.perf_counter() - t0)
+                    sync_ms = statistics.median(sync_times) * 1e3
+                    engine._overlap = not args.sync
                 remove_batch(engine, ids)
                 ms = statistics.median(times) * 1e3
                 distinct = {s for s in slots if s >= 0}
@@ -199,13 +211,16 @@ def run_steps(engine: Engine, config, bw: float, rows: list[dict], shape: str, a
                         "gpu_busy": prof["gpu_busy_us"] / 1e3 / ms,
                         "gpu_ops": prof["gpu_ops"],
                         "host_launches": prof["host_launches"],
+                        "overlap": not args.sync,
+                        "step_ms_sync": sync_ms,
                     }
                 )
                 r = rows[-1]
                 print(
                     f"engine {shape} b{batch} c{context} {pop}: {ms:.2f} ms, roofline {r['roofline_ms']:.2f} "
                     f"({100 * r['share']:.0f}%), busy {100 * r['gpu_busy']:.0f}%, ops {r['gpu_ops']:.0f}, "
-                    f"launches {r['host_launches']:.0f}",
+                    f"launches {r['host_launches']:.0f}"
+                    + (f", without overlap {sync_ms:.2f} ms" if sync_ms is not None else ""),
                     flush=True,
                 )
 
@@ -315,6 +330,10 @@ def main() -> int:
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--peft-new-tokens", type=int, default=8, help="0 skips the PEFT baseline")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--sync", action="store_true", help="turn overlapped stepping off")
+    parser.add_argument(
+        "--compare-sync", action="store_true", help="also time each decode case without overlapped stepping"
+    )
     args = parser.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
@@ -343,6 +362,7 @@ def main() -> int:
             max_model_len=max_len,
             host_cache_bytes=64 << 30,
             enforce_eager=args.enforce_eager,
+            async_scheduling=not args.sync,
         )
         startup = time.perf_counter() - t0
         print(
@@ -377,18 +397,19 @@ def markdown(rows: list[dict], bw: float) -> str:
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s", ""]
     lines += [
         "| shape | kind | batch | context | popularity | step ms | roofline ms | share | GPU busy "
-        "| GPU ops | launches |"
+        "| GPU ops | launches | step ms without overlap |"
     ]
-    lines += ["|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["kind"] in ("engine", "reference"):
             busy = f"{100 * r['gpu_busy']:.0f}%" if "gpu_busy" in r else ""
             ops = f"{r['gpu_ops']:.0f}" if "gpu_ops" in r else ""
             launches = f"{r['host_launches']:.0f}" if "host_launches" in r else ""
+            sync = f"{r['step_ms_sync']:.2f}" if r.get("step_ms_sync") is not None else ""
             lines.append(
                 f"| {r['shape']} | {r['kind']} | {r['batch']} | {r['context']} | {r['popularity']} | "
                 f"{r['step_ms']:.2f} | {r['roofline_ms']:.2f} | {100 * r['share']:.0f}% | {busy} | {ops} | "
-                f"{launches} |"
+                f"{launches} | {sync} |"
             )
     lines += [
         "",

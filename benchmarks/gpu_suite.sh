@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
-#                                                engine-7b, engine-8b, sgmv
+#                                                engine-e2e, engine-7b, engine-8b, sgmv
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
@@ -33,7 +33,11 @@ for stage in "$@"; do
         python3 benchmarks/bench_adapter_load.py --out "$out" ;;
     engine-quick)
         python3 benchmarks/bench_engine.py --out "$out/quick" --shapes llama2-7b --batches 16,64 \
-            --contexts 256,1024 --popularities backbone,distinct --no-e2e --peft-new-tokens 0 ;;
+            --contexts 256,1024 --popularities backbone,identical,distinct --no-e2e --peft-new-tokens 0 \
+            --compare-sync ;;
+    engine-e2e)  # end to end and transformers + PEFT only (7B shape)
+        python3 benchmarks/bench_engine.py --out "$out/e2e" --shapes llama2-7b --batches 64 --contexts 256 \
+            --popularities distinct --no-reference ;;
     engine-7b)
         python3 benchmarks/bench_engine.py --out "$out/7b" --shapes llama2-7b ;;
     engine-8b)

@@ -37,6 +37,9 @@ class BatchLayout:
     logits_indices: torch.Tensor  # [N] int64, rows whose logits are sampled (last row of a sequence
     #                               that finishes its prompt or decodes this step)
     sample_seq_ids: tuple[str, ...]  # request id for each entry of logits_indices (host)
+    # --- overlapped stepping ---
+    input_src: torch.Tensor | None = None  # [T] int32: -1, or the previous step's sampled row whose
+    #                                        token (on the device) replaces input_ids at that row
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,7 @@ from lorafleet.worker.batch_builder import BatchPlan
 
 _FIELDS = (
     "input_ids",
+    "input_src",
     "positions",
     "slot_mapping",
     "query_start_loc",
@@ -45,6 +46,7 @@ class PackedShape:
             self.rows,
             self.rows,
             self.rows,
+            self.rows,
             self.seqs + 1,
             self.seqs,
             self.segs + 1,
@@ -60,7 +62,7 @@ class PackedShape:
 
     @property
     def numel(self) -> int:
-        return 3 * self.rows + 2 * self.seqs + 2 * self.segs + 2 + self.logits + self.seqs * self.width
+        return 4 * self.rows + 2 * self.seqs + 2 * self.segs + 2 + self.logits + self.seqs * self.width
 
 
 def decode_shape(batch_size: int, width: int) -> PackedShape:
@@ -97,8 +99,8 @@ class BatchBuffers:
     def upload(self, plan: BatchPlan, *, pad_to: int | None = None, width: int | None = None) -> BatchLayout:
         """Pack ``plan`` (padded to ``pad_to`` decode rows and ``width`` block-table columns) and move it.
 
-        Padding rows read nothing and write nothing: input 0 at position 0, KV slot -1, context
-        length 0, in a final LoRA segment of slot -1.
+        Padding rows read nothing and write nothing: input 0 (not from the device) at position 0,
+        KV slot -1, context length 0, in a final LoRA segment of slot -1.
         """
         shape = self.shape_of(plan, pad_to, width)
         cap = self.capacity
@@ -123,6 +125,7 @@ class BatchBuffers:
                 host[lo + len(values) : hi] = pad
 
         put("input_ids", plan.input_ids, 0)
+        put("input_src", plan.input_src, -1)
         put("positions", plan.positions, 0)
         put("slot_mapping", plan.slot_mapping, -1)
         lo, hi = offs["query_start_loc"]

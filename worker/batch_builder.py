@@ -21,6 +21,9 @@ class BatchPlan:
     """One step's layout as host lists (see ``BatchLayout`` for the meaning of each field)."""
 
     input_ids: list[int]
+    # Per row: -1, or the index among the previous step's sampled rows whose token (still on the
+    # device, not yet read back) is this row's input; ``input_ids`` holds 0 there.
+    input_src: list[int]
     positions: list[int]
     slot_mapping: list[int]
     seq_ids: tuple[str, ...]
@@ -32,6 +35,11 @@ class BatchPlan:
     seg_slots: list[int]
     logits_indices: list[int]
     sample_seq_ids: tuple[str, ...]
+
+    @classmethod
+    def empty(cls) -> BatchPlan:
+        """No rows: padded to a bucket, every row is padding (graph warm-up and capture)."""
+        return cls([], [], [], [], (), [0], (), (), [], [0], [], [], ())
 
     @property
     def num_tokens(self) -> int:
@@ -61,12 +69,17 @@ class BatchPlan:
     def uses_lora(self) -> bool:
         return any(s >= 0 for s in self.seg_slots)
 
+    @property
+    def reads_inflight(self) -> bool:
+        return any(s >= 0 for s in self.input_src)
+
 
 def plan_batch(scheduled: list[ScheduledSeq], block_size: int) -> BatchPlan:
     if not scheduled:
         raise ValueError("cannot build a batch with no scheduled sequences")
     items = sorted(scheduled, key=lambda s: s.seq.lora_slot)
     input_ids: list[int] = []
+    input_src: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
     query_start = [0]
@@ -81,17 +94,30 @@ def plan_batch(scheduled: list[ScheduledSeq], block_size: int) -> BatchPlan:
         seq, n = item.seq, item.num_tokens
         start = seq.num_computed_tokens
         end = start + n
-        if n < 1 or end > seq.num_tokens:
-            raise ValueError(f"{seq.request_id}: cannot schedule {n} tokens from {start} of {seq.num_tokens}")
+        if n < 1 or end > seq.num_total_tokens:
+            raise ValueError(
+                f"{seq.request_id}: cannot schedule {n} tokens from {start} of {seq.num_total_tokens}"
+            )
         table = seq.block_table
         if len(table) * block_size < end:
             raise ValueError(f"{seq.request_id}: {len(table)} KV blocks cannot hold {end} tokens")
+        known = seq.num_tokens  # tokens the host has; one more may still be in flight
         if n == 1:  # decode: skip the generic range arithmetic, it is most of the host time per row
-            input_ids.append(seq.token_at(start))
+            if start < known:
+                input_ids.append(seq.token_at(start))
+                input_src.append(-1)
+            else:
+                input_ids.append(0)
+                input_src.append(seq.inflight_row)
             positions.append(start)
             slot_mapping.append(table[start // block_size] * block_size + start % block_size)
         else:
-            input_ids.extend(seq.token_slice(start, end))
+            host_end = min(end, known)
+            input_ids.extend(seq.token_slice(start, host_end))
+            input_src.extend([-1] * (host_end - start))
+            if end > host_end:  # only the newest token can be in flight
+                input_ids.append(0)
+                input_src.append(seq.inflight_row)
             positions.extend(range(start, end))
             slot_mapping.extend(
                 table[p // block_size] * block_size + p % block_size for p in range(start, end)
@@ -100,7 +126,7 @@ def plan_batch(scheduled: list[ScheduledSeq], block_size: int) -> BatchPlan:
         context_lens.append(end)
         tables.append(table)
         query_start.append(query_start[-1] + n)
-        if end == seq.num_tokens:  # the prompt (or recompute) is complete: sample the next token
+        if end == seq.num_total_tokens:  # the prompt (or recompute) is complete: sample the next token
             logits_indices.append(query_start[-1] - 1)
             sample_ids.append(seq.request_id)
         if seg_slots and seg_slots[-1] == seq.lora_slot:
@@ -110,6 +136,7 @@ def plan_batch(scheduled: list[ScheduledSeq], block_size: int) -> BatchPlan:
             seg_indptr.append(query_start[-1])
     return BatchPlan(
         input_ids=input_ids,
+        input_src=input_src,
         positions=positions,
         slot_mapping=slot_mapping,
         seq_ids=tuple(s.seq.request_id for s in items),
@@ -127,6 +154,8 @@ def plan_batch(scheduled: list[ScheduledSeq], block_size: int) -> BatchPlan:
 def build_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device | str) -> BatchLayout:
     """The plan moved to ``device`` one tensor per field (tests and simple callers; the engine packs)."""
     plan = plan_batch(scheduled, block_size)
+    if plan.reads_inflight:
+        raise ValueError("build_batch cannot resolve inputs still in flight on the device; use BatchBuffers")
     width = plan.max_blocks
     padded = [t + [-1] * (width - len(t)) for t in plan.block_tables]
 

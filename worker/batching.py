@@ -44,11 +44,13 @@ class Scheduler:
         *,
         max_batch_size: int,
         max_num_batched_tokens: int,
+        max_model_len: int | None = None,
     ) -> None:
         self.allocator = allocator
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len if max_model_len is not None else 1 << 62
         self.waiting: list[Sequence] = []  # sorted by arrival_index (oldest first)
         self.running: list[Sequence] = []  # sorted by arrival_index (oldest first)
         self.num_preemptions = 0
@@ -65,7 +67,7 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed_tokens, budget)
-            if n <= 0:
+            if n <= 0 or seq.is_length_capped(self.max_model_len):
                 continue
             need = self.allocator.blocks_needed(seq.num_computed_tokens + n) - len(seq.block_table)
             while need > self.allocator.num_free:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import traceback
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from lorafleet.worker.kv_cache import KVCache, resolve_dtype
 from lorafleet.worker.loader import LoadedModel, load_model
 from lorafleet.worker.lora_pool import LoraSlotPool
 from lorafleet.worker.model_runner import ModelRunner
-from lorafleet.worker.sampling import Sampler
+from lorafleet.worker.sampling import SampledTokens, Sampler
 from lorafleet.worker.sequence import SeqStatus, Sequence
 from lorafleet.worker.stop_checker import StopChecker
 from lorafleet.worker.types import (
@@ -39,6 +40,18 @@ from lorafleet.worker.types import (
     SequenceState,
     TokenDelta,
 )
+
+
+@dataclass
+class _LaunchedStep:
+    """A forward pass queued on the device whose sampled tokens the host has not applied yet."""
+
+    seqs: list[Sequence]  # in sample order: row i of ``sampled`` is seqs[i]'s next token
+    sampled: SampledTokens
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
 
 
 class Engine:
@@ -76,6 +89,7 @@ class Engine:
             self.adapters,
             max_batch_size=cfg.max_batch_size,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
         )
         self.runner = ModelRunner(
             self.model,
@@ -95,6 +109,10 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
+        self._overlap = (
+            cfg.async_scheduling if cfg.async_scheduling is not None else self.device.type == "cuda"
+        )
+        self._inflight: _LaunchedStep | None = None
 
     @classmethod
     def from_pretrained(
@@ -258,30 +276,71 @@ class Engine:
 
     # --- stepping ---
     def step(self) -> list[TokenDelta]:
-        """Run one batched forward pass; a delta for every sequence that got tokens or finished."""
+        """Run one batched forward pass; a delta for every sequence that got tokens or finished.
+
+        With overlapped stepping (``async_scheduling``) the pass is queued on the device and this
+        returns the *previous* pass's deltas: the host turns those tokens into text, checks stops
+        and schedules the next pass while the device computes. A sequence that turns out to have
+        finished was stepped once more for nothing; that token is dropped.
+        """
         out = self.scheduler.schedule()
         deltas = [self._fail(seq, msg) for seq, msg in self.scheduler.take_failed()]
-        if not out.scheduled:
-            if self.adapters.loading():  # nothing can run until an adapter load lands: block, not spin
-                self.adapters.wait_for_loads(0.005)
-            return deltas
-        try:
-            sample_ids, tokens, logprobs = self._forward_and_sample(out)
-        except Exception as exc:  # fail this batch's requests with the reason, never lose them
-            msg = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-            return deltas + [self._fail(s.seq, msg) for s in out.scheduled]
-        sampled = {rid: i for i, rid in enumerate(sample_ids)}
-        rows = []  # (sequence, its sampled row), in the scheduler's order
+        launched: _LaunchedStep | None = None
+        if out.scheduled:
+            try:
+                launched = self._launch(out)
+            except Exception as exc:  # fail this batch's requests with the reason, never lose them
+                deltas += [self._fail(s.seq, _describe(exc)) for s in out.scheduled]
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            deltas += self._collect(previous)
+        if launched is not None:
+            if self._overlap:
+                self._inflight = launched
+            else:
+                deltas += self._collect(launched)
+        elif previous is None and not out.scheduled and self.adapters.loading():
+            # Nothing can run until an adapter load lands: block briefly instead of spinning.
+            self.adapters.wait_for_loads(0.005)
+        return deltas
+
+    def _launch(self, out: SchedulerOutput) -> _LaunchedStep:
+        """Queue the forward pass and the sampling of ``out`` on the device; no host sync."""
+        plan = plan_batch(out.scheduled, self.config.block_size)
+        self.adapters.wait_for([s.seq.adapter for s in out.scheduled])
+        logits = self.runner.run(plan)
+        seqs = [self._seqs[rid] for rid in plan.sample_seq_ids]
+        sampled = self.sampler.launch(
+            logits,
+            [s.request.sampling for s in seqs],
+            [len(s.output_token_ids) + s.num_inflight for s in seqs],
+        )
+        self.runner.record_tokens(sampled.device_tokens)
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-            i = sampled.get(item.seq.request_id)
-            if i is not None:
-                rows.append((item.seq, i))
+        for row, seq in enumerate(seqs):
+            seq.num_inflight += 1
+            seq.inflight_row = row
+        return _LaunchedStep(seqs, sampled)
+
+    def _collect(self, step: _LaunchedStep) -> list[TokenDelta]:
+        """Wait for a launched pass's tokens and apply them: text, stop checks, deltas."""
+        live = [seq for seq in step.seqs if self._seqs.get(seq.request_id) is seq]
+        try:
+            tokens, logprobs = step.sampled.result()
+        except Exception as exc:
+            return [self._fail(seq, _describe(exc)) for seq in live]
+        rows = []  # (sequence, its sampled row) of the sequences still here
+        for i, seq in enumerate(step.seqs):
+            seq.num_inflight -= 1
+            if self._seqs.get(seq.request_id) is seq:  # not aborted, exported or failed meanwhile
+                rows.append((seq, i))
         seqs = [seq for seq, _ in rows]
         sent = [seq.delivered_len for seq in seqs]
         reasons = self.stop_checker.append_tokens(
             [(seq, tokens[i], logprobs[i] if logprobs else None) for seq, i in rows]
         )
+        deltas = []
         for seq, reason, delivered in zip(seqs, reasons, sent):
             new_tokens, new_logprobs = seq.take_pending()
             if reason is not None:
@@ -297,18 +356,6 @@ class Engine:
                 )
             )
         return deltas
-
-    def _forward_and_sample(
-        self, out: SchedulerOutput
-    ) -> tuple[tuple[str, ...], list[int], list[float] | None]:
-        plan = plan_batch(out.scheduled, self.config.block_size)
-        self.adapters.wait_for([s.seq.adapter for s in out.scheduled])
-        logits = self.runner.run(plan)
-        seqs = [self._seqs[rid] for rid in plan.sample_seq_ids]
-        tokens, logprobs = self.sampler.sample(
-            logits, [s.request.sampling for s in seqs], [len(s.output_token_ids) for s in seqs]
-        )
-        return plan.sample_seq_ids, tokens, logprobs
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

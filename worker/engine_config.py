@@ -26,6 +26,9 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = PROJECTIONS
     seed: int = 0  # the engine generator that unseeded sampled requests draw from
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs (debugging)
+    # Overlap the host's work for the next step with the device's current one (step() then returns
+    # the previous step's tokens). None = on for CUDA, off for the CPU, where nothing would overlap.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
@@ -38,6 +41,8 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValueError("set at most one of num_kv_blocks and kv_cache_bytes")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:

@@ -11,9 +11,11 @@ mixed steps, the CPU, and ``enforce_eager`` run the same forward eagerly.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 
 import torch
 
+from lorafleet.worker.batch import BatchLayout
 from lorafleet.worker.batch_buffers import BatchBuffers, PackedShape, decode_shape
 from lorafleet.worker.batch_builder import BatchPlan
 from lorafleet.worker.kv_cache import KVCache
@@ -60,6 +62,9 @@ class ModelRunner:
             width=self.width,
         )
         self.buffers = BatchBuffers(capacity, self.device)
+        # The latest step's sampled tokens, kept on the device: with overlapped stepping the next
+        # step's forward reads its inputs from here before the host has seen them.
+        self.last_tokens = torch.zeros(max_batch_size, dtype=torch.int32, device=self.device)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._logits: torch.Tensor | None = None
         self.num_graph_steps = 0
@@ -73,7 +78,7 @@ class ModelRunner:
         vocab = self.model.config.vocab_size
         self._logits = torch.empty(self.batch_sizes[-1], vocab, dtype=torch.float32, device=self.device)
         pool = None
-        empty = BatchPlan([], [], [], (), [0], (), (), [], [0], [], [], ())
+        empty = BatchPlan.empty()
         for size in reversed(self.batch_sizes):
             shape = decode_shape(size, self.width)
             for use_lora in (False, True):
@@ -89,8 +94,20 @@ class ModelRunner:
 
     def _forward_into_logits(self, layout, shape: PackedShape, use_lora: bool) -> None:
         assert self._logits is not None
+        layout = self._resolve_inputs(layout)
         logits = self.model.forward_all_logits(layout, self.kv, self.lora if use_lora else None)
         self._logits[: shape.rows].copy_(logits)
+
+    def _resolve_inputs(self, layout: BatchLayout) -> BatchLayout:
+        """Rows whose input is the previous step's sampled token take it from ``last_tokens``."""
+        src = layout.input_src
+        assert src is not None
+        from_device = self.last_tokens.index_select(0, src.clamp(min=0))
+        return dataclasses.replace(layout, input_ids=torch.where(src >= 0, from_device, layout.input_ids))
+
+    def record_tokens(self, tokens: torch.Tensor) -> None:
+        """Keep this step's sampled tokens [N] (in sample order) for the next step's inputs."""
+        self.last_tokens[: tokens.shape[0]].copy_(tokens)
 
     # --- steps ---
     def graph_size_for(self, plan: BatchPlan) -> int | None:
@@ -113,5 +130,7 @@ class ModelRunner:
             # A decode step samples every row, in row order.
             return self._logits[: plan.num_seqs]
         batch = self.buffers.upload(plan)
+        if plan.reads_inflight:
+            batch = self._resolve_inputs(batch)
         self.num_eager_steps += 1
         return self.model(batch, self.kv, self.lora if use_lora else None)

@@ -8,8 +8,9 @@ after export/import or preemption. Unseeded requests share the engine's generato
 Host traffic per step is one host-to-device copy (every sampled row's parameters and uniform,
 packed by ``Sampler.pack`` into one float64 tensor, pinned when the logits are on CUDA) and one
 device-to-host copy (the tokens, and the logprobs if any request wants them, packed into one
-float64 tensor), followed by one ``tolist``. An all-greedy step without logprobs copies nothing
-in and runs argmax only.
+float64 tensor), followed by one ``tolist``. ``launch`` queues all of it and returns at once, so
+the engine can prepare its next step while the device works; ``result`` waits for the copy. An
+all-greedy step without logprobs copies nothing in and runs argmax only.
 """
 
 from __future__ import annotations
@@ -63,20 +64,29 @@ class Sampler:
         tokens and, if any request asked for them, the log-probabilities of the chosen tokens under
         the model's unmodified distribution (before temperature and filtering), else None.
         """
+        return self.launch(logits, params, draw_indices).result()
+
+    def launch(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        draw_indices: Sequence[int],
+    ) -> SampledTokens:
+        """``sample`` without waiting: the draws are queued on the device, and their copy to the host
+        with them; ``result()`` waits for that copy. The host can prepare the next step meanwhile."""
         n = logits.shape[0]
         if len(params) != n or len(draw_indices) != n:
             raise ValueError(f"{n} logit rows but {len(params)} params / {len(draw_indices)} draw indices")
         if n == 0:
-            return [], None
+            return SampledTokens(torch.empty(0, dtype=torch.int64), None, False)
         logits = logits.float()
         tokens = self.sample_tensors(logits, self.pack(params, draw_indices, logits.device))
         if not any(p.logprobs for p in params):
-            return _to_host(tokens).tolist(), None
+            return SampledTokens(tokens, _start_to_host(tokens), False)
         both = torch.empty((2, n), dtype=torch.float64, device=logits.device)
         both[0] = tokens  # exact: token ids are far below 2**53
         both[1] = chosen_logprobs(logits, tokens)
-        host_tokens, logprobs = _to_host(both).tolist()
-        return [int(t) for t in host_tokens], logprobs
+        return SampledTokens(tokens, _start_to_host(both), True)
 
     def pack(
         self, params: Sequence[SamplingParams], draw_indices: Sequence[int], device: torch.device | str
@@ -182,11 +192,38 @@ def _sample_rows(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return order.gather(1, choice).squeeze(1)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the CPU in one copy: into pinned memory, then wait for the stream (CUDA only)."""
+class SampledTokens:
+    """One step's sampled tokens: on the device at once, on the host after ``result()``."""
+
+    def __init__(
+        self,
+        device_tokens: torch.Tensor,
+        pending: tuple[torch.Tensor, torch.cuda.Event | None] | None,
+        with_logprobs: bool,
+    ) -> None:
+        self.device_tokens = device_tokens  # int64 [N], in sample order
+        self._pending = pending
+        self._with_logprobs = with_logprobs
+
+    def result(self) -> tuple[list[int], list[float] | None]:
+        """Tokens (and logprobs when any row asked for them); waits for the copy to the host."""
+        if self._pending is None:
+            return [], None
+        host, event = self._pending
+        if event is not None:
+            event.synchronize()
+        if not self._with_logprobs:
+            return host.tolist(), None
+        tokens, logprobs = host.tolist()
+        return [int(t) for t in tokens], logprobs
+
+
+def _start_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``t`` into pinned host memory; the event marks the copy's end (CUDA only)."""
     if t.device.type != "cuda":
-        return t
+        return t, None
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(t.device).synchronize()
-    return host
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    return host, event

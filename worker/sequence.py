@@ -37,6 +37,11 @@ class Sequence:
     # Output produced since the caller last collected it (one engine step).
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[float] = field(default_factory=list)
+    # Overlapped stepping: tokens sampled on the device whose values the host has not read yet (at
+    # most one between steps), and the newest one's row among its step's sampled rows, from which
+    # the next step's forward takes it as input on the device.
+    num_inflight: int = 0
+    inflight_row: int = -1
 
     def __post_init__(self) -> None:
         if self.request.sampling.logprobs and self.output_logprobs is None:
@@ -65,8 +70,21 @@ class Sequence:
         return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
+    def num_total_tokens(self) -> int:
+        """Tokens including those still in flight: what the KV cache must eventually hold."""
+        return self.num_tokens + self.num_inflight
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_total_tokens - self.num_computed_tokens
+
+    def is_length_capped(self, max_model_len: int) -> bool:
+        """Its tokens in flight already reach a length limit: it ends once they land, so stepping it
+        again would compute a token that is thrown away."""
+        return bool(self.num_inflight) and (
+            len(self.output_token_ids) + self.num_inflight >= self.request.sampling.max_new_tokens
+            or self.num_total_tokens >= max_model_len
+        )
 
     def token_at(self, index: int) -> int:
         n = self.num_prompt_tokens

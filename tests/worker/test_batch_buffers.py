@@ -140,7 +140,7 @@ def test_graph_batch_sizes() -> None:
 
 def test_an_empty_plan_pads_to_all_padding_rows() -> None:
     """Graph capture uploads a plan with no sequence: every row is padding."""
-    empty = BatchPlan([], [], [], (), [0], (), (), [], [0], [], [], ())
+    empty = BatchPlan.empty()
     got = buffers().upload(empty, pad_to=4, width=8)
     assert got.slot_mapping.tolist() == [-1] * 4 and got.seq_lens.tolist() == [0] * 4
     assert got.lora_seg_indptr.tolist() == [0, 4, 4, 4, 4, 4] and got.lora_seg_slots.tolist() == [-1] * 5
