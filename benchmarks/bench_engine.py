@@ -351,7 +351,9 @@ def main() -> int:
         model = random_model(config)
         if not args.no_reference:
             run_reference(model, config, bw, rows, shape, REFERENCE_CASES)
-        max_len = min(config.max_position_embeddings, max(args.contexts) + args.steps + 64)
+        # The Punica workload's longest request: a 2,048-token prompt and 512 new tokens.
+        longest = max(args.contexts) + args.steps + 64 if args.no_e2e else max(max(args.contexts), 2560) + 64
+        max_len = min(config.max_position_embeddings, longest)
         t0 = time.perf_counter()
         engine = make_engine(
             model,
