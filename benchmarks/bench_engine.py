@@ -154,8 +154,11 @@ def run_reference(model, config, bw: float, rows: list[dict], shape: str, cases)
     torch.cuda.empty_cache()
 
 
-def run_steps(engine: Engine, config, bw: float, rows: list[dict], shape: str, args) -> None:
+def run_steps(
+    engine: Engine, config, bw: float, rows: list[dict], shape: str, args, popularities: list[str]
+) -> None:
     rng = random.Random(0)
+    side = engine.lora_pool.stream is not None
     steps = args.steps
     for context in args.contexts:
         for batch in args.batches:
@@ -167,7 +170,7 @@ def run_steps(engine: Engine, config, bw: float, rows: list[dict], shape: str, a
             if need > engine.allocator.num_free:
                 print(f"skip {shape} b{batch} c{context}: needs {need} KV blocks")
                 continue
-            for pop in args.popularities:
+            for pop in popularities:
                 slots = popularity_slots(pop, batch, N_SLOTS, rng)
                 ids = install_decode_batch(engine, slots, start, rng)
                 for _ in range(3):
@@ -202,7 +205,7 @@ def run_steps(engine: Engine, config, bw: float, rows: list[dict], shape: str, a
                         "batch": batch,
                         "context": context,
                         "mean_context": mean_context,
-                        "popularity": pop,
+                        "popularity": pop + (" (LoRA side stream)" if side else ""),
                         "distinct_adapters": len(distinct),
                         "step_ms": ms,
                         "step_ms_min": min(times) * 1e3,
@@ -217,7 +220,8 @@ def run_steps(engine: Engine, config, bw: float, rows: list[dict], shape: str, a
                 )
                 r = rows[-1]
                 print(
-                    f"engine {shape} b{batch} c{context} {pop}: {ms:.2f} ms, roofline {r['roofline_ms']:.2f} "
+                    f"engine {shape} b{batch} c{context} {r['popularity']}: {ms:.2f} ms, "
+                    f"roofline {r['roofline_ms']:.2f} "
                     f"({100 * r['share']:.0f}%), busy {100 * r['gpu_busy']:.0f}%, ops {r['gpu_ops']:.0f}, "
                     f"launches {r['host_launches']:.0f}"
                     + (f", without overlap {sync_ms:.2f} ms" if sync_ms is not None else ""),
@@ -332,6 +336,11 @@ def main() -> int:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--sync", action="store_true", help="turn overlapped stepping off")
     parser.add_argument(
+        "--compare-lora-stream",
+        action="store_true",
+        help="time the adapter cases again with the LoRA kernels on a side stream",
+    )
+    parser.add_argument(
         "--compare-sync", action="store_true", help="also time each decode case without overlapped stepping"
     )
     args = parser.parse_args()
@@ -373,7 +382,14 @@ def main() -> int:
         )
         rows.append({"kind": "startup", "shape": shape, "seconds": startup})
         fill_pool(engine.lora_pool, [16])
-        run_steps(engine, config, bw, rows, shape, args)
+        run_steps(engine, config, bw, rows, shape, args, args.popularities)
+        with_lora = [p for p in args.popularities if p != "backbone"]
+        if args.compare_lora_stream and with_lora:
+            engine.lora_pool.stream = torch.cuda.Stream()
+            engine.runner.recapture()
+            run_steps(engine, config, bw, rows, shape, args, with_lora)
+            engine.lora_pool.stream = None
+            engine.runner.recapture()
         if not args.no_e2e:
             run_end_to_end(engine, shape, tmp, rows, args)
         del engine, model

@@ -34,7 +34,7 @@ for stage in "$@"; do
     engine-quick)
         python3 benchmarks/bench_engine.py --out "$out/quick" --shapes llama2-7b --batches 16,64 \
             --contexts 256,1024 --popularities backbone,identical,distinct --no-e2e --peft-new-tokens 0 \
-            --compare-sync ;;
+            --compare-sync --compare-lora-stream ;;
     engine-e2e)  # end to end and transformers + PEFT only (7B shape)
         python3 benchmarks/bench_engine.py --out "$out/e2e" --shapes llama2-7b --batches 64 --contexts 256 \
             --popularities distinct --no-reference ;;

@@ -100,6 +100,8 @@ class Engine:
             max_model_len=self.max_model_len,
             enforce_eager=cfg.enforce_eager,
         )
+        if cfg.lora_side_stream and self.device.type == "cuda":
+            self.lora_pool.stream = torch.cuda.Stream(self.device)
         self.runner.capture()
         self.sampler = Sampler(cfg.seed)
         eos = mc.eos_token_ids

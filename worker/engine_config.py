@@ -29,6 +29,8 @@ class EngineConfig:
     # Overlap the host's work for the next step with the device's current one (step() then returns
     # the previous step's tokens). None = on for CUDA, off for the CPU, where nothing would overlap.
     async_scheduling: bool | None = None
+    # CUDA: run the LoRA kernels on a second stream beside each base matmul (ignored on the CPU).
+    lora_side_stream: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
@@ -41,6 +43,8 @@ class EngineConfig:
         _check_int("seed", self.seed, 0)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if not isinstance(self.lora_side_stream, bool):
+            raise ValueError(f"lora_side_stream must be true or false, got {self.lora_side_stream!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:

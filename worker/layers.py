@@ -73,10 +73,26 @@ class FusedLinear(torch.nn.Module):
         layer: int = 0,
         batch: BatchLayout | None = None,
     ) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if lora is not None and batch is not None:
+        if lora is None or batch is None:
+            return F.linear(x, self.weight, self.bias)
+        side = lora.stream
+        if side is None:
+            y = F.linear(x, self.weight, self.bias)
             self.add_lora(y, x, lora, layer, batch)
-        return y
+            return y
+        # The LoRA kernels run on a second stream beside the base matmul and leave their deltas
+        # in ``delta``; one add joins them. Each kernel's fixed cost (launch, ramp-up, tail) then
+        # hides behind the matmul instead of adding to it. ``delta`` is allocated on this stream
+        # and freed after the join, so no other work can take its memory while the side writes it.
+        main = torch.cuda.current_stream(x.device)
+        delta = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            delta.zero_()
+            self.add_lora(delta, x, lora, layer, batch)
+        y = F.linear(x, self.weight, self.bias)
+        main.wait_stream(side)
+        return y.add_(delta)
 
     def add_lora(
         self, y: torch.Tensor, x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout

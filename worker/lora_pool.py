@@ -78,6 +78,9 @@ class LoraSlotPool:
         device: torch.device | str,
         target_modules: tuple[str, ...] = PROJECTIONS,
     ) -> None:
+        # Where the model runs the LoRA kernels: None = on the caller's stream, after each base
+        # matmul; a CUDA stream = beside it (EngineConfig.lora_side_stream).
+        self.stream: torch.cuda.Stream | None = None
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if n_slots < 1:

@@ -92,6 +92,13 @@ class ModelRunner:
                 self._graphs[(size, use_lora)] = graph
         torch.cuda.synchronize(self.device)
 
+    def recapture(self) -> None:
+        """Capture the graphs again (after a change to how the forward pass runs, e.g. its streams)."""
+        self._graphs.clear()
+        self._logits = None
+        torch.cuda.empty_cache()
+        self.capture()
+
     def _forward_into_logits(self, layout, shape: PackedShape, use_lora: bool) -> None:
         assert self._logits is not None
         layout = self._resolve_inputs(layout)

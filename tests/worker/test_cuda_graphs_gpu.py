@@ -14,7 +14,14 @@ from lorafleet.worker.demo_assets import make_demo
 pytestmark = pytest.mark.gpu
 
 
-def run(model_dir: Path, adapters: dict[str, Path], dtype: str, eager: bool, overlap: bool = True):
+def run(
+    model_dir: Path,
+    adapters: dict[str, Path],
+    dtype: str,
+    eager: bool,
+    overlap: bool = True,
+    side_stream: bool = False,
+):
     engine = Engine.from_pretrained(
         model_dir,
         device="cuda",
@@ -24,6 +31,7 @@ def run(model_dir: Path, adapters: dict[str, Path], dtype: str, eager: bool, ove
         max_lora_rank=16,
         enforce_eager=eager,
         async_scheduling=overlap,
+        lora_side_stream=side_stream,
     )
     names = sorted(adapters)
     for name in names:
@@ -91,6 +99,16 @@ def test_overlapped_stepping_matches_step_by_step(tmp_path: Path) -> None:
     engine, over_out, over_logits = run(demo.model_dir, demo.adapters, "float32", False, overlap=True)
     assert engine._overlap and engine.runner.num_graph_steps > 20
     assert_same_generation(sync_out, sync_logits, over_out, over_logits, 1e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 5e-2)])
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_lora_on_a_side_stream_matches(tmp_path: Path, dtype: str, tol: float, eager: bool) -> None:
+    demo = make_demo(tmp_path, num_adapters=8, seed=3)
+    _, want_out, want_logits = run(demo.model_dir, demo.adapters, dtype, eager)
+    engine, got_out, got_logits = run(demo.model_dir, demo.adapters, dtype, eager, side_stream=True)
+    assert engine.lora_pool.stream is not None
+    assert_same_generation(want_out, want_logits, got_out, got_logits, tol)
 
 
 def test_padding_rows_leave_the_cache_alone(tmp_path: Path) -> None:
