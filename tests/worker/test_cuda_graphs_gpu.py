@@ -74,19 +74,22 @@ def test_graph_replay_matches_eager_mode(tmp_path: Path, dtype: str, tol: float)
 
 
 def assert_same_generation(want_out, want_logits, got_out, got_logits, tol: float) -> None:
-    """Logits equal within ``tol``; tokens equal up to the first step whose top two are that close."""
+    """Each request's logits agree within ``tol`` for as long as its tokens agree (each step's logits
+    depend only on the tokens before it), and tokens part only at a step whose top two logits were
+    within the tolerance of each other."""
     for e, g in zip(want_out, got_out):
         want = torch.stack(want_logits[e.request_id])
         got = torch.stack(got_logits[g.request_id])
-        assert got.shape == want.shape
+        n = min(len(e.token_ids), len(g.token_ids))
+        split = next((i for i in range(n) if e.token_ids[i] != g.token_ids[i]), n)
+        if split == n:
+            assert got.shape == want.shape
+        upto = min(split + 1, len(want), len(got))
         scale = float(want.abs().max())
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
-        top2 = want.topk(2, dim=-1).values
-        decisive = (top2[:, 0] - top2[:, 1]) > 2 * tol * scale
-        tokens_e, tokens_g = torch.tensor(e.token_ids), torch.tensor(g.token_ids)
-        # Until the first non-decisive step the sequences are identical, so compare that prefix.
-        cut = int(decisive.logical_not().nonzero()[0]) if not decisive.all() else len(tokens_e)
-        assert torch.equal(tokens_e[:cut], tokens_g[:cut])
+        torch.testing.assert_close(got[:upto], want[:upto], rtol=tol, atol=tol * scale)
+        if split < n:
+            top2 = want[split].topk(2).values
+            assert float(top2[0] - top2[1]) <= 2 * tol * scale, f"{e.request_id}: tokens part at step {split}"
 
 
 def test_overlapped_stepping_matches_step_by_step(tmp_path: Path) -> None:
