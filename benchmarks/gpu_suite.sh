@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
-#                                                engine-e2e, engine-7b, engine-8b, sgmv
+#                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-7b
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
@@ -44,6 +44,11 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    profile-7b)  # the simulator's H200 profile of the 7B shape (make-demo --shape, then profile)
+        lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
+        lf make-demo --shape llama2-7b --num-adapters 8 --overwrite /tmp/lf-7b &&
+            lf profile --model /tmp/lf-7b --device cuda --no-ray-start --no-serving --engine max_batch_size=64 \
+                --engine max_loras=16 --name h200-llama2-7b --out "$out/h200-llama2-7b.yaml" ;;
     *)
         echo "unknown stage $stage" ;;
     esac >"$out/$stage.log" 2>&1
