@@ -150,3 +150,18 @@ def test_online_lag_abort_and_export_with_a_pass_in_flight(demo, reference) -> N
     assert tuple(t for d in got["r4"] for t in d.new_token_ids) == ref[4].token_ids[:1]
     for e in (engine, other):
         assert e.stats().num_free_kv_blocks == e.stats().num_total_kv_blocks
+
+
+def test_overlap_switches_are_validated(demo) -> None:
+    from lorafleet.worker import EngineConfig
+
+    for name in ("async_scheduling", "lora_side_stream"):
+        with pytest.raises(ValueError, match=name):
+            EngineConfig(**{name: "yes"})
+    assert EngineConfig.from_dict({"async_scheduling": None}).async_scheduling is None
+    # Defaults: on CUDA only; the CPU would gain nothing and deltas would come a step later.
+    cpu = make_engine(demo, overlap=None)
+    assert not cpu._overlap and cpu.lora_pool.stream is None
+    cpu.add_request(Request("x", (5, 6, 7), None, PARAMS[3]))
+    (delta,) = cpu.step()  # step by step: the token comes back from the same call
+    assert delta.request_id == "x" and len(delta.new_token_ids) == 1
