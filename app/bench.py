@@ -84,6 +84,9 @@ class BenchReport:
     adapters_used: int = 0
     clamped: int = 0
     first_errors: list[str] = field(default_factory=list)
+    # CPU seconds this process (every thread: grpc's C core polls on its own) used from the plan's
+    # time 0 to the last stream's end: the load generator's own cost, which shares the machine.
+    client_cpu_s: float = 0.0
     # Per request, in plan order: for callers that slice the run (the demo's phases); not in the JSON.
     records: list[RequestRecord] = field(default_factory=list, repr=False)
 
@@ -277,7 +280,7 @@ async def run_bench(
         records_out.extend(records)
     samples: list[WorkerSample] = []
     send = send or grpc_sender(client)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     if on_start is not None:
         on_start()
     sampler = asyncio.create_task(_sample_workers(client, start, samples, sample_every_s, on_sample))
@@ -298,6 +301,7 @@ async def run_bench(
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         wall = time.monotonic() - start
+        client_cpu = time.process_time() - cpu_start
         for alias in aliases:
             # Still in use or already gone: the server keeps serving either way.
             with contextlib.suppress(ApiError):
@@ -307,7 +311,9 @@ async def run_bench(
         "migrations": after.migrations - before.migrations,
         "preemptions": after.preemptions - before.preemptions,
     }
-    return summarize(records, wall, samples, counters)
+    report = summarize(records, wall, samples, counters)
+    report.client_cpu_s = client_cpu
+    return report
 
 
 # ---------------------------------------------------------------------- CLI
