@@ -407,21 +407,17 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
         status = await client.status(timeout=10.0)
         send = None
         if args.http is not None:
-            import httpx
-
             from lorafleet.bench_http import base_url, http_sender
+            from lorafleet.sse_client import HttpClientError, SseClient
 
-            # One connection per concurrent stream, as gRPC multiplexes them on one channel.
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
             headers = {"Authorization": f"Bearer {auth['token']}"} if auth["token"] else {}
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=base_url(args.http), limits=limits, headers=headers)
-            )
-            reply = await http.get("/health", timeout=args.connect_timeout)
-            if reply.status_code != 200:
-                raise ValueError(
-                    f"{args.http}/health answered {reply.status_code}: the HTTP API is not serving"
-                )
+            http = await stack.enter_async_context(SseClient(base_url(args.http), headers=headers))
+            try:
+                reply = await http.get("/health", timeout=args.connect_timeout)
+            except (OSError, asyncio.TimeoutError, HttpClientError) as exc:
+                raise ValueError(f"cannot reach the HTTP API at {args.http}: {exc}") from None
+            if reply.status != 200:
+                raise ValueError(f"{args.http}/health answered {reply.status}: the HTTP API is not serving")
             send = http_sender(http, status.model.name)
         plan, clamped = build_plan(args, status.model.max_context_tokens, rows)
         progress = None if args.no_progress else ProgressBar(len(plan), label="bench")
