@@ -84,6 +84,9 @@ class BenchReport:
     adapters_used: int = 0
     clamped: int = 0
     first_errors: list[str] = field(default_factory=list)
+    # CPU seconds this process (every thread: grpc's C core polls on its own) used from the plan's
+    # time 0 to the last stream's end: the load generator's own cost, which shares the machine.
+    client_cpu_s: float = 0.0
     # Per request, in plan order: for callers that slice the run (the demo's phases); not in the JSON.
     records: list[RequestRecord] = field(default_factory=list, repr=False)
 
@@ -277,7 +280,7 @@ async def run_bench(
         records_out.extend(records)
     samples: list[WorkerSample] = []
     send = send or grpc_sender(client)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     if on_start is not None:
         on_start()
     sampler = asyncio.create_task(_sample_workers(client, start, samples, sample_every_s, on_sample))
@@ -298,6 +301,7 @@ async def run_bench(
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         wall = time.monotonic() - start
+        client_cpu = time.process_time() - cpu_start
         for alias in aliases:
             # Still in use or already gone: the server keeps serving either way.
             with contextlib.suppress(ApiError):
@@ -307,7 +311,9 @@ async def run_bench(
         "migrations": after.migrations - before.migrations,
         "preemptions": after.preemptions - before.preemptions,
     }
-    return summarize(records, wall, samples, counters)
+    report = summarize(records, wall, samples, counters)
+    report.client_cpu_s = client_cpu
+    return report
 
 
 # ---------------------------------------------------------------------- CLI
@@ -401,21 +407,17 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
         status = await client.status(timeout=10.0)
         send = None
         if args.http is not None:
-            import httpx
-
             from lorafleet.bench_http import base_url, http_sender
+            from lorafleet.sse_client import HttpClientError, SseClient
 
-            # One connection per concurrent stream, as gRPC multiplexes them on one channel.
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
             headers = {"Authorization": f"Bearer {auth['token']}"} if auth["token"] else {}
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=base_url(args.http), limits=limits, headers=headers)
-            )
-            reply = await http.get("/health", timeout=args.connect_timeout)
-            if reply.status_code != 200:
-                raise ValueError(
-                    f"{args.http}/health answered {reply.status_code}: the HTTP API is not serving"
-                )
+            http = await stack.enter_async_context(SseClient(base_url(args.http), headers=headers))
+            try:
+                reply = await http.get("/health", timeout=args.connect_timeout)
+            except (OSError, asyncio.TimeoutError, HttpClientError) as exc:
+                raise ValueError(f"cannot reach the HTTP API at {args.http}: {exc}") from None
+            if reply.status != 200:
+                raise ValueError(f"{args.http}/health answered {reply.status}: the HTTP API is not serving")
             send = http_sender(http, status.model.name)
         plan, clamped = build_plan(args, status.model.max_context_tokens, rows)
         progress = None if args.no_progress else ProgressBar(len(plan), label="bench")

@@ -6,22 +6,26 @@ sampling as over gRPC. The control calls (model status, adapter aliases, the wor
 on gRPC (`--server`), so both runs see the same fleet counters.
 
 Timing matches the gRPC path: a chunk carries one step's delta, so the first and last chunks with
-choices are the first and last tokens; the token count is the final usage chunk's.
+choices are the first and last tokens, each timed when its bytes arrive; the token count is the
+final usage chunk's. The HTTP client is sse_client.py's, which parses each chunk where it is read:
+the load generator shares the machine with the server it measures, so its per-token cost counts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
-
 from lorafleet.bench import RequestRecord
+from lorafleet.sse_client import HttpClientError, SseClient
 
 # The bench's status names (gRPC's, lower case) for the HTTP answers, as the server's metrics use.
 _STATUS = {
     400: "invalid_argument",
+    401: "unauthenticated",
+    403: "permission_denied",
     404: "not_found",
     429: "resource_exhausted",
     500: "internal",
@@ -29,6 +33,8 @@ _STATUS = {
 }
 
 Send = Callable[[RequestRecord, list[int], int, float], Awaitable[None]]
+# json.loads on bytes first sniffs the encoding; the server's chunks are UTF-8, so decode directly.
+_DECODE = json.JSONDecoder().decode
 
 
 def base_url(url: str) -> str:
@@ -39,7 +45,55 @@ def base_url(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def http_sender(client: httpx.AsyncClient, base_model: str) -> Send:
+class _Stream:
+    """One completion's events, folded into its RequestRecord as they arrive."""
+
+    __slots__ = ("done", "finish", "record", "usage")
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.finish: str | None = None
+        self.usage = False
+        self.done = False
+
+    def on_event(self, data: bytes, now: float) -> None:
+        if self.done:
+            raise HttpClientError("an event after data: [DONE]")
+        if data == b"[DONE]":
+            self.done = True
+            return
+        chunk = _DECODE(data.decode())
+        record = self.record
+        if "error" in chunk:  # the server failed mid-stream; it still ends the stream with [DONE]
+            record.status, record.error = "internal", str(chunk["error"].get("message", ""))
+            return
+        choices = chunk["choices"]
+        if choices:
+            if record.first_token_at is None:
+                record.first_token_at = now
+            record.last_token_at = now
+            self.finish = choices[0]["finish_reason"] or self.finish
+        usage = chunk.get("usage")
+        if usage:
+            record.tokens = usage["completion_tokens"]
+            self.usage = True
+
+    def verdict(self) -> None:
+        """After the stream: only one that finished, reported usage and ended in [DONE] is ok."""
+        record = self.record
+        if record.status != "ok":
+            return
+        if self.finish is None:
+            record.status, record.error = "incomplete", "the stream ended without a finish reason"
+        elif self.finish == "abort":
+            record.status, record.error = "aborted", "the server aborted the request"
+        elif not self.usage:
+            record.status, record.error = "incomplete", "the stream ended without a usage chunk"
+        elif not self.done:
+            record.status, record.error = "incomplete", "the stream ended without data: [DONE]"
+
+
+def http_sender(client: SseClient, base_model: str) -> Send:
     """A bench `send` that streams one completion over HTTP into its RequestRecord."""
 
     async def send(record: RequestRecord, prompt: list[int], max_new_tokens: int, timeout_s: float) -> None:
@@ -52,35 +106,24 @@ def http_sender(client: httpx.AsyncClient, base_model: str) -> Send:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        stream = _Stream(record)
+        payload = json.dumps(body).encode()
         record.sent_at = time.monotonic()
-        finish = None
         try:
-            async with client.stream("POST", "/v1/completions", json=body, timeout=timeout_s) as reply:
-                if reply.status_code != 200:
-                    text = (await reply.aread()).decode(errors="replace")
-                    record.status = _STATUS.get(reply.status_code, f"http_{reply.status_code}")
-                    record.error = _error_message(text)
-                    return
-                async for line in reply.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[len("data: ") :])
-                    if "error" in chunk:
-                        record.status, record.error = "internal", chunk["error"].get("message", "")
-                        return
-                    now = time.monotonic()
-                    if chunk["choices"]:
-                        if record.first_token_at is None:
-                            record.first_token_at = now
-                        record.last_token_at = now
-                        finish = chunk["choices"][0]["finish_reason"] or finish
-                    if chunk.get("usage"):
-                        record.tokens = chunk["usage"]["completion_tokens"]
-            if finish is None:
-                record.status, record.error = "incomplete", "the stream ended without a finish reason"
-            elif finish == "abort":
-                record.status, record.error = "aborted", "the server aborted the request"
-        except httpx.HTTPError as exc:
+            reply = await client.stream(
+                "POST", "/v1/completions", body=payload, on_event=stream.on_event, timeout=timeout_s
+            )
+            if reply.status != 200:
+                record.status = _STATUS.get(reply.status, f"http_{reply.status}")
+                record.error = _error_message(reply.body.decode(errors="replace"))
+            elif reply.body:
+                record.status, record.error = "internal", "a 200 reply that is not an event stream"
+            else:
+                stream.verdict()
+        except asyncio.TimeoutError:
+            record.status, record.error = "deadline_exceeded", f"no end within {timeout_s:g} s"
+        except (OSError, HttpClientError, ValueError, KeyError, TypeError) as exc:
+            # Connection failures, broken framing, or a chunk that is not a completion chunk.
             record.status, record.error = "unavailable", f"{type(exc).__name__}: {exc}"
         finally:
             record.done_at = time.monotonic()

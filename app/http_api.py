@@ -34,6 +34,7 @@ from lorafleet.auth_http import BearerAuthMiddleware
 from lorafleet.chat_template import ChatTemplate, TemplateError
 from lorafleet.http_streams import ChoiceStreams, ClientGone, HttpError, http_error
 from lorafleet.metrics import RequestTracker, ServerMetrics
+from lorafleet.sse_chunks import ChunkWriter
 from lorafleet.validation import FieldError, build_request, check_prompt_ids, check_stop_token_ids
 from lorafleet.validation import prompt_token_ids as validated_prompt
 from lorafleet.worker.types import Request, TokenDelta
@@ -319,6 +320,13 @@ class _Shape:
         self.id = oai.new_id("chatcmpl" if chat else "cmpl")
         self.created = oai.now_s()
         self.object = "chat.completion" if chat else "text_completion"
+        self.writer = ChunkWriter(
+            id=self.id,
+            object="chat.completion.chunk" if chat else "text_completion",
+            created=self.created,
+            model=spec.model,
+            include_usage=spec.include_usage,
+        )
         self.prompts = prompts
         self.texts = [""] * n
         self.offsets = [0] * n  # completions logprobs: text_offset of the next token
@@ -377,16 +385,7 @@ class _Shape:
         }
 
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.spec.model,
-            "choices": choices,
-        }
-        if self.spec.include_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return self.writer.chunk(choices, usage)
 
     def opening(self, choice: int) -> dict[str, Any] | None:
         """The first chunk of a choice: the assistant role (chat) or the echoed prompt."""

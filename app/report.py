@@ -65,6 +65,15 @@ def workers_timeline(samples: list[WorkerSample], buckets: int = 12) -> str:
     return " ".join(str(n) for n in slices) + f"   (max busy per {step:.1f} s slice)"
 
 
+def _client_cpu(report: BenchReport) -> str:
+    per_token = (
+        f", {1e6 * report.client_cpu_s / report.generated_tokens:.0f} us/token"
+        if report.generated_tokens
+        else ""
+    )
+    return f"{report.client_cpu_s:.2f} s{per_token}"
+
+
 def format_bench(report: BenchReport) -> str:
     rows = [
         ["metric", "value"],
@@ -80,6 +89,7 @@ def format_bench(report: BenchReport) -> str:
         ["workers busy over time", workers_timeline(report.workers_over_time)],
         ["migrations", str(report.migrations)],
         ["preemptions", str(report.preemptions)],
+        ["client CPU", _client_cpu(report)],
     ]
     if report.clamped:
         rows.append(["lengths clamped to the model", str(report.clamped)])

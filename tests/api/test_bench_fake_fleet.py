@@ -79,9 +79,8 @@ def test_only_streams_ending_in_stop_or_length_count_as_completed() -> None:
 
 
 def test_bench_over_http_accounts_for_every_request_and_error(fake_http_server) -> None:
-    import httpx
-
     from lorafleet.bench_http import base_url, http_sender
+    from lorafleet.sse_client import SseClient
 
     api, fleet = fake_http_server["api"], fake_http_server["fleet"]
     plan = synthetic_workload(
@@ -92,7 +91,7 @@ def test_bench_over_http_accounts_for_every_request_and_error(fake_http_server) 
         fleet.max_running = max_running
         async with (
             AsyncClient(api.address) as client,
-            httpx.AsyncClient(base_url=base_url(fake_http_server["base"] + "/v1")) as http,
+            SseClient(base_url(fake_http_server["base"] + "/v1")) as http,
         ):
             return await run_bench(client, plan, send=http_sender(http, "fake"))
 
@@ -101,8 +100,25 @@ def test_bench_over_http_accounts_for_every_request_and_error(fake_http_server) 
         assert report.requests == report.completed == 8
         assert report.generated_tokens == sum(p.max_new_tokens for p in plan)  # from the usage chunks
         assert report.ttft_s["p50"] > 0 and report.tpot_s["p50"] > 0
+        assert report.client_cpu_s > 0
         crowded = asyncio.run(main(1))  # one in flight: the rest are 429 -> resource_exhausted
         assert crowded.completed + crowded.errors.get("resource_exhausted", 0) == 8
         assert crowded.errors.get("resource_exhausted", 0) >= 1 and "full" in crowded.first_errors[0]
     finally:
         fleet.max_running = 4
+
+
+def test_bench_cli_says_when_the_http_api_is_unreachable(fake_server, capsys) -> None:
+    import socket
+
+    from lorafleet.cli import main
+
+    api, _, _ = fake_server
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    args = ["bench", "--server", api.address, "--synthetic", "--max-requests", "1", "--no-progress"]
+    assert main([*args, "--http", f"http://127.0.0.1:{closed}"]) == 1
+    assert f"cannot reach the HTTP API at http://127.0.0.1:{closed}" in capsys.readouterr().err
+    assert main([*args, "--http", "127.0.0.1:8000"]) == 1
+    assert "--http must be a URL" in capsys.readouterr().err
