@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
-#                                                engine-7b, engine-8b, sgmv
+#                                                engine-7b, engine-8b, sgmv, fleet
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
+#
+# fleet (two GPUs, issue 12; about 9 minutes with FLEET_BUDGET_S=500) needs Ray, which the GPU image
+# lacks. On your machine, in the checkout: `bash ../shared/gpu/ray-wheels.sh && bash
+# benchmarks/fleet_gpu_prep.sh`; then two calls on the same nvidia-h200-x2 machine, back to back:
+#   1) carry .gpuwheels/a:  cp .gpuwheels/a/part_aa /tmp/ray_part_aa
+#   2) carry .gpuwheels/b:  bash benchmarks/gpu_suite.sh $OUT fleet
+# The stage assembles Ray as ../shared/gpu/README.md says, adds the serve extras only if the image
+# lacks them, and reads the traces fleet_gpu_prep.sh put in .gpuwheels/b/traces.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
 shift
@@ -19,6 +27,26 @@ if ! (cd /tmp && python3 -c "import lorafleet.worker") 2>>"$out/install.log"; th
     (cd /tmp && python3 -c "import lorafleet.worker") || { cat "$out/install.log"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+fleet_setup() {  # Ray (+ a current grpcio) into /tmp/site; a later call on the machine finds it there
+    [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if ! python3 -c "import ray" 2>/dev/null; then
+        [ -f /tmp/ray_part_aa ] && [ -f .gpuwheels/b/NAME ] || {
+            echo "no Ray: run the first call (cp .gpuwheels/a/part_aa /tmp/ray_part_aa) on this machine first"
+            return 1
+        }
+        local whl
+        whl=/tmp/$(cat .gpuwheels/b/NAME)
+        cat /tmp/ray_part_aa .gpuwheels/b/part_ab >"$whl"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$whl" .gpuwheels/b/*.whl
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    if ! python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null && [ -d .gpuwheels/b/extra ]; then
+        python3 -m pip install -q --no-index --no-compile --target /tmp/site --find-links .gpuwheels/b/extra \
+            fastapi uvicorn httpx
+    fi
+    python3 -c "import ray, grpc_health, fastapi, uvicorn, httpx, yaml; print('ray', ray.__version__)"
+}
 for stage in "$@"; do
     start=$(date +%s)
     case $stage in
@@ -40,6 +68,12 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    fleet)
+        traces=${FLEET_TRACES:-.gpuwheels/b/traces}
+        [ -d "$traces" ] || traces=../shared/traces
+        fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
+            --time-budget-s "${FLEET_BUDGET_S:-500}" --trace "$traces/azure_llm_2023_conv.csv" \
+            --servegen "$traces/servegen_m_large" ;;
     *)
         echo "unknown stage $stage" ;;
     esac >"$out/$stage.log" 2>&1
