@@ -30,13 +30,10 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,163 +42,9 @@ import fleet_report
 from fleet_assets import make_assets
 from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, scale_phases, shaped_phases
 from fleet_run import RunSpec, Warmup, run_one
+from fleet_settings import Profile, build_parser, engine_dict, machine, settings
 
 from lorafleet.workload import read_azure_trace
-
-REPO = Path(__file__).resolve().parents[1]
-TRACES = REPO.parent / "shared" / "traces"
-POLICIES = ("packing", "least_loaded", "round_robin")
-
-
-@dataclass(frozen=True)
-class Profile:
-    device: str
-    dtype: str
-    shape: str | None  # make-demo --shape; None = the tiny demo
-    distinct_adapters: int
-    max_batch_size: int
-    engine: tuple[str, ...]
-    phases_s: tuple[float, float, float]
-    idle_release_s: float
-    warmup_s: tuple[float, float]  # first run (measures capacity), later runs
-    max_new_tokens: int
-    max_prompt_tokens: int
-    migration_contexts: tuple[int, ...]
-    budget_s: float
-    tail_s: float
-    sample_every_s: float
-    serve_timeout_s: float
-    stop_s: float  # estimate until measured
-
-
-PROFILES = {
-    # Two H200s, Llama-2-7B shape. 32 adapter slots of r16 and a 12 GiB host cache per worker, so
-    # slots and host memory do not throttle a batch of 32 over the tenants' adapters.
-    "gpu": Profile(
-        device="cuda",
-        dtype="bfloat16",
-        shape="llama2-7b",
-        distinct_adapters=4,
-        max_batch_size=32,
-        engine=("max_loras=32", "max_lora_rank=16", f"host_cache_bytes={12 << 30}"),
-        phases_s=(10.0, 30.0, 25.0),
-        idle_release_s=5.0,
-        warmup_s=(10.0, 4.0),
-        max_new_tokens=128,
-        max_prompt_tokens=1024,
-        migration_contexts=(1024, 4096),
-        budget_s=510.0,
-        tail_s=5.0,
-        sample_every_s=0.2,
-        serve_timeout_s=300.0,
-        stop_s=10.0,
-    ),
-    # CPU smoke: the tiny demo (512-token context), batch 4 as in `lorafleet demo`.
-    "smoke": Profile(
-        device="cpu",
-        dtype="float32",
-        shape=None,
-        distinct_adapters=8,
-        max_batch_size=4,
-        engine=("max_lora_rank=16",),
-        phases_s=(4.0, 8.0, 13.0),
-        idle_release_s=3.0,
-        warmup_s=(5.0, 2.0),
-        max_new_tokens=32,
-        max_prompt_tokens=128,
-        migration_contexts=(128, 448),
-        budget_s=420.0,
-        tail_s=3.0,
-        sample_every_s=0.25,
-        serve_timeout_s=180.0,
-        stop_s=5.0,
-    ),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for fleet.json, fleet.md, fleet.png, logs.txt")
-    p.add_argument("--render", metavar="DIR", help="only rewrite fleet.md and fleet.png from DIR/fleet.json")
-    p.add_argument("--smoke", action="store_true", help="the CPU profile: tiny demo model, short phases")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda, or cpu with --smoke")
-    p.add_argument("--trace", default=str(TRACES / "azure_llm_2023_conv.csv"), help="Azure conv trace CSV")
-    p.add_argument("--servegen", default=str(TRACES / "servegen_m_large"), help="ServeGen tenant folder")
-    p.add_argument("--trace-start-s", type=float, default=0.0, help="where the slice starts in the trace")
-    p.add_argument("--work-dir", default="/tmp/lorafleet-fleetbench", help="model, adapters, server logs")
-    p.add_argument("--adapters", type=int, default=100, help="registered adapters (default 100)")
-    p.add_argument("--distinct-adapters", type=int, help="of which with their own random weights")
-    p.add_argument("--time-budget-s", type=float, help="whole benchmark (default 510 GPU, 420 smoke)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; packing first")
-    p.add_argument("--phases-s", help="QUIET,BURST,QUIET seconds before the budget shrinks them")
-    p.add_argument("--quiet-factor", type=float, default=0.3, help="quiet rate / one worker's capacity")
-    p.add_argument("--burst-factor", type=float, default=1.6, help="burst rate / one worker's capacity")
-    p.add_argument("--rates", help="QUIET,BURST requests/s instead of sizing them from the warm-up")
-    p.add_argument("--idle-release-s", type=float, help="serve --idle-release-s (default 5 GPU, 3 smoke)")
-    p.add_argument("--max-batch-size", type=int, help="engine max_batch_size (default 32 GPU, 4 smoke)")
-    p.add_argument("--no-kill", action="store_true", help="skip the worker-kill run")
-    p.add_argument("--no-migration", action="store_true", help="skip the migration measurement")
-    p.add_argument("--migration-contexts", help="comma-separated context lengths (default 1024,4096 GPU)")
-    p.add_argument("--migration-repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
-def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
-    """The profile with the flags applied, and the flags that are not profile fields."""
-    prof = PROFILES["smoke" if args.smoke else "gpu"]
-    changes: dict[str, Any] = {}
-    if args.device:
-        changes["device"] = args.device
-        if args.device == "cpu" and not args.smoke:
-            changes["dtype"] = "float32"
-    for flag, name in (
-        ("distinct_adapters", "distinct_adapters"),
-        ("time_budget_s", "budget_s"),
-        ("idle_release_s", "idle_release_s"),
-        ("max_batch_size", "max_batch_size"),
-    ):
-        if getattr(args, flag) is not None:
-            changes[name] = getattr(args, flag)
-    if args.phases_s:
-        changes["phases_s"] = _floats(args.phases_s, 3, "--phases-s")
-    if args.migration_contexts:
-        changes["migration_contexts"] = tuple(int(x) for x in _floats(args.migration_contexts, None, "ctx"))
-    prof = replace(prof, **changes)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if not policies or policies[0] != "packing" or len(set(policies)) != len(policies):
-        raise ValueError(
-            f"--policies must start with packing and name each policy once, got {args.policies!r}"
-        )
-    rates = _floats(args.rates, 2, "--rates") if args.rates else None
-    for path, what in ((args.trace, "--trace"), (args.servegen, "--servegen")):
-        if not Path(path).exists():
-            raise ValueError(f"{what} {path} does not exist")
-    return prof, {"policies": policies, "rates": rates}
-
-
-def _floats(text: str, count: int | None, flag: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if (count is not None and len(values) != count) or any(not v > 0 for v in values):
-        raise ValueError(f"{flag} takes {count or 'some'} numbers > 0, got {text!r}")
-    return values
-
-
-def machine() -> dict[str, Any]:
-    gpus = ""
-    if shutil.which("nvidia-smi"):
-        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
-        gpus = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
-    return {
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "gpus": gpus.splitlines(),
-        "python": platform.python_version(),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-    }
 
 
 class FleetBench:
@@ -255,6 +98,9 @@ class FleetBench:
             "assets", start, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(assets).items()}
         )
         self.assets = assets
+        if self.args.assets_only:
+            self.save()
+            return
         self.rows = read_azure_trace(self.args.trace)
         for i, policy in enumerate(self.policies):
             if i and not self.fits(f"the {policy} run"):
@@ -315,6 +161,7 @@ class FleetBench:
             bench_args=bench,
             max_batch_size=prof.max_batch_size,
             warmup_s=prof.warmup_s[0] if first else prof.warmup_s[1],
+            prewarm_s=prof.warmup_s[1] if first else 0.0,
             tail_s=prof.tail_s,
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,
@@ -356,13 +203,16 @@ class FleetBench:
         if self.rates is not None:
             quiet, burst = self.rates
         self.costs = RunCosts(started_s, prof.warmup_s[1] + 2.0, prof.tail_s, prof.stop_s)
-        runs_after = len(self.policies) - 1 + int(self.kill)
-        plan_s = replay_seconds(self.left_s(), runs_after, self.costs, self.migration_estimate(), 10.0)
-        if self.kill and plan_s < 0.5 * sum(prof.phases_s):
-            self.kill = False  # the policy comparison comes first
-            self.note(f"budget: {plan_s:.0f} s per replay with the kill run; the kill run is dropped")
-            plan_s = replay_seconds(
-                self.left_s(), runs_after - 1, self.costs, self.migration_estimate(), 10.0
+        runs_after = len(self.policies) - 1
+        mig = self.migration_estimate()
+        plan_s = replay_seconds(self.left_s(), runs_after + int(self.kill), self.costs, mig, 10.0)
+        short = scale_phases(prof.phases_s, plan_s, (prof.phases_s[0] / 2, prof.idle_release_s + 10.0))
+        if self.kill and short[1] < 0.6 * prof.phases_s[1]:
+            # The policy comparison comes first: size the replay without the kill run, which then
+            # runs last only if the budget still has room for it.
+            plan_s = replay_seconds(self.left_s(), runs_after, self.costs, mig, 10.0)
+            self.note(
+                f"budget: the replay is sized without the kill run ({plan_s:.0f} s); it runs if time is left"
             )
         seconds = scale_phases(prof.phases_s, plan_s, (prof.phases_s[0] / 2, prof.idle_release_s + 10.0))
         if min(seconds) < 1.0:
@@ -418,7 +268,7 @@ class FleetBench:
                     adapter_dir=str(self.assets.adapters_dir / "adapter-0"),
                     device=self.prof.device,
                     dtype=self.prof.dtype,
-                    engine=_engine_dict(self.prof),
+                    engine=engine_dict(self.prof),
                     contexts=list(self.prof.migration_contexts),
                     warmups=2,
                     repeats=self.args.migration_repeats,
@@ -441,16 +291,6 @@ class FleetBench:
         render(self.out)
 
 
-def _engine_dict(prof: Profile) -> dict[str, Any]:
-    import yaml
-
-    options = {"max_batch_size": prof.max_batch_size}
-    for option in prof.engine:
-        key, _, value = option.partition("=")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
 def render(out: Path) -> None:
     """fleet.md and fleet.png from out/fleet.json."""
     result = json.loads((out / "fleet.json").read_text())
@@ -465,7 +305,7 @@ def render(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__).parse_args(argv)
     if args.render:
         render(Path(args.render))
         return 0

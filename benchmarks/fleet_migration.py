@@ -32,8 +32,16 @@ from lorafleet.worker.model_config import ModelConfig
 from lorafleet.worker.types import Request, SamplingParams
 
 PRE = 4  # tokens generated on the source before the move
-POST = 8  # tokens generated after it (the first one times the move)
+# Room for more tokens after the move (the request is aborted once the target's first one arrives),
+# so that a busy source cannot finish the sequence before the export reaches it.
+POST = 64
 ADAPTER = "migrated"
+HEADROOM = 8  # context tokens left free at the move, so the target has a token to make
+ATTEMPTS = 3  # a sequence that still finished on the source is tried again with a new request
+
+
+class FinishedOnSource(RuntimeError):
+    pass
 
 
 async def _one(fleet: Fleet, rid: str, prompt: list[int], timeout_s: float) -> dict[str, Any]:
@@ -65,10 +73,17 @@ async def _one(fleet: Fleet, rid: str, prompt: list[int], timeout_s: float) -> d
         t1 = time.time()
         moved = len(tr.tokens)  # delivered so far, including what the export held beyond the stream
         if tr.owner != targets[0].worker_id:
-            raise RuntimeError(f"request {rid} did not move (owner {tr.owner}); it may have finished")
-        await asyncio.wait_for(task, timeout_s)
+            raise FinishedOnSource(f"request {rid} finished on {src.worker_id} before the export")
+        deadline = time.monotonic() + timeout_s
+        # The consumer stamps each delta as it arrives; this loop only waits for the target's first.
+        while not any(e[1] > moved for e in events):
+            if task.done() or time.monotonic() > deadline:
+                raise RuntimeError(f"request {rid}: no token from the target {targets[0].worker_id}")
+            await asyncio.sleep(0.001)
+        await fleet.abort(rid)
     finally:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     first = next(e for e in events if e[1] > moved)
     return {
         "source": src.worker_id,
@@ -118,12 +133,19 @@ async def measure_migrations(
         rng = random.Random(seed)
         results = []
         for want in contexts:
-            # The context at the move is prompt + PRE; POST more tokens must still fit the model.
-            context = min(want, limit - POST - 1)
+            # The context at the move is prompt + PRE (+ what the source made meanwhile); a few more
+            # tokens must still fit the model (the sequence stops at its context limit).
+            context = min(want, limit - HEADROOM)
             runs = []
             for k in range(warmups + repeats):
-                prompt = [rng.randrange(3, model.vocab_size) for _ in range(context - PRE)]
-                run = await _one(fleet, f"mig-{want}-{k}", prompt, timeout_s)
+                for attempt in range(ATTEMPTS):
+                    prompt = [rng.randrange(3, model.vocab_size) for _ in range(context - PRE)]
+                    try:
+                        run = await _one(fleet, f"mig-{want}-{k}-{attempt}", prompt, timeout_s)
+                        break
+                    except FinishedOnSource:
+                        if attempt == ATTEMPTS - 1:
+                            raise
                 run["warmup"] = k < warmups
                 runs.append(run)
             timed = [r for r in runs if not r["warmup"]]

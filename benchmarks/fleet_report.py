@@ -83,10 +83,13 @@ def summarize(run: Run, burst_end: float, idle_release_s: float) -> dict[str, An
     gpu_s = gpu_seconds(run)
     tokens = tokens_in_window(run)
     release = release_after_burst(run, burst_end)
+    if run.get("kill"):  # the kill drops a worker itself: no release to time
+        release["after_burst_s"] = release["after_drain_s"] = None
     after = release["after_burst_s"]
     return {
         "name": run["name"],
         "policy": run["policy"],
+        "killed": bool(run.get("kill")),
         "requests": bench["requests"],
         "completed": bench["completed"],
         "failed": bench["requests"] - bench["completed"],
@@ -160,7 +163,9 @@ def policy_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     for s in summaries:
         ratio = s["gpu_seconds"] / base["gpu_seconds"] if base and base["gpu_seconds"] else None
         release = s["release_after_burst_s"]
-        if s["peak_workers"] < 2:
+        if s["killed"]:
+            rel = "– (a worker was killed)"
+        elif s["peak_workers"] < 2:
             rel = "never used 2"
         elif release is None:
             rel = f"not by {s['window_s']:.0f} s (≤ {s['release_target_s']:.0f} s)"
@@ -215,7 +220,7 @@ def targets(result: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]]) -
             continue
         ratio = other["gpu_seconds"] / pack["gpu_seconds"]
         worse = [
-            f"{what} p99 {_ms(pack[key])} vs {_ms(other[key])} ms"
+            f"{what} p99 {pack[key] * 1000:,.1f} vs {other[key] * 1000:,.1f} ms"
             for what, key in (("TTFT", "ttft_p99_s"), ("TPOT", "tpot_p99_s"))
             if pack[key] is not None and other[key] is not None and pack[key] > other[key]
         ]
@@ -318,6 +323,7 @@ def plot(runs: Sequence[Run], burst: tuple[float, float], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.4 * len(runs) + 0.6), sharex=True, squeeze=False)
+    legend: dict[str, Any] = {}
     for ax, run in zip(axes[:, 0], runs):
         t = [s["t"] for s in run["samples"]]
         ax.step(t, [s["alive"] for s in run["samples"]], where="post", label="GPUs in use", color="C0")
@@ -340,10 +346,14 @@ def plot(runs: Sequence[Run], burst: tuple[float, float], path: Path) -> bool:
                 counts[int(x)] += 1
         rate.plot([i + 0.5 for i in range(bins)], counts, color="C1", linewidth=1, label="requests/s")
         rate.set_ylabel("requests / s", color="C1")
-        handles = ax.get_legend_handles_labels()[0] + rate.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=5)
+        for h, label in zip(
+            *(a + b for a, b in zip(ax.get_legend_handles_labels(), rate.get_legend_handles_labels()))
+        ):
+            legend.setdefault(label, h)
     axes[-1, 0].set_xlabel("seconds from the start of the trace slice")
-    fig.tight_layout()
+    # One legend for all panels, above them, so that it hides no data.
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -35,6 +35,9 @@ class RunSpec:
     bench_args: list[str]  # `lorafleet bench` flags but --server and --phases
     max_batch_size: int
     warmup_s: float
+    # An untimed closed loop before the warm-up, on the first run: kernels compile for new shapes
+    # (Triton's cache then serves the later servers) and adapters load, so the figure is steady state.
+    prewarm_s: float
     tail_s: float  # sampling goes on this long after the plan's last arrival
     sample_every_s: float
     serve_timeout_s: float
@@ -122,16 +125,18 @@ async def run_one(
             prompt_cap = int(_flag(spec.bench_args, "--max-prompt-tokens"))
             output_cap = int(_flag(spec.bench_args, "--max-new-tokens"))
             prompt_len, output_len = length_ranges(rows, prompt_cap, output_cap)
+            loop = {
+                "concurrency": spec.max_batch_size,
+                "prompt_len": prompt_len,
+                "output_len": output_len,
+                "popularity": "skewed",
+                "seed": 0,
+            }
+            if spec.prewarm_s > 0:
+                with contextlib.suppress(ValueError):  # only warms: a stalled slice is no failure
+                    await calibrate(client, seconds=spec.prewarm_s, **loop)
             try:
-                cal = await calibrate(
-                    client,
-                    seconds=spec.warmup_s,
-                    concurrency=spec.max_batch_size,
-                    prompt_len=prompt_len,
-                    output_len=output_len,
-                    popularity="skewed",
-                    seed=0,
-                )
+                cal = await calibrate(client, seconds=spec.warmup_s, **loop)
                 warm = Warmup(cal.seconds, cal.tokens_per_s, cal.spread)
             except ValueError:
                 if phases is None:

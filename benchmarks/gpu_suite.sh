@@ -4,13 +4,15 @@
 #                                                engine-7b, engine-8b, sgmv, fleet
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
-# fleet (two GPUs, issue 12; about 9 minutes with FLEET_BUDGET_S=500) needs Ray, which the GPU image
-# lacks. On your machine, in the checkout: `bash ../shared/gpu/ray-wheels.sh && bash
+# fleet (two GPUs, issue 12; about 9 minutes with the default FLEET_BUDGET_S=520) needs Ray, which
+# the GPU image lacks. On your machine, in the checkout: `bash ../shared/gpu/ray-wheels.sh && bash
 # benchmarks/fleet_gpu_prep.sh`; then two calls on the same nvidia-h200-x2 machine, back to back:
-#   1) carry .gpuwheels/a:  cp .gpuwheels/a/part_aa /tmp/ray_part_aa
+#   1) carry .gpuwheels/a:  cp .gpuwheels/a/part_aa /tmp/ray_part_aa && bash benchmarks/gpu_suite.sh $OUT fleet-assets
 #   2) carry .gpuwheels/b:  bash benchmarks/gpu_suite.sh $OUT fleet
-# The stage assembles Ray as ../shared/gpu/README.md says, adds the serve extras only if the image
-# lacks them, and reads the traces fleet_gpu_prep.sh put in .gpuwheels/b/traces.
+# fleet-assets makes the 7B model and adapters (about a minute) so that the fleet call spends its
+# budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
+# ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the
+# traces fleet_gpu_prep.sh put in .gpuwheels/b/traces.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
 shift
@@ -28,18 +30,31 @@ if ! (cd /tmp && python3 -c "import lorafleet.worker") 2>>"$out/install.log"; th
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
+use_site() {  # /tmp/site (wheels installed by an earlier stage or call) first on PYTHONPATH
+    [ -d /tmp/site ] || return 0
+    case ":${PYTHONPATH:-}:" in
+    *:/tmp/site:*) ;;
+    *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;;
+    esac
+}
+
+site_wheels() {  # the wheels in folder $1 into /tmp/site
+    if ls "$1"/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$1"/*.whl
+    fi
+    use_site
+}
+
 fleet_setup() {  # Ray (+ a current grpcio) into /tmp/site; a later call on the machine finds it there
-    [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    use_site
     if ! python3 -c "import ray" 2>/dev/null; then
         [ -f /tmp/ray_part_aa ] && [ -f .gpuwheels/b/NAME ] || {
             echo "no Ray: run the first call (cp .gpuwheels/a/part_aa /tmp/ray_part_aa) on this machine first"
             return 1
         }
-        local whl
-        whl=/tmp/$(cat .gpuwheels/b/NAME)
-        cat /tmp/ray_part_aa .gpuwheels/b/part_ab >"$whl"
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$whl" .gpuwheels/b/*.whl
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        cat /tmp/ray_part_aa .gpuwheels/b/part_ab >"/tmp/$(cat .gpuwheels/b/NAME)"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$(cat .gpuwheels/b/NAME)"
+        site_wheels .gpuwheels/b
     fi
     if ! python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null && [ -d .gpuwheels/b/extra ]; then
         python3 -m pip install -q --no-index --no-compile --target /tmp/site --find-links .gpuwheels/b/extra \
@@ -47,6 +62,7 @@ fleet_setup() {  # Ray (+ a current grpcio) into /tmp/site; a later call on the 
     fi
     python3 -c "import ray, grpc_health, fastapi, uvicorn, httpx, yaml; print('ray', ray.__version__)"
 }
+
 for stage in "$@"; do
     start=$(date +%s)
     case $stage in
@@ -68,11 +84,13 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    fleet-assets)  # the 7B model and adapters ahead of the fleet call (grpc wheels: fleet_gpu_prep.sh)
+        site_wheels .gpuwheels/a && python3 benchmarks/bench_fleet.py --assets-only --out "$out/fleet-assets" ;;
     fleet)
         traces=${FLEET_TRACES:-.gpuwheels/b/traces}
         [ -d "$traces" ] || traces=../shared/traces
         fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
-            --time-budget-s "${FLEET_BUDGET_S:-500}" --trace "$traces/azure_llm_2023_conv.csv" \
+            --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
             --servegen "$traces/servegen_m_large" ;;
     *)
         echo "unknown stage $stage" ;;

@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def mods(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
-    names = ("fleet_plan", "fleet_report", "fleet_assets", "bench_fleet")
+    names = ("fleet_plan", "fleet_report", "fleet_assets", "fleet_settings", "bench_fleet")
     yield {n: importlib.import_module(n) for n in names}
     for n in (*names, "fleet_run", "fleet_server"):
         sys.modules.pop(n, None)
@@ -179,7 +179,7 @@ def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
         "machine": {"host": "h", "cpus": 2, "gpus": [], "python": "3.12", "date_utc": "2026-11-30 10:00"},
         "load_average_start": [1.0, 2.0, 3.0],
         "load_average_end": [1.5, 2.0, 3.0],
-        "profile": dict(vars(bf.PROFILES["smoke"])),
+        "profile": dict(vars(mods["fleet_settings"].PROFILES["smoke"])),
         "stages": {"assets": {"seconds": 1.0, "info": {"num_adapters": 100}}},
         "runs": runs,
         "kill": {**rep.compare_tokens(runs[0], kill_run), **kill_run["kill"], "resumed_after_fault": 2},
@@ -209,7 +209,7 @@ def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
 
 
 def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
-    bf = mods["bench_fleet"]
+    bf = mods["fleet_settings"]
     trace = tmp_path / "t.csv"
     trace.write_text("x")
     base = ["--out", str(tmp_path), "--trace", str(trace), "--servegen", str(tmp_path)]
