@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from lorafleet.client import ApiError, AsyncClient
@@ -436,6 +437,8 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
     rows = read_azure_trace(args.trace) if args.trace else None  # a bad file fails before connecting
     if args.phases is not None:
         parse_phases(args.phases)  # so does a bad --phases
+    if args.servegen is not None and not Path(args.servegen).is_dir():
+        raise ValueError(f"ServeGen folder {args.servegen!r} does not exist")  # and a missing --servegen
     async with contextlib.AsyncExitStack() as stack:
         auth = client_kwargs(args)
         client = await stack.enter_async_context(AsyncClient(args.server, **auth))

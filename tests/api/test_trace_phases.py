@@ -180,3 +180,16 @@ def test_bench_records_keep_the_streamed_token_ids(fake_server) -> None:
     assert report.completed == 8
     assert all(len(r.token_ids) == r.tokens == p.max_new_tokens for r, p in zip(records, plan))
     assert len({tuple(r.token_ids) for r in records}) > 1
+
+
+def test_bench_cli_refuses_bad_shaping_before_connecting(tmp_path: Path, capsys) -> None:
+    from lorafleet.cli import main
+
+    write_trace(tmp_path / "t.csv", 20)
+    base = ["bench", "--trace", str(tmp_path / "t.csv"), "--server", "127.0.0.1:1", "--connect-timeout", "30"]
+    for extra, needle in [
+        (["--phases", "1:x"], "phase '1:x' must look like RATE:SECONDS"),
+        (["--servegen", str(tmp_path / "none")], "ServeGen folder"),
+    ]:
+        assert main([*base, *extra]) == 1
+        assert needle in capsys.readouterr().err
