@@ -89,10 +89,12 @@ class ServeProcess:
         return [pid for pid, _ in sorted(_descendants(self.proc.pid, "WorkerActor"), key=lambda x: x[1])]
 
     def stop(self, grace_s: float = 60.0) -> int | None:
-        """SIGINT (serve drains and stops its Ray), then SIGKILL of its process group after grace_s."""
+        """SIGINT (serve drains and stops its Ray), then SIGKILL of its process group after grace_s;
+        returns once its worker processes are gone too, so the next server finds the GPUs free."""
         if self._closed:
             return self.proc.returncode
         self._closed = True
+        workers = self.worker_pids() if self.proc.poll() is None else []
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGINT)
@@ -102,6 +104,9 @@ class ServeProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        deadline = time.monotonic() + 30.0
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
         return self.proc.returncode
 
 
