@@ -118,7 +118,7 @@ class FleetBench:
             c = self.costs
             plan_s = burst_window(self.phases)[2] if self.phases else 0.0
             need = (c.serve_start_s + c.warmup_s + plan_s + c.tail_s + c.stop_s) if c else 0.0
-            need = max([need, *self.later_runs_s])
+            need = max(self.later_runs_s) if self.later_runs_s else need
         if self.left_s() >= need:
             return True
         self.note(f"skipped {what}: {self.left_s():.0f} s of the budget left, about {need:.0f} s needed")
@@ -320,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench = FleetBench(prof, extra, args, out)
-    asyncio.run(bench.run())
+    try:
+        asyncio.run(bench.run())
+    except (RuntimeError, ValueError, OSError) as exc:  # assets or trace: nothing to measure without them
+        bench.note(f"stopped: {exc}")
+        print(f"bench_fleet: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
