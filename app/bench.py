@@ -19,11 +19,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from lorafleet.client import ApiError, AsyncClient
 from lorafleet.client_flags import add_client_auth_flags, client_kwargs
 from lorafleet.progress import ProgressBar
+from lorafleet.trace_phases import assign_tenants, parse_phases, phased_rows, slice_rows, tenant_weights
 from lorafleet.worker.types import FinishReason
 from lorafleet.workload import (
     POPULARITIES,
@@ -50,6 +52,8 @@ class RequestRecord:
     tokens: int = 0
     status: str = "ok"  # "ok", "aborted", "incomplete" or the gRPC status name, lower case
     error: str = ""
+    # What the stream delivered (gRPC sender only), so runs of one plan can be compared token for token.
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ async def _one_request(
                     record.first_token_at = now
                 record.last_token_at = now
                 record.tokens += len(chunk.token_ids)
+                record.token_ids.extend(chunk.token_ids)
             finish = chunk.finish_reason
         # Only a stream that ends with STOP or LENGTH is a completed request.
         if finish is None:
@@ -350,6 +355,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=_int_range, default=(8, 32), help="synthetic: N or LOW-HIGH")
     p.add_argument("--max-new-tokens", type=int, default=64, help="trace: cap on generated tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="trace: cap on prompt tokens")
+    p.add_argument(
+        "--phases",
+        metavar="RATE:SECONDS,...",
+        default=None,
+        help="trace: replay consecutive requests phase by phase, each phase's timestamps compressed "
+        "to its rate (e.g. 0.5:10,4:30,0.5:20 = quiet, burst, quiet); not with --rate/--duration",
+    )
+    p.add_argument("--trace-start-s", type=float, default=0.0, help="trace: start this far into it")
+    p.add_argument(
+        "--servegen",
+        metavar="DIR",
+        default=None,
+        help="adapters by ServeGen tenant (chunk-<client>-trace.csv files): the k-th tenant by request "
+        "share becomes the k-th adapter, drawn with its share (replaces --popularity)",
+    )
+    p.add_argument("--servegen-start-s", type=float, default=0.0, help="window of the tenant shares")
+    p.add_argument("--servegen-span-s", type=float, default=86400.0, help="window length (default one day)")
     p.add_argument("--aliases", type=int, default=256, help="adapter aliases the bench may register")
     p.add_argument("--base-model", action="store_true", help="send every request to the base model")
     p.add_argument("--request-timeout", type=float, default=300.0, help="deadline of each request (s)")
@@ -362,7 +384,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_plan(
     args: argparse.Namespace, max_context_tokens: int, rows: list[TraceRow] | None = None
 ) -> tuple[list[PlannedRequest], int]:
+    plan, clamped = _base_plan(args, max_context_tokens, rows)
+    if args.servegen is not None:
+        _, weights = tenant_weights(args.servegen, args.servegen_start_s, args.servegen_span_s)
+        plan = assign_tenants(plan, weights, args.seed)
+    return plan, clamped
+
+
+def _base_plan(
+    args: argparse.Namespace, max_context_tokens: int, rows: list[TraceRow] | None
+) -> tuple[list[PlannedRequest], int]:
     if args.synthetic:
+        if args.phases is not None:
+            raise ValueError("--phases shapes a trace replay; pass --trace")
         plan = synthetic_workload(
             popularity=args.popularity,
             rate=args.rate if args.rate is not None else 4.0,
@@ -381,11 +415,18 @@ def build_plan(
         return plan, 0
     if rows is None:
         rows = read_azure_trace(args.trace)
+    rate, duration = args.rate, args.duration
+    if args.trace_start_s:
+        rows = slice_rows(rows, args.trace_start_s)
+    if args.phases is not None:
+        if rate is not None or duration is not None:
+            raise ValueError("--phases sets the rate and length of the replay; drop --rate and --duration")
+        rows = phased_rows(rows, parse_phases(args.phases))
     plan, clamped = trace_workload(
         rows,
         popularity=args.popularity,
-        rate=args.rate,
-        duration_s=args.duration,
+        rate=rate,
+        duration_s=duration,
         max_context_tokens=max_context_tokens,
         max_new_tokens_cap=args.max_new_tokens,
         max_prompt_cap=args.max_prompt_tokens,
@@ -400,6 +441,10 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
     from lorafleet.report import format_bench
 
     rows = read_azure_trace(args.trace) if args.trace else None  # a bad file fails before connecting
+    if args.phases is not None:
+        parse_phases(args.phases)  # so does a bad --phases
+    if args.servegen is not None and not Path(args.servegen).is_dir():
+        raise ValueError(f"ServeGen folder {args.servegen!r} does not exist")  # and a missing --servegen
     async with contextlib.AsyncExitStack() as stack:
         auth = client_kwargs(args)
         client = await stack.enter_async_context(AsyncClient(args.server, **auth))

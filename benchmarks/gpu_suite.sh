@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
-#                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-7b
+#                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-7b,
+#                                                fleet-assets, fleet
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
+#
+# fleet (two GPUs, issue 12; about 9 minutes with the default FLEET_BUDGET_S=520) needs Ray, which
+# the GPU image lacks. On your machine, in the checkout: `bash ../shared/gpu/ray-wheels.sh && bash
+# benchmarks/fleet_gpu_prep.sh`; then two calls on the same nvidia-h200-x2 machine, back to back:
+#   1) carry .gpuwheels/a:  cp .gpuwheels/a/part_aa /tmp/ray_part_aa && bash benchmarks/gpu_suite.sh $OUT fleet-assets
+#   2) carry .gpuwheels/b:  bash benchmarks/gpu_suite.sh $OUT fleet
+# fleet-assets makes the 7B model and adapters (about a minute) so that the fleet call spends its
+# budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
+# ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the
+# traces fleet_gpu_prep.sh put in .gpuwheels/b/traces.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
 shift
@@ -19,6 +30,40 @@ if ! (cd /tmp && python3 -c "import lorafleet.worker") 2>>"$out/install.log"; th
     (cd /tmp && python3 -c "import lorafleet.worker") || { cat "$out/install.log"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+use_site() {  # /tmp/site (wheels installed by an earlier stage or call) first on PYTHONPATH
+    [ -d /tmp/site ] || return 0
+    case ":${PYTHONPATH:-}:" in
+    *:/tmp/site:*) ;;
+    *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;;
+    esac
+}
+
+site_wheels() {  # the wheels in folder $1 into /tmp/site
+    if ls "$1"/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$1"/*.whl
+    fi
+    use_site
+}
+
+fleet_setup() {  # Ray (+ a current grpcio) into /tmp/site; a later call on the machine finds it there
+    use_site
+    if ! python3 -c "import ray" 2>/dev/null; then
+        [ -f /tmp/ray_part_aa ] && [ -f .gpuwheels/b/NAME ] || {
+            echo "no Ray: run the first call (cp .gpuwheels/a/part_aa /tmp/ray_part_aa) on this machine first"
+            return 1
+        }
+        cat /tmp/ray_part_aa .gpuwheels/b/part_ab >"/tmp/$(cat .gpuwheels/b/NAME)"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$(cat .gpuwheels/b/NAME)"
+        site_wheels .gpuwheels/b
+    fi
+    if ! python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null && [ -d .gpuwheels/b/extra ]; then
+        python3 -m pip install -q --no-index --no-compile --target /tmp/site --find-links .gpuwheels/b/extra \
+            fastapi uvicorn httpx
+    fi
+    python3 -c "import ray, grpc_health, fastapi, uvicorn, httpx, yaml; print('ray', ray.__version__)"
+}
+
 for stage in "$@"; do
     start=$(date +%s)
     case $stage in
@@ -44,11 +89,21 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
-    profile-7b)  # the simulator's H200 profile of the 7B shape (make-demo --shape, then profile)
+    profile-7b)  # the simulator's H200 profile of the 7B shape, on fleet-assets' model when it is there
         lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
-        lf make-demo --shape llama2-7b --num-adapters 8 --overwrite /tmp/lf-7b &&
-            lf profile --model /tmp/lf-7b --device cuda --no-ray-start --no-serving --engine max_batch_size=64 \
+        model=/tmp/lorafleet-fleetbench/model
+        [ -f "$model/config.json" ] || { model=/tmp/lf-7b && lf make-demo --shape llama2-7b --device cuda \
+            --num-adapters 8 --overwrite "$model"; } &&
+            lf profile --model "$model" --device cuda --no-ray-start --no-serving --engine max_batch_size=64 \
                 --engine max_loras=16 --name h200-llama2-7b --out "$out/h200-llama2-7b.yaml" ;;
+    fleet-assets)  # the 7B model and adapters ahead of the fleet call (grpc wheels: fleet_gpu_prep.sh)
+        site_wheels .gpuwheels/a && python3 benchmarks/bench_fleet.py --assets-only --out "$out/fleet-assets" ;;
+    fleet)
+        traces=${FLEET_TRACES:-.gpuwheels/b/traces}
+        [ -d "$traces" ] || traces=../shared/traces
+        fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
+            --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
+            --servegen "$traces/servegen_m_large" ;;
     *)
         echo "unknown stage $stage" ;;
     esac >"$out/$stage.log" 2>&1

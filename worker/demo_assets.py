@@ -197,7 +197,7 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:
-    return torch.randn(shape, generator=gen) * std
+    return torch.randn(shape, generator=gen, device=gen.device) * std
 
 
 def weight_plan(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], float, float]]:

@@ -1,0 +1,334 @@
+"""The fleet on two GPUs (issue 12): packing with migration against least-loaded and round-robin on a
+quiet / burst / quiet slice of the Azure conv trace, a worker killed mid-burst, and the cost of one
+migration. One command, inside a time budget:
+
+    python3 benchmarks/bench_fleet.py --out DIR                 # 2 GPUs: 7B-shaped bf16, 100 r16 adapters
+    python3 benchmarks/bench_fleet.py --out DIR --smoke         # CPU: tiny demo model, a few minutes
+    python3 benchmarks/bench_fleet.py --render DIR              # fleet.md and fleet.png again from fleet.json
+
+Steps (each logged with its time; fleet.json is rewritten after each, so a cut-off run keeps what
+it measured):
+1. `lorafleet make-demo [--shape llama2-7b]` writes the model and a few distinct adapters; more
+   adapter folders share their weights by hard link (fleet_assets.py) up to --adapters.
+2. For each policy, `lorafleet serve --workers 1 --max-workers 2 --policy P` (its own local Ray),
+   a warm-up closed loop of one full batch (the first run's also measures one worker's token rate),
+   then `lorafleet bench --trace CONV --servegen DIR --phases QUIET,BURST,QUIET` (fleet_run.py).
+   The rates are set from the first warm-up: quiet = --quiet-factor x one worker's capacity, burst =
+   --burst-factor x (more than one worker can serve, so the fleet must grow); the phase lengths are
+   shrunk to fit the budget. Every run replays the same plan, greedy.
+3. The packing run again with the oldest worker SIGKILLed once two are busy in the burst: lost
+   requests, and requests whose tokens differ from the run without the kill (and, as the noise
+   floor, between the runs without a kill).
+4. One migration between two workers at each --migration-contexts length (fleet_migration.py).
+Outputs in --out: fleet.json (settings, machine, every run's samples and requests, summaries),
+fleet.md (the tables), fleet.png (GPUs in use over time per run with the request rate), logs.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+# The sibling fleet_*.py modules import as top-level modules: run this file as a script.
+import fleet_report
+from fleet_assets import make_assets
+from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, scale_phases, shaped_phases
+from fleet_run import RunSpec, Warmup, run_one
+from fleet_settings import Profile, build_parser, engine_dict, machine, settings
+
+from lorafleet.workload import read_azure_trace
+
+
+class FleetBench:
+    def __init__(self, prof: Profile, extra: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
+        self.prof, self.args, self.out = prof, args, out
+        self.policies: list[str] = extra["policies"]
+        self.rates: tuple[float, ...] | None = extra["rates"]
+        self.kill = not args.no_kill
+        self.begin = time.monotonic()
+        self.work = Path(args.work_dir)
+        self.phases: str | None = None
+        self.costs: RunCosts | None = None
+        self.later_runs_s: list[float] = []  # measured length of each run after the first
+        self.result: dict[str, Any] = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": machine(),
+            "load_average_start": os.getloadavg(),
+            "profile": asdict(prof),
+            "policies": self.policies,
+            "stages": {},
+            "runs": [],
+            "notes": [],
+        }
+
+    def left_s(self) -> float:
+        return self.prof.budget_s - (time.monotonic() - self.begin)
+
+    def log(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.begin:6.1f} s] {message}", flush=True)
+
+    def save(self) -> None:
+        self.result["load_average_end"] = os.getloadavg()
+        self.result["elapsed_s"] = time.monotonic() - self.begin
+        (self.out / "fleet.json").write_text(json.dumps(self.result))
+
+    # ------------------------------------------------------------ stages
+
+    async def run(self) -> None:
+        prof = self.prof
+        self.work.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        assets = await asyncio.to_thread(
+            make_assets,
+            self.work,
+            shape=prof.shape,
+            num_adapters=self.args.adapters,
+            distinct=prof.distinct_adapters,
+            log_path=self.work / "make-demo.log",
+            device=prof.device,
+        )
+        self.stage(
+            "assets", start, {k: str(v) if isinstance(v, Path) else v for k, v in asdict(assets).items()}
+        )
+        self.assets = assets
+        if self.args.assets_only:
+            self.save()
+            return
+        self.rows = read_azure_trace(self.args.trace)
+        for i, policy in enumerate(self.policies):
+            if i and not self.fits(f"the {policy} run"):
+                continue
+            await self.one_run(policy, policy, kill=False)
+        if not self.args.no_migration and self.fits("the migration measurement", self.migration_estimate()):
+            await self.migration()
+        if self.kill and self.phases is not None and self.fits("the kill run"):
+            await self.one_run("packing-kill", "packing", kill=True)
+            self.compare_kill()
+        self.finish()
+
+    def fits(self, what: str, need: float | None = None) -> bool:
+        if need is None:  # a run: as long as the longest one after the first, or the estimate
+            c = self.costs
+            plan_s = burst_window(self.phases)[2] if self.phases else 0.0
+            need = (c.serve_start_s + c.warmup_s + plan_s + c.tail_s + c.stop_s) if c else 0.0
+            need = max(self.later_runs_s) if self.later_runs_s else need
+        if self.left_s() >= need:
+            return True
+        self.note(f"skipped {what}: {self.left_s():.0f} s of the budget left, about {need:.0f} s needed")
+        return False
+
+    def note(self, text: str) -> None:
+        self.log(text)
+        self.result["notes"].append(text)
+        self.save()
+
+    def stage(self, name: str, start: float, info: Any = None) -> None:
+        self.result["stages"][name] = {"seconds": time.monotonic() - start, "info": info}
+        self.log(f"{name}: {time.monotonic() - start:.1f} s")
+        self.save()
+
+    def spec(self, name: str, policy: str, kill: bool) -> RunSpec:
+        prof, a = self.prof, self.assets
+        serve = ["--model", str(a.model_dir), "--adapters-dir", str(a.adapters_dir)]
+        serve += ["--device", prof.device, "--dtype", prof.dtype, "--workers", "1", "--max-workers", "2"]
+        serve += ["--port", "0", "--http-port", "off", "--metrics-port", "off", "--max-queue", "8192"]
+        serve += ["--idle-release-s", f"{prof.idle_release_s:g}", "--consolidation-interval-s", "1"]
+        serve += ["--drain-timeout-s", "5", "--engine", f"max_batch_size={prof.max_batch_size}"]
+        for option in prof.engine:
+            serve += ["--engine", option]
+        bench = ["--trace", self.args.trace, "--servegen", self.args.servegen]
+        bench += ["--trace-start-s", f"{self.args.trace_start_s:g}", "--seed", str(self.args.seed)]
+        bench += [
+            "--max-new-tokens",
+            str(prof.max_new_tokens),
+            "--max-prompt-tokens",
+            str(prof.max_prompt_tokens),
+        ]
+        bench += ["--aliases", "0", "--request-timeout", "600"]
+        first = self.phases is None
+        return RunSpec(
+            name=name,
+            policy=policy,
+            kill=kill,
+            serve_args=serve,
+            bench_args=bench,
+            max_batch_size=prof.max_batch_size,
+            warmup_s=prof.warmup_s[0] if first else prof.warmup_s[1],
+            prewarm_s=prof.warmup_s[1] if first else 0.0,
+            tail_s=prof.tail_s,
+            sample_every_s=prof.sample_every_s,
+            serve_timeout_s=prof.serve_timeout_s,
+        )
+
+    async def one_run(self, name: str, policy: str, kill: bool) -> None:
+        start = time.monotonic()
+        self.log(f"run {name}: starting lorafleet serve --policy {policy}")
+        deadline = self.begin + self.prof.budget_s - 5.0
+        try:
+            record = await run_one(
+                self.spec(name, policy, kill),
+                self.rows,
+                self.work,
+                phases=self.phases,
+                choose_phases=self.choose_phases,
+                burst_of=burst_window,
+                deadline=deadline,
+            )
+        except Exception as exc:  # a failed run is a result: record it and go on with the next
+            self.note(f"run {name} failed: {type(exc).__name__}: {exc}")
+            return
+        record["kill_run"] = kill
+        self.result["runs"].append(record)
+        if self.costs is not None:
+            self.costs = replace(self.costs, stop_s=max(self.costs.stop_s, record["serve_stop_s"]))
+        if len(self.result["runs"]) > 1:
+            self.later_runs_s.append(time.monotonic() - start)
+        self.stage(f"run {name}", start, {"serve_started_s": record["serve_started_s"]})
+
+    def choose_phases(self, warm: Warmup, started_s: float) -> str:
+        """Rates from one worker's capacity, phase lengths from the budget (see the module doc)."""
+        prof = self.prof
+        outputs = [max(1, min(r.generated_tokens, prof.max_new_tokens)) for r in self.rows[:2000]]
+        mean_out = statistics.fmean(outputs)
+        capacity, quiet, burst = capacity_rates(
+            warm.tokens_per_s, mean_out, self.args.quiet_factor, self.args.burst_factor
+        )
+        if self.rates is not None:
+            quiet, burst = self.rates
+        self.costs = RunCosts(started_s, prof.warmup_s[1] + 2.0, prof.tail_s, prof.stop_s)
+        runs_after = len(self.policies) - 1
+        mig = self.migration_estimate()
+        plan_s = replay_seconds(self.left_s(), runs_after + int(self.kill), self.costs, mig, 10.0)
+        short = scale_phases(prof.phases_s, plan_s, (prof.phases_s[0] / 2, prof.idle_release_s + 10.0))
+        if self.kill and short[1] < 0.6 * prof.phases_s[1]:
+            # The policy comparison comes first: size the replay without the kill run, which then
+            # runs last only if the budget still has room for it.
+            plan_s = replay_seconds(self.left_s(), runs_after, self.costs, mig, 10.0)
+            self.note(
+                f"budget: the replay is sized without the kill run ({plan_s:.0f} s); it runs if time is left"
+            )
+        seconds = scale_phases(prof.phases_s, plan_s, (prof.phases_s[0] / 2, prof.idle_release_s + 10.0))
+        if min(seconds) < 1.0:
+            self.note(f"budget: only {plan_s:.0f} s per replay; phases of at least 1 s each instead")
+            seconds = tuple(max(1.0, x) for x in seconds)
+        self.phases = shaped_phases(quiet, burst, seconds)
+        self.result["sizing"] = {
+            "warmup_tokens_per_s": warm.tokens_per_s,
+            "warmup_spread": warm.spread,
+            "mean_output_tokens": mean_out,
+            "one_worker_requests_per_s": capacity,
+            "rates_given": self.rates is not None,
+            "plan_s_budget": plan_s,
+            "phases": self.phases,
+        }
+        self.log(
+            f"one worker: {warm.tokens_per_s:.0f} tokens/s = {capacity:.2f} requests/s; phases {self.phases}"
+        )
+        self.save()
+        return self.phases
+
+    def migration_estimate(self) -> float:
+        if self.args.no_migration:
+            return 0.0
+        start = self.costs.serve_start_s if self.costs else 60.0
+        per = 1.5 if self.prof.device == "cuda" else 3.0
+        return start + 15.0 + per * len(self.prof.migration_contexts) * (2 + self.args.migration_repeats)
+
+    def compare_kill(self) -> None:
+        runs = {r["name"]: r for r in self.result["runs"]}
+        ref, killed = runs.get("packing"), runs.get("packing-kill")
+        if ref is None or killed is None:
+            return
+        out = fleet_report.compare_tokens(ref, killed)
+        out.update(killed.get("kill") or {"at_s": None, "pid": None, "running_at_kill": 0})
+        out["resumed_after_fault"] = fleet_report.counter_delta(killed, "resumed_after_fault")
+        out["worker_deaths"] = fleet_report.counter_delta(killed, "worker_deaths")
+        out["noise_floor"] = [
+            fleet_report.compare_tokens(ref, runs[p]) for p in self.policies[1:] if p in runs
+        ]
+        self.result["kill"] = out
+        self.save()
+
+    async def migration(self) -> None:
+        from fleet_migration import measure_migrations
+
+        start = time.monotonic()
+        self.log("migration: an in-process fleet of two workers")
+        try:
+            self.result["migration"] = await asyncio.wait_for(
+                measure_migrations(
+                    model_dir=str(self.assets.model_dir),
+                    adapter_dir=str(self.assets.adapters_dir / "adapter-0"),
+                    device=self.prof.device,
+                    dtype=self.prof.dtype,
+                    engine=engine_dict(self.prof),
+                    contexts=list(self.prof.migration_contexts),
+                    warmups=2,
+                    repeats=self.args.migration_repeats,
+                    seed=self.args.seed,
+                ),
+                max(10.0, self.left_s()),
+            )
+        except Exception as exc:
+            self.note(f"migration measurement failed: {type(exc).__name__}: {exc}")
+            return
+        self.stage("migration", start)
+
+    def finish(self) -> None:
+        logs = sorted(self.work.glob("*.log"))
+        with (self.out / "logs.txt").open("w") as out:
+            for log in logs:
+                text = log.read_text(errors="replace")
+                out.write(f"===== {log.name} (last 20,000 characters)\n{text[-20000:]}\n")
+        self.save()
+        render(self.out)
+
+
+def render(out: Path) -> None:
+    """fleet.md and fleet.png from out/fleet.json."""
+    result = json.loads((out / "fleet.json").read_text())
+    md = fleet_report.render_markdown(result)
+    (out / "fleet.md").write_text(md)
+    runs = result["runs"]
+    if runs:
+        burst = tuple(runs[0]["burst"])
+        if not fleet_report.plot(runs, burst, out / "fleet.png"):
+            print("matplotlib is missing: no fleet.png (run --render DIR where it is installed)")
+    print(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(__doc__).parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return 0
+    if not args.out:
+        print("bench_fleet: error: --out DIR is required (or --render DIR)", file=sys.stderr)
+        return 2
+    try:
+        prof, extra = settings(args)
+    except ValueError as exc:
+        print(f"bench_fleet: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = FleetBench(prof, extra, args, out)
+    try:
+        asyncio.run(bench.run())
+    except (RuntimeError, ValueError, OSError) as exc:  # assets or trace: nothing to measure without them
+        bench.note(f"stopped: {exc}")
+        print(f"bench_fleet: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

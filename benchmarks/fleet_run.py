@@ -1,0 +1,267 @@
+"""One run of bench_fleet.py: a `lorafleet serve` with one policy, warmed up, then the trace slice
+replayed by `lorafleet bench` (its parser, plan builder and `run_bench`, in this process so that the
+status samples, the requests and a kill share one clock), optionally with a worker SIGKILLed
+mid-burst. Returns the run record that fleet_report.py summarizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet_server import ServeProcess, StatusSample, sample_status
+
+from lorafleet import bench
+from lorafleet.client import AsyncClient
+from lorafleet.demo_calibrate import calibrate, wait_idle
+from lorafleet.workload import TraceRow
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    policy: str
+    kill: bool
+    serve_args: list[str]  # everything but --policy
+    bench_args: list[str]  # `lorafleet bench` flags but --server and --phases
+    max_batch_size: int
+    warmup_s: float
+    # An untimed closed loop before the warm-up, on the first run: kernels compile for new shapes
+    # (Triton's cache then serves the later servers) and adapters load, so the figure is steady state.
+    prewarm_s: float
+    tail_s: float  # sampling goes on this long after the plan's last arrival
+    sample_every_s: float
+    serve_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Warmup:
+    seconds: float
+    tokens_per_s: float  # one worker running a full batch of trace-like lengths (median of slices)
+    spread: float
+
+
+# Given the first warm-up (one worker's capacity) and the server's start time: the --phases text.
+ChoosePhases = Callable[[Warmup, float], str]
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet bench", add_help=False)
+    bench.add_arguments(parser)
+    return parser
+
+
+def length_ranges(rows: list[TraceRow], prompt_cap: int, output_cap: int) -> tuple[tuple[int, int], ...]:
+    """Uniform ranges with the trace slice's mean clamped lengths, for the warm-up's closed loop."""
+    head = rows[:2000]
+    prompt = statistics.fmean(max(1, min(r.context_tokens, prompt_cap)) for r in head)
+    output = statistics.fmean(max(1, min(r.generated_tokens, output_cap)) for r in head)
+    return (max(1, round(prompt / 2)), round(1.5 * prompt)), (max(1, round(output / 2)), round(1.5 * output))
+
+
+async def _kill_in_burst(
+    server: ServeProcess,
+    samples: list[StatusSample],
+    t0: list[float],
+    burst: tuple[float, float],
+    out: dict[str, Any],
+) -> None:
+    """SIGKILL the oldest worker once two are busy in the burst (or at its end, whatever runs)."""
+    while not t0:
+        await asyncio.sleep(0.05)
+    while True:
+        await asyncio.sleep(0.05)
+        now = time.monotonic() - t0[0]
+        last = samples[-1] if samples else None
+        both_busy = last is not None and last.busy >= 2
+        if now >= burst[0] and (both_busy or now >= burst[1]):
+            pids = server.worker_pids()
+            if pids:
+                break
+    os.kill(pids[0], signal.SIGKILL)
+    out.update(
+        at_s=time.monotonic() - t0[0],
+        pid=pids[0],
+        workers_at_kill=len(pids),
+        running_at_kill=sum(last.running) if last else 0,
+    )
+
+
+async def run_one(
+    spec: RunSpec,
+    rows: list[TraceRow],
+    out_dir: Path,
+    *,
+    phases: str | None,
+    choose_phases: ChoosePhases | None,
+    burst_of: Callable[[str], tuple[float, float, float]],
+    deadline: float,
+) -> dict[str, Any]:
+    """The run record; `phases` fixed, or chosen by `choose_phases` after the first warm-up.
+
+    `burst_of(phases)` gives (burst start, burst end, plan seconds). `deadline` (time.monotonic())
+    bounds the replay: requests still running then count as failed, and the run record says so.
+    """
+    server = await asyncio.to_thread(
+        ServeProcess.start,
+        [*spec.serve_args, "--policy", spec.policy],
+        out_dir / f"serve-{spec.name}.log",
+        spec.serve_timeout_s,
+    )
+    record: dict[str, Any] = {"name": spec.name, "policy": spec.policy, "serve_started_s": server.started_s}
+    try:
+        async with AsyncClient(server.address) as client:
+            await client.wait_ready(30.0)
+            status = await client.status(timeout=10.0)
+            prompt_cap = int(_flag(spec.bench_args, "--max-prompt-tokens"))
+            output_cap = int(_flag(spec.bench_args, "--max-new-tokens"))
+            prompt_len, output_len = length_ranges(rows, prompt_cap, output_cap)
+            loop = {
+                "concurrency": spec.max_batch_size,
+                "prompt_len": prompt_len,
+                "output_len": output_len,
+                "popularity": "skewed",
+                "seed": 0,
+            }
+            if spec.prewarm_s > 0:
+                with contextlib.suppress(ValueError):  # only warms: a stalled slice is no failure
+                    await calibrate(client, seconds=spec.prewarm_s, **loop)
+            try:
+                cal = await calibrate(client, seconds=spec.warmup_s, **loop)
+                warm = Warmup(cal.seconds, cal.tokens_per_s, cal.spread)
+            except ValueError:
+                if phases is None:
+                    raise  # the first warm-up sizes the workload: without a figure there is no plan
+                warm = Warmup(spec.warmup_s, 0.0, 0.0)  # a later run's warm-up only warms
+            record["warmup"] = asdict(warm)
+            if phases is None:
+                assert choose_phases is not None
+                phases = choose_phases(warm, server.started_s)
+            await wait_idle(client, 300.0)
+            args = bench_parser().parse_args(
+                [*spec.bench_args, "--server", server.address, "--phases", phases]
+            )
+            record["bench_command"] = "lorafleet bench " + " ".join(
+                [*spec.bench_args, "--server", server.address, "--phases", phases]
+            )
+            plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
+            burst_start, burst_end, plan_s = burst_of(phases)
+            window_s = plan_s + spec.tail_s
+            record.update(phases=phases, burst=[burst_start, burst_end], plan_s=plan_s, window_s=window_s)
+            await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline)
+            record["bench"]["clamped"] = clamped
+    finally:
+        stopping = time.monotonic()
+        record["serve_exit"] = await asyncio.to_thread(server.stop)
+        record["serve_stop_s"] = time.monotonic() - stopping
+    return record
+
+
+async def _replay(
+    spec: RunSpec,
+    server: ServeProcess,
+    client: AsyncClient,
+    args: argparse.Namespace,
+    plan: list[Any],
+    record: dict[str, Any],
+    burst: tuple[float, float],
+    deadline: float,
+) -> None:
+    samples: list[StatusSample] = []
+    t0: list[float] = []
+    sampler = asyncio.create_task(sample_status(client, samples, spec.sample_every_s))
+    kill: dict[str, Any] = {}
+    killer = asyncio.create_task(_kill_in_burst(server, samples, t0, burst, kill)) if spec.kill else None
+    requests: list[bench.RequestRecord] = []
+    report = None
+    try:
+        report = await asyncio.wait_for(
+            bench.run_bench(
+                client,
+                plan,
+                seed=args.seed,
+                request_timeout_s=args.request_timeout,
+                sample_every_s=1.0,  # the bench's own sampler: ours samples more finely
+                allow_aliases=args.aliases,
+                records_out=requests,
+                on_start=lambda: t0.append(time.monotonic()),
+            ),
+            max(1.0, deadline - time.monotonic()),
+        )
+        # Keep sampling to the window's end: the release of the second GPU may come after the replay.
+        rest = t0[0] + record["window_s"] - time.monotonic()
+        if rest > 0:
+            await asyncio.sleep(min(rest, max(0.0, deadline - time.monotonic())))
+    except asyncio.TimeoutError:
+        record["error"] = "the run reached the benchmark's time budget before its requests finished"
+    finally:
+        for task in (sampler, killer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    start = t0[0] if t0 else time.monotonic()
+    record["samples"] = [{**asdict(s), "t": s.t - start} for s in samples]
+    record["kill"] = kill or None
+    record["requests"] = [_request_json(r, start) for r in requests]
+    if report is not None:
+        summary = asdict(report)
+        for key in ("records", "workers_over_time"):
+            summary.pop(key, None)
+        record["bench"] = summary
+    else:
+        record["bench"] = _partial_summary(record["requests"])
+
+
+def _request_json(r: bench.RequestRecord, start: float) -> dict[str, Any]:
+    def rel(x: float | None) -> float | None:
+        return None if x is None else x - start
+
+    # Requests the budget cut off never got a status: they did not complete.
+    sent = r.sent_at if r.sent_at > 0 else None  # records start at 0.0 until sent
+    status = r.status if r.done_at is not None else ("unfinished" if sent is not None else "unsent")
+    return {
+        "adapter": r.adapter,
+        "prompt_len": r.prompt_len,
+        "sent": rel(sent),
+        "first": rel(r.first_token_at),
+        "done": rel(r.done_at),
+        "tokens": r.tokens,
+        "status": status,
+        "error": r.error,
+        "token_ids": r.token_ids,
+    }
+
+
+def _partial_summary(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Enough of the bench summary for the report when the replay was cut off."""
+    ok = [r for r in requests if r["status"] == "ok"]
+    errors: dict[str, int] = {}
+    for r in requests:
+        if r["status"] != "ok":
+            errors[r["status"]] = errors.get(r["status"], 0) + 1
+    none = {"p50": None, "p90": None, "p99": None}
+    return {
+        "requests": len(requests),
+        "completed": len(ok),
+        "errors": errors,
+        "requests_per_s": 0.0,
+        "ttft_s": none,
+        "tpot_s": none,
+    }
+
+
+def _flag(argv: list[str], name: str) -> str:
+    try:
+        return argv[argv.index(name) + 1]
+    except (ValueError, IndexError):
+        raise ValueError(f"bench arguments lack {name}") from None

@@ -1,0 +1,183 @@
+"""bench_fleet.py's settings: the GPU and CPU-smoke profiles, the command line, the machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRACES = REPO.parent / "shared" / "traces"
+POLICIES = ("packing", "least_loaded", "round_robin")
+
+
+@dataclass(frozen=True)
+class Profile:
+    device: str
+    dtype: str
+    shape: str | None  # make-demo --shape; None = the tiny demo
+    distinct_adapters: int
+    max_batch_size: int
+    engine: tuple[str, ...]
+    phases_s: tuple[float, float, float]
+    idle_release_s: float
+    warmup_s: tuple[float, float]  # first run (measures capacity), later runs
+    max_new_tokens: int
+    max_prompt_tokens: int
+    migration_contexts: tuple[int, ...]
+    budget_s: float
+    tail_s: float
+    sample_every_s: float
+    serve_timeout_s: float
+    stop_s: float  # estimate until measured
+
+
+PROFILES = {
+    # Two H200s, Llama-2-7B shape. 32 adapter slots of r16 and a 12 GiB host cache per worker, so
+    # slots and host memory do not throttle a batch of 32 over the tenants' adapters.
+    "gpu": Profile(
+        device="cuda",
+        dtype="bfloat16",
+        shape="llama2-7b",
+        distinct_adapters=4,
+        max_batch_size=32,
+        engine=("max_loras=32", "max_lora_rank=16", f"host_cache_bytes={12 << 30}"),
+        phases_s=(10.0, 30.0, 25.0),
+        idle_release_s=5.0,
+        warmup_s=(10.0, 4.0),
+        max_new_tokens=128,
+        max_prompt_tokens=1024,
+        migration_contexts=(1024, 4096),
+        budget_s=520.0,
+        tail_s=5.0,
+        sample_every_s=0.2,
+        serve_timeout_s=300.0,
+        stop_s=10.0,
+    ),
+    # CPU smoke: the tiny demo (512-token context), batch 4 as in `lorafleet demo`.
+    "smoke": Profile(
+        device="cpu",
+        dtype="float32",
+        shape=None,
+        distinct_adapters=8,
+        max_batch_size=4,
+        engine=("max_lora_rank=16",),
+        phases_s=(4.0, 8.0, 13.0),
+        idle_release_s=3.0,
+        warmup_s=(5.0, 2.0),
+        max_new_tokens=32,
+        max_prompt_tokens=128,
+        migration_contexts=(128, 448),
+        budget_s=420.0,
+        tail_s=3.0,
+        sample_every_s=0.25,
+        serve_timeout_s=180.0,
+        stop_s=5.0,
+    ),
+}
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="folder for fleet.json, fleet.md, fleet.png, logs.txt")
+    p.add_argument("--render", metavar="DIR", help="only rewrite fleet.md and fleet.png from DIR/fleet.json")
+    p.add_argument("--smoke", action="store_true", help="the CPU profile: tiny demo model, short phases")
+    p.add_argument(
+        "--assets-only",
+        action="store_true",
+        help="only make the model and adapters in --work-dir (a later call on the machine reuses them)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda, or cpu with --smoke")
+    p.add_argument("--trace", default=str(TRACES / "azure_llm_2023_conv.csv"), help="Azure conv trace CSV")
+    p.add_argument("--servegen", default=str(TRACES / "servegen_m_large"), help="ServeGen tenant folder")
+    p.add_argument("--trace-start-s", type=float, default=0.0, help="where the slice starts in the trace")
+    p.add_argument("--work-dir", default="/tmp/lorafleet-fleetbench", help="model, adapters, server logs")
+    p.add_argument("--adapters", type=int, default=100, help="registered adapters (default 100)")
+    p.add_argument("--distinct-adapters", type=int, help="of which with their own random weights")
+    p.add_argument("--time-budget-s", type=float, help="whole benchmark (default 520 GPU, 420 smoke)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated; packing first")
+    p.add_argument("--phases-s", help="QUIET,BURST,QUIET seconds before the budget shrinks them")
+    p.add_argument("--quiet-factor", type=float, default=0.3, help="quiet rate / one worker's capacity")
+    p.add_argument("--burst-factor", type=float, default=1.6, help="burst rate / one worker's capacity")
+    p.add_argument("--rates", help="QUIET,BURST requests/s instead of sizing them from the warm-up")
+    p.add_argument("--idle-release-s", type=float, help="serve --idle-release-s (default 5 GPU, 3 smoke)")
+    p.add_argument("--max-batch-size", type=int, help="engine max_batch_size (default 32 GPU, 4 smoke)")
+    p.add_argument("--no-kill", action="store_true", help="skip the worker-kill run")
+    p.add_argument("--no-migration", action="store_true", help="skip the migration measurement")
+    p.add_argument("--migration-contexts", help="comma-separated context lengths (default 1024,4096 GPU)")
+    p.add_argument("--migration-repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
+    """The profile with the flags applied, and the flags that are not profile fields."""
+    prof = PROFILES["smoke" if args.smoke else "gpu"]
+    changes: dict[str, Any] = {}
+    if args.device:
+        changes["device"] = args.device
+        if args.device == "cpu" and not args.smoke:
+            changes["dtype"] = "float32"
+    for flag, name in (
+        ("distinct_adapters", "distinct_adapters"),
+        ("time_budget_s", "budget_s"),
+        ("idle_release_s", "idle_release_s"),
+        ("max_batch_size", "max_batch_size"),
+    ):
+        if getattr(args, flag) is not None:
+            changes[name] = getattr(args, flag)
+    if args.phases_s:
+        changes["phases_s"] = _floats(args.phases_s, 3, "--phases-s")
+    if args.migration_contexts:
+        changes["migration_contexts"] = tuple(int(x) for x in _floats(args.migration_contexts, None, "ctx"))
+    prof = replace(prof, **changes)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies or policies[0] != "packing" or len(set(policies)) != len(policies):
+        raise ValueError(
+            f"--policies must start with packing and name each policy once, got {args.policies!r}"
+        )
+    rates = _floats(args.rates, 2, "--rates") if args.rates else None
+    for path, what in ((args.trace, "--trace"), (args.servegen, "--servegen")):
+        if not args.assets_only and not Path(path).exists():
+            raise ValueError(f"{what} {path} does not exist")
+    return prof, {"policies": policies, "rates": rates}
+
+
+def _floats(text: str, count: int | None, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if (count is not None and len(values) != count) or any(not v > 0 for v in values):
+        raise ValueError(f"{flag} takes {count or 'some'} numbers > 0, got {text!r}")
+    return values
+
+
+def machine() -> dict[str, Any]:
+    gpus = ""
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        gpus = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "gpus": gpus.splitlines(),
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+
+
+def engine_dict(prof: Profile) -> dict[str, Any]:
+    options = {"max_batch_size": prof.max_batch_size}
+    for option in prof.engine:
+        key, _, value = option.partition("=")
+        options[key] = yaml.safe_load(value)
+    return options

@@ -1,0 +1,227 @@
+"""benchmarks/bench_fleet.py's logic without a fleet: sizing, adapter folders, figures and rendering."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def mods(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
+    names = ("fleet_plan", "fleet_report", "fleet_assets", "fleet_settings", "bench_fleet")
+    yield {n: importlib.import_module(n) for n in names}
+    for n in (*names, "fleet_run", "fleet_server"):
+        sys.modules.pop(n, None)
+
+
+def test_phase_sizing_fits_the_budget(mods) -> None:
+    plan = mods["fleet_plan"]
+    costs = plan.RunCosts(serve_start_s=30.0, warmup_s=6.0, tail_s=5.0, stop_s=10.0)
+    per = plan.replay_seconds(500.0, runs_after=3, costs=costs, migration_s=40.0, reserve_s=10.0)
+    # The current run (replay + tail + stop) and three more (start + warm-up + replay + tail + stop).
+    spent = (per + 15.0) + 3 * (30.0 + 6.0 + per + 15.0) + 40.0 + 10.0
+    assert spent == pytest.approx(500.0)
+    floors = (5.0, 15.0)
+    assert plan.scale_phases((10.0, 30.0, 25.0), 150.0, floors) == (10.0, 30.0, 25.0)  # never stretched
+    # Quiet phases give up their room above the floors first, in proportion ...
+    assert plan.scale_phases((10.0, 30.0, 25.0), 57.5, floors) == pytest.approx((7.5, 30.0, 20.0))
+    # ... then the burst, down to half ...
+    assert plan.scale_phases((10.0, 30.0, 25.0), 38.0, floors) == pytest.approx((5.0, 18.0, 15.0))
+    # ... then everything in proportion.
+    assert plan.scale_phases((10.0, 30.0, 25.0), 17.5, floors) == pytest.approx((2.5, 7.5, 7.5))
+    assert plan.scale_phases((10.0, 30.0, 25.0), -5.0, floors) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="three phase lengths"):
+        plan.scale_phases((1.0, 0.0, 1.0), 10.0, floors)
+    text = plan.shaped_phases(1.5, 8.0, (10.0, 20.0, 15.0))
+    assert plan.burst_window(text) == (10.0, 30.0, 45.0)
+    assert plan.capacity_rates(1000.0, 100.0, 0.3, 1.6) == pytest.approx((10.0, 3.0, 16.0))
+    with pytest.raises(ValueError, match="quiet rate"):
+        plan.shaped_phases(5.0, 2.0, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="three phases"):
+        plan.burst_window("1:10,2:10")
+    with pytest.raises(ValueError, match="> 0"):
+        plan.capacity_rates(0.0, 100.0, 0.3, 1.6)
+
+
+def test_adapter_names_share_weights_by_hard_link(mods, tmp_path: Path) -> None:
+    assets = mods["fleet_assets"]
+    root = tmp_path / "adapters"
+    for i in range(2):
+        (root / f"adapter-{i}").mkdir(parents=True)
+        (root / f"adapter-{i}" / "adapter_config.json").write_text(json.dumps({"r": 16, "i": i}))
+        (root / f"adapter-{i}" / "adapter_model.safetensors").write_bytes(bytes([i]) * 64)
+    assets.link_adapters(root, total=5, distinct=2)
+    assert sorted(p.name for p in root.iterdir()) == [f"adapter-{i}" for i in range(5)]
+    weights = root / "adapter-3" / "adapter_model.safetensors"
+    assert weights.read_bytes() == bytes([1]) * 64
+    assert os.stat(weights).st_ino == os.stat(root / "adapter-1" / "adapter_model.safetensors").st_ino
+    assert json.loads((root / "adapter-4" / "adapter_config.json").read_text())["i"] == 0
+    assets.link_adapters(root, total=5, distinct=2)  # idempotent
+    with pytest.raises(FileNotFoundError, match="adapter-5"):
+        assets.link_adapters(root, total=8, distinct=6)
+    with pytest.raises(ValueError, match="distinct"):
+        assets.make_assets(tmp_path / "w", shape=None, num_adapters=2, distinct=3, log_path=tmp_path / "l")
+
+
+def sample(t: float, alive: int, busy: int = 0, **counters: int) -> dict:
+    base = dict.fromkeys(
+        ("migrations", "workers_released", "worker_deaths", "resumed_after_fault", "requests_completed"), 0
+    )
+    return {
+        "t": t,
+        "alive": alive,
+        "busy": busy,
+        "running": [busy] * alive,
+        "queue_len": 0,
+        **base,
+        **counters,
+    }
+
+
+def request(sent: float, done: float | None, tokens: list[int], status: str = "ok") -> dict:
+    return {
+        "adapter": "adapter-0",
+        "prompt_len": 8,
+        "sent": sent,
+        "first": sent + 0.1,
+        "done": done,
+        "tokens": len(tokens),
+        "status": status,
+        "error": "",
+        "token_ids": tokens,
+    }
+
+
+def fake_run(name: str, samples: list[dict], requests: list[dict], window_s: float = 20.0) -> dict:
+    quant = {"p50": 0.1, "p90": 0.2, "p99": 0.3}
+    ok = sum(r["status"] == "ok" for r in requests)
+    return {
+        "name": name,
+        "policy": name.split("-")[0],
+        "samples": samples,
+        "requests": requests,
+        "window_s": window_s,
+        "burst": [5.0, 10.0],
+        "bench_command": "lorafleet bench --phases 1:5,4:5,1:10",
+        "bench": {
+            "requests": len(requests),
+            "completed": ok,
+            "errors": {},
+            "requests_per_s": 1.0,
+            "ttft_s": quant,
+            "tpot_s": quant,
+            "clamped": 0,
+        },
+        "serve_started_s": 3.0,
+    }
+
+
+def test_gpu_seconds_release_and_counters(mods) -> None:
+    rep = mods["fleet_report"]
+    assert rep.step_integral([(1.0, 2.0), (3.0, 1.0)], 0.0, 5.0) == pytest.approx(2 * 3 + 1 * 2)
+    assert rep.step_integral([(1.0, 2.0)], 4.0, 4.0) == 0.0
+    samples = [
+        sample(-0.5, 1),
+        sample(4.0, 1, 1),
+        sample(6.0, 2, 2, migrations=1),
+        sample(13.0, 2, 1, migrations=3),
+        sample(16.0, 1, 1, migrations=3, workers_released=1),
+        sample(25.0, 1, 0, migrations=9),  # after the window: not counted
+    ]
+    requests = [request(1.0, 2.0, [1, 2]), request(6.0, 12.0, [3, 4, 5]), request(9.5, 14.0, [6])]
+    run = fake_run("packing", samples, requests)
+    assert rep.gpu_seconds(run) == pytest.approx(6 * 1 + 10 * 2 + 4 * 1)
+    assert rep.gpu_seconds(run, "busy") == pytest.approx(4 * 0 + 2 * 1 + 7 * 2 + 3 * 1 + 4 * 1)
+    assert rep.counter_delta(run, "migrations") == 3
+    rel = rep.release_after_burst(run, burst_end=10.0)
+    assert rel == {"peak_workers": 2.0, "after_burst_s": 6.0, "after_drain_s": 2.0}
+    s = rep.summarize(run, burst_end=10.0, idle_release_s=3.0)
+    assert s["release_met"] and s["release_target_s"] == 13.0 and s["peak_workers"] == 2
+    assert s["tokens_per_gpu_s"] == pytest.approx(6 / 30)
+    flat = fake_run("round_robin", [sample(0.0, 1)], requests)
+    assert rep.release_after_burst(flat, 10.0)["after_burst_s"] is None
+    stuck = fake_run("least_loaded", [sample(0.0, 2)], requests)
+    assert not rep.summarize(stuck, 10.0, 3.0)["release_met"]
+
+
+def test_token_comparison_counts_lost_and_different(mods) -> None:
+    rep = mods["fleet_report"]
+    ref = fake_run("packing", [], [request(0, 1, [1, 2, 3]), request(1, 2, [4, 5]), request(2, 3, [6])])
+    other = fake_run(
+        "packing-kill", [], [request(0, 1, [1, 9, 3]), request(1, None, [4], "internal"), request(2, 3, [6])]
+    )
+    out = rep.compare_tokens(ref, other)
+    assert (out["lost"], out["compared"], out["differ"]) == (1, 2, 1)
+    assert out["first_differences"] == [{"request": 0, "position": 1, "tokens": 3}]
+    with pytest.raises(ValueError, match="different plans"):
+        rep.compare_tokens(ref, fake_run("x", [], []))
+
+
+def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rep, bf = mods["fleet_report"], mods["bench_fleet"]
+    samples = [sample(0.0, 1), sample(6.0, 2, 2), sample(16.0, 1, 1)]
+    reqs = [request(1.0, 2.0, [1, 2]), request(6.0, 12.0, [3, 4, 5])]
+    runs = [fake_run("packing", samples, reqs), fake_run("least_loaded", [sample(0.0, 2, 1)], reqs)]
+    kill_run = fake_run("packing-kill", samples, reqs)
+    kill_run["kill"] = {"at_s": 7.0, "pid": 123, "workers_at_kill": 2, "running_at_kill": 5}
+    runs.append(kill_run)
+    result = {
+        "command": "python3 benchmarks/bench_fleet.py --smoke",
+        "machine": {"host": "h", "cpus": 2, "gpus": [], "python": "3.12", "date_utc": "2026-11-30 10:00"},
+        "load_average_start": [1.0, 2.0, 3.0],
+        "load_average_end": [1.5, 2.0, 3.0],
+        "profile": dict(vars(mods["fleet_settings"].PROFILES["smoke"])),
+        "stages": {"assets": {"seconds": 1.0, "info": {"num_adapters": 100}}},
+        "runs": runs,
+        "kill": {**rep.compare_tokens(runs[0], kill_run), **kill_run["kill"], "resumed_after_fault": 2},
+        "migration": {
+            "path": "runtime",
+            "contexts": [
+                {
+                    "context_tokens_asked": 1024,
+                    "context_tokens": 1024,
+                    "export_ms_p50": 3.0,
+                    "first_token_ms_p50": 40.0,
+                    "at_head_ms_p50": 41.0,
+                    "runs": [{"warmup": True}, {"warmup": False}],
+                }
+            ],
+        },
+        "notes": ["a note"],
+    }
+    (tmp_path / "fleet.json").write_text(json.dumps(result))
+    bf.render(tmp_path)
+    md = (tmp_path / "fleet.md").read_text()
+    assert "| packing | 30.0 | 1.00x |" in md and "| least_loaded | 40.0 | 1.33x |" in md
+    assert "packing vs least_loaded: least_loaded used 1.33x packing's GPU-seconds" in md
+    assert "| 1,024 | 3.0 | 40.0 | 41.0 | 1 |" in md and "**met**" in md
+    assert "0 lost, 0 of 2 requests with other tokens" in md and "- a note" in md
+    assert (tmp_path / "fleet.png").stat().st_size > 10_000
+
+
+def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
+    bf = mods["fleet_settings"]
+    trace = tmp_path / "t.csv"
+    trace.write_text("x")
+    base = ["--out", str(tmp_path), "--trace", str(trace), "--servegen", str(tmp_path)]
+    prof, extra = bf.settings(bf.build_parser().parse_args([*base, "--smoke", "--phases-s", "2,4,6"]))
+    assert prof.device == "cpu" and prof.phases_s == (2.0, 4.0, 6.0) and extra["policies"][0] == "packing"
+    gpu, _ = bf.settings(bf.build_parser().parse_args(base))
+    assert gpu.device == "cuda" and gpu.shape == "llama2-7b" and gpu.dtype == "bfloat16"
+    for flags, needle in [
+        (["--policies", "least_loaded,packing"], "start with packing"),
+        (["--phases-s", "1,2"], "3 numbers"),
+        (["--rates", "1,x"], "comma-separated"),
+        (["--servegen", str(tmp_path / "none")], "does not exist"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            bf.settings(bf.build_parser().parse_args([*base, *flags]))
