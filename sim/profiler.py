@@ -68,6 +68,24 @@ class _Runner:
         self.engine.add_request(self._request(rid, tokens, adapter, sampling))
         return rid
 
+    def admit(self, adapter: str) -> tuple[float, ...]:
+        """The load times of getting one request for ``adapter`` admitted (then aborted).
+
+        Admission waits for the adapter's load (a loader thread reads it from disk), so step until
+        the request runs rather than once.
+        """
+        rid = self._add(4, 1, adapter)
+        deadline = time.monotonic() + 120.0
+        # (Not stats(): it hands out, and so clears, the load times this returns.)
+        while self.engine.has_unfinished() and all(
+            s.request_id != rid for s in self.engine.scheduler.running
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"adapter {adapter!r} was not admitted within 120 s")
+            self.engine.step()
+        self.engine.abort(rid)
+        return self.engine.adapters.take_load_seconds()
+
     def _clear(self, rids: list[str]) -> None:
         for rid in rids:
             self.engine.abort(rid)
@@ -231,10 +249,7 @@ def measure_profile(
             small.add_adapter(d.name, d)
         run = _Runner(small, [d.name for d in adapter_dirs[:2]], 0, 1)
         for i in range(2 * (warmup + repeats)):
-            rid = run._add(4, 1, adapter_dirs[i % 2].name)
-            small.step()
-            small.abort(rid)
-            loads = small.adapters.take_load_seconds()
+            loads = run.admit(adapter_dirs[i % 2].name)
             if i >= 2 + warmup:  # the first two are disk loads
                 host_loads.extend(loads)
         del small, run
@@ -256,10 +271,7 @@ def measure_profile(
 
     disk_loads: list[float] = []
     for n in names[: cfg.max_loras]:  # first use of each: read from disk and upload
-        rid = runner._add(4, 1, n)
-        engine.step()
-        engine.abort(rid)
-        disk_loads.extend(engine.adapters.take_load_seconds())
+        disk_loads.extend(runner.admit(n))
 
     samples: list[Sample] = []
     room = max_len - (warmup + repeats + 4)
