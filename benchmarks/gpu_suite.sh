@@ -103,7 +103,7 @@ for stage in "$@"; do
         [ -d "$traces" ] || traces=../shared/traces
         fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
             --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
-            --servegen "$traces/servegen_m_large" ;;
+            --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} ;;
     *)
         echo "unknown stage $stage" ;;
     esac >"$out/$stage.log" 2>&1
