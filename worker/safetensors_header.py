@@ -63,32 +63,26 @@ class TensorEntry:
         return self.end - self.start
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # json keeps the last of repeated names; a file that names a tensor twice is ambiguous.
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise HeaderError(f"header names {key[:200]!r} twice")
-        out[key] = value
-    return out
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_INT_ONLY = {int}  # type() of a JSON number without a fraction; bool is not accepted as a size
 
 
 def _entry(name: str, raw: object, data_start: int, data_len: int) -> TensorEntry:
+    # Runs once per tensor (hundreds per adapter) on the loader thread, holding Python's lock: the
+    # checks use C-level loops (set, map) rather than generator expressions.
     label = repr(name[:200])
-    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+    if type(raw) is not dict or raw.keys() != _ENTRY_KEYS:
         raise HeaderError(f"tensor {label}: an entry needs exactly dtype, shape and data_offsets")
-    dtype = _DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    dtype_name, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
-        raise HeaderError(f"tensor {label}: unsupported dtype {str(raw['dtype'])[:32]!r}")
-    shape, offsets = raw["shape"], raw["data_offsets"]
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+        raise HeaderError(f"tensor {label}: unsupported dtype {str(dtype_name)[:32]!r}")
+    if type(shape) is not list or not set(map(type, shape)) <= _INT_ONLY or (shape and min(shape) < 0):
         raise HeaderError(f"tensor {label}: shape must be a list of non-negative integers")
     if (
-        not isinstance(offsets, list)
+        type(offsets) is not list
         or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not set(map(type, offsets)) <= _INT_ONLY
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
         raise HeaderError(f"tensor {label}: data_offsets must be [begin, end] inside the data section")
@@ -115,7 +109,7 @@ def read_header(fd: int) -> dict[str, TensorEntry]:
     if not raw.startswith(b"{"):
         raise HeaderError("header is not a JSON object")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HeaderError(f"header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
@@ -128,7 +122,9 @@ def read_header(fd: int) -> dict[str, TensorEntry]:
     data_start = 8 + header_len
     data_len = size - data_start
     entries = {name: _entry(name, raw, data_start, data_len) for name, raw in header.items()}
-    # The byte ranges tile the data section: no gaps, no overlaps, nothing after the last tensor.
+    # The byte ranges tile the data section: no gaps, no overlaps, nothing after the last tensor. (A
+    # name repeated in the JSON keeps its last entry; the other one's bytes then leave a gap, unless
+    # both name the same bytes, so the file cannot be read two ways.)
     at = data_start
     for name, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if e.start != at:

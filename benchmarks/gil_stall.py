@@ -1,0 +1,103 @@
+"""How much a job on another thread (an adapter load) slows a Python loop on this one (the step).
+
+Python runs one thread at a time: the step thread waits whenever the job holds the global lock, up to
+the switch interval (5 ms) at a time, and again after each torch call that released the lock. The
+stand-in step is a Python loop of small torch operations, the shape of an eager engine step (about
+a thousand small launches on a GPU); the heartbeat is a bare Python loop whose largest gap bounds
+how long the job kept the lock at once. Both are measured alone first, so the machine's own noise
+(other processes) is shown beside the job's effect.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def stand_in_step(x: torch.Tensor, ops: int) -> torch.Tensor:
+    """``ops`` small torch operations (each releases and takes back the lock) with Python between."""
+    for i in range(ops):
+        x = x + (i & 7)
+    return x
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def _run_steps(ops: int, until: Callable[[], bool], min_steps: int) -> list[float]:
+    x = torch.zeros(8)
+    walls = []
+    while len(walls) < min_steps or not until():
+        t0 = time.perf_counter()
+        x = stand_in_step(x, ops)
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def _heartbeat(until: Callable[[], bool], min_seconds: float) -> float:
+    """The largest gap between two iterations of a bare Python loop, until ``until()`` and at least
+    ``min_seconds``."""
+    start = last = time.perf_counter()
+    gap = 0.0
+    while True:
+        now = time.perf_counter()
+        gap = max(gap, now - last)
+        last = now
+        if now - start >= min_seconds and until():
+            return gap
+
+
+def _beside(job: Callable[[], object], loop: Callable[[Callable[[], bool]], object]) -> tuple[float, object]:
+    """Run ``job`` on a thread while ``loop(done)`` runs here; (job seconds, what loop returned)."""
+    seconds: list[float] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        t0 = time.perf_counter()
+        try:
+            job()
+        except BaseException as e:  # re-raised on the caller's thread
+            error.append(e)
+        seconds.append(time.perf_counter() - t0)
+
+    thread = threading.Thread(target=target, name="job")
+    thread.start()
+    out = loop(lambda: not thread.is_alive())
+    thread.join()
+    if error:
+        raise error[0]
+    return seconds[0], out
+
+
+def measure(job: Callable[[], object], *, reps: int, step_ops: int) -> dict:
+    """Step and heartbeat figures alone, then beside ``reps`` runs of ``job`` each."""
+    job()  # warm-up: first-touch costs (allocator caches, page cache, lazy imports)
+    alone = _run_steps(step_ops, lambda: True, 50)
+    alone_gap = max(_heartbeat(lambda: True, 0.05) for _ in range(reps))
+    during: list[float] = []
+    job_seconds: list[float] = []
+    gaps: list[float] = []
+    for _ in range(reps):
+        seconds, walls = _beside(job, lambda done: _run_steps(step_ops, done, 1))
+        job_seconds.append(seconds)
+        during += walls  # type: ignore[arg-type]
+        seconds, gap = _beside(job, lambda done: _heartbeat(done, 0.0))
+        job_seconds.append(seconds)
+        gaps.append(gap)  # type: ignore[arg-type]
+    return {
+        "step_ops": step_ops,
+        "job_median_ms": _ms(statistics.median(job_seconds)),
+        "step_alone_median_ms": _ms(statistics.median(alone)),
+        "step_alone_max_ms": _ms(max(alone)),
+        "steps_during_job": len(during),
+        "step_during_median_ms": _ms(statistics.median(during)),
+        "step_during_max_ms": _ms(max(during)),
+        "heartbeat_gap_alone_max_ms": _ms(alone_gap),
+        "heartbeat_gap_during_max_ms": _ms(max(gaps)),
+        "heartbeat_gap_during_median_ms": _ms(statistics.median(gaps)),
+    }
