@@ -28,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from safetensors.torch import save_file
 
 from lorafleet.worker import Engine, EngineConfig, Request, SamplingParams
 from lorafleet.worker.adapter_cache import AdapterCache
-from lorafleet.worker.adapter_reader import read_packed
+from lorafleet.worker.adapter_reader import init_loader_thread, read_packed
 from lorafleet.worker.adapters import load_adapter, module_key
 from lorafleet.worker.loader import LoadedModel
 from lorafleet.worker.lora_pool import PROJECTIONS, LoraSlotPool, PackedAdapter
@@ -158,11 +159,19 @@ def reference_load(path: Path, config: ModelConfig, pool: LoraSlotPool, pin: boo
     return packed
 
 
+def on_loader(fn: Any, device: str) -> Any:
+    """``fn()`` on a thread set up as the adapter cache sets up its loader thread (torch on one core)."""
+    index = (torch.device(device).index or 0) if device.startswith("cuda") else None
+    with ThreadPoolExecutor(1, initializer=init_loader_thread, initargs=(index,)) as executor:
+        return executor.submit(fn).result()
+
+
 def bench_stages(
     config: ModelConfig, paths: dict[str, Path], dtype: torch.dtype, device: str, reps: int
 ) -> dict:
-    """(b) Disk (page cache warm) -> packed host buffer, per stage of ``read_packed``, for each file
-    dtype; against the reference path. On CUDA the buffer is pinned and torch's caching host
+    """(b) Disk (page cache warm) -> packed host buffer, per stage of ``read_packed`` on a thread
+    set up as the loader's, for each file dtype; against the reference path (on this thread, torch
+    on every core, as the loader ran it). On CUDA the buffer is pinned and torch's caching host
     allocator hands back the previous load's buffer; on the CPU every load gets fresh pages from the
     kernel (page faults inside the read), so a reused buffer is measured too."""
     pin = device.startswith("cuda")
@@ -180,7 +189,8 @@ def bench_stages(
                 pool.new_buffer = new_buffer  # type: ignore[method-assign]
             try:
                 # Each buffer is dropped before the next load, so the allocator can hand it back.
-                runs = [read_packed(path, config, pool, pin=pin).stages for _ in range(reps + 1)][1:]
+                load = lambda path=path: read_packed(path, config, pool, pin=pin).stages
+                runs = [on_loader(load, device) for _ in range(reps + 1)][1:]
             finally:
                 pool.__dict__.pop("new_buffer", None)
             stages = {k: ms(statistics.median(r[k] for r in runs)) for k in runs[0]}
@@ -200,14 +210,18 @@ def bench_stages(
 def bench_stall(
     config: ModelConfig, path: Path, dtype: torch.dtype, device: str, reps: int, ops: int
 ) -> dict:
-    """(b') A stand-in step loop on this thread while a load runs on another: the new reader and
-    the reference path."""
+    """(b') A stand-in step loop on this thread while a load runs on another: the new reader on a
+    thread set up as the loader's, and the reference path on a plain thread (as the loader ran it)."""
     pin = device.startswith("cuda")
     pool = make_pool(config, dtype, "cpu")
     path.joinpath("adapter_model.safetensors").read_bytes()
+    index = (torch.device(device).index or 0) if pin else None
     return {
         "read_packed": gil_stall.measure(
-            lambda: read_packed(path, config, pool, pin=pin), reps=reps, step_ops=ops
+            lambda: read_packed(path, config, pool, pin=pin),
+            reps=reps,
+            step_ops=ops,
+            thread_init=lambda: init_loader_thread(index),
         ),
         "reference path": gil_stall.measure(
             lambda: reference_load(path, config, pool, pin), reps=reps, step_ops=ops

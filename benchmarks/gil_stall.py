@@ -52,12 +52,17 @@ def _heartbeat(until: Callable[[], bool], min_seconds: float) -> float:
             return gap
 
 
-def _beside(job: Callable[[], object], loop: Callable[[Callable[[], bool]], object]) -> tuple[float, object]:
-    """Run ``job`` on a thread while ``loop(done)`` runs here; (job seconds, what loop returned)."""
+def _beside(
+    job: Callable[[], object], loop: Callable[[Callable[[], bool]], object], init: Callable[[], None] | None
+) -> tuple[float, object]:
+    """Run ``job`` on a new thread (set up by ``init``) while ``loop(done)`` runs here; (job seconds,
+    what loop returned)."""
     seconds: list[float] = []
     error: list[BaseException] = []
 
     def target() -> None:
+        if init is not None:
+            init()
         t0 = time.perf_counter()
         try:
             job()
@@ -74,19 +79,22 @@ def _beside(job: Callable[[], object], loop: Callable[[Callable[[], bool]], obje
     return seconds[0], out
 
 
-def measure(job: Callable[[], object], *, reps: int, step_ops: int) -> dict:
-    """Step and heartbeat figures alone, then beside ``reps`` runs of ``job`` each."""
-    job()  # warm-up: first-touch costs (allocator caches, page cache, lazy imports)
+def measure(
+    job: Callable[[], object], *, reps: int, step_ops: int, thread_init: Callable[[], None] | None = None
+) -> dict:
+    """Step and heartbeat figures alone, then beside ``reps`` runs of ``job`` each (on a new thread
+    set up by ``thread_init``)."""
+    _beside(job, lambda done: None, thread_init)  # warm-up: allocator caches, page cache, lazy imports
     alone = _run_steps(step_ops, lambda: True, 50)
     alone_gap = max(_heartbeat(lambda: True, 0.05) for _ in range(reps))
     during: list[float] = []
     job_seconds: list[float] = []
     gaps: list[float] = []
     for _ in range(reps):
-        seconds, walls = _beside(job, lambda done: _run_steps(step_ops, done, 1))
+        seconds, walls = _beside(job, lambda done: _run_steps(step_ops, done, 1), thread_init)
         job_seconds.append(seconds)
         during += walls  # type: ignore[arg-type]
-        seconds, gap = _beside(job, lambda done: _heartbeat(done, 0.0))
+        seconds, gap = _beside(job, lambda done: _heartbeat(done, 0.0), thread_init)
         job_seconds.append(seconds)
         gaps.append(gap)  # type: ignore[arg-type]
     return {

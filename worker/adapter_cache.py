@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.worker.adapter_reader import read_packed
+from lorafleet.worker.adapter_reader import init_loader_thread, read_packed
 from lorafleet.worker.adapters import validate_adapter_dir
 from lorafleet.worker.lora_pool import LoraSlotPool, PackedAdapter
 from lorafleet.worker.model_config import ModelConfig
@@ -165,15 +165,12 @@ class AdapterCache:
             if self._executor is None:
                 # The initializer must not reference self: the thread keeps it for its lifetime,
                 # and the executor's thread only exits once the executor (owned by self) is freed.
-                init, init_args = None, ()
+                device: int | None = None
                 if self._cuda:  # "cuda" without an index means the current device
                     index = self.pool.device.index
-                    init, init_args = (
-                        torch.cuda.set_device,
-                        (torch.cuda.current_device() if index is None else index,),
-                    )
+                    device = torch.cuda.current_device() if index is None else index
                 self._executor = ThreadPoolExecutor(
-                    1, thread_name_prefix="adapter-loader", initializer=init, initargs=init_args
+                    1, thread_name_prefix="adapter-loader", initializer=init_loader_thread, initargs=(device,)
                 )
             future = self._executor.submit(_load_packed, name, self._registry[name], *self._load_args())
             self._loading[name] = future

@@ -51,12 +51,34 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 102
 _scratch = threading.local()  # one scratch buffer per loader thread, kept between loads
 
 
+def init_loader_thread(cuda_device: int | None = None) -> None:
+    """Set up the calling thread to run loads: torch's operations on it stay on it (one core), and
+    CUDA calls (pinned allocations) go to ``cuda_device``.
+
+    Why one core: a load is memory-bound, and a team of OpenMP threads per operation would compete
+    with the step thread for the cores; where the machine is oversubscribed, each of a load's
+    hundreds of operations then waits for a descheduled team member (seconds per load, measured).
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size but also torch's default for
+    threads that start later, so another thread puts that default back at once.
+    """
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
+    before = torch.get_num_threads()  # also runs torch's per-thread setup, which would undo the next line
+    if before > 1:
+        torch.set_num_threads(1)
+        restore = threading.Thread(target=torch.set_num_threads, args=(before,), name="torch-threads")
+        restore.start()
+        restore.join()
+
+
 @dataclass
 class _Convert:
-    """A tensor that needs torch to place it: ``dst`` is its (typed, maybe strided) slot region."""
+    """A tensor that needs torch to place it: ``dst`` is its typed slot region, flat when contiguous
+    (then the source is taken flat too), else the strided [h_out, rank] part of a B region."""
 
     entry: TensorEntry
     dst: torch.Tensor
+    flat: bool = True
 
 
 def read_packed(
@@ -136,7 +158,7 @@ def _place(
     """Where every byte of the slot comes from: (entry, destination byte) pairs the kernel reads
     directly, tensors torch must convert or place, and byte ranges to zero (padding past a rank,
     projections the adapter skips), merged where they touch."""
-    flat, _, _ = pool.views(buffer)
+    flat = pool.weights_view(buffer)
     item = pool.dtype.itemsize
     r_max = pool.r_max
     by_proj = {(p.layer, p.proj): p for p in plans}
@@ -162,34 +184,37 @@ def _place(
             continue
         rank = plan.rank
         a, b = entries[plan.a_key], entries[plan.b_key]
+        # Contiguous destinations stay flat (a slice, no view call: each torch call on this thread is
+        # a chance for the step thread to keep Python's lock for up to 5 ms).
         if a.dtype == pool.dtype:
             direct.append((a, start * item))
         else:
-            convert.append(_Convert(a, flat[start : start + rank * h_in].view(rank, h_in)))
+            convert.append(_Convert(a, flat[start : start + rank * h_in]))
         zero_elems(start + rank * h_in, b_start)
         if rank == r_max and b.dtype == pool.dtype:
             direct.append((b, b_start * item))
-        else:  # [h_out, rank] into [h_out, r_max]: strided when rank < r_max; its padding zeroed first
-            region = flat[b_start:end].view(h_out, r_max)
-            convert.append(_Convert(b, region[:, :rank]))
-            if rank < r_max:
-                zero_elems(b_start, end)
+        elif rank == r_max:
+            convert.append(_Convert(b, flat[b_start:end]))
+        else:  # [h_out, rank] into [h_out, r_max], strided; its padding is zeroed first
+            convert.append(_Convert(b, flat[b_start:end].view(h_out, r_max)[:, :rank], flat=False))
+            zero_elems(b_start, end)
     return direct, convert, zero
 
 
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Fill ``views`` from the file's bytes at ``offset`` on (the kernel may return fewer bytes per
     call than asked); a file that ends early (truncated while being read) raises OSError."""
-    while views:
-        got = os.preadv(fd, views, offset)
+    first = 0
+    while first < len(views):
+        got = os.preadv(fd, views[first:] if first else views, offset)
         if got == 0:
             raise OSError("the file ended before its last tensor (was it changed while being read?)")
         offset += got
-        while views and got >= len(views[0]):
-            got -= len(views[0])
-            views.pop(0)
+        while first < len(views) and got >= len(views[first]):
+            got -= len(views[first])
+            first += 1
         if got:
-            views[0] = views[0][got:]
+            views[first] = views[first][got:]
 
 
 def _read_direct(fd: int, buffer: torch.Tensor, direct: list[tuple[TensorEntry, int]]) -> None:
@@ -209,12 +234,13 @@ def _read_direct(fd: int, buffer: torch.Tensor, direct: list[tuple[TensorEntry, 
     _preadv_all(fd, run, run_start)
 
 
-def _scratch_buffer(nbytes: int) -> torch.Tensor:
+def _scratch_buffer(nbytes: int) -> tuple[torch.Tensor, dict[torch.dtype, torch.Tensor]]:
+    """This thread's scratch (at least ``nbytes``) and its typed views, made once per buffer."""
     buf = getattr(_scratch, "buffer", None)
     if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, CHUNK_BYTES), dtype=torch.uint8)
-        _scratch.buffer = buf
-    return buf
+        buf = torch.empty(-(-max(nbytes, CHUNK_BYTES) // 16) * 16, dtype=torch.uint8)
+        _scratch.buffer, _scratch.typed = buf, {}
+    return buf, _scratch.typed
 
 
 def _read_converted(fd: int, convert: list[_Convert]) -> None:
@@ -235,15 +261,20 @@ def _read_converted(fd: int, convert: list[_Convert]) -> None:
         # The scratch keeps the file's offsets modulo 16, so a tensor the file stores aligned stays
         # aligned for a typed view.
         pad = chunk_start % 16
-        scratch = _scratch_buffer(pad + end - chunk_start)
+        scratch, typed = _scratch_buffer(pad + end - chunk_start)
         _preadv_all(fd, [memoryview(scratch.numpy())[pad : pad + end - chunk_start]], chunk_start)
         srcs, dsts = [], []
         for c in convert[i:j]:
-            at = pad + c.entry.start - chunk_start
-            raw = scratch[at : at + c.entry.nbytes]
-            if at % c.entry.dtype.itemsize:  # stored unaligned in the file: an aligned copy views
-                raw = raw.clone()
-            srcs.append(raw.view(c.entry.dtype).view(c.entry.shape))
+            e = c.entry
+            at, size = pad + e.start - chunk_start, e.dtype.itemsize
+            if at % size == 0:
+                view = typed.get(e.dtype)
+                if view is None:
+                    view = typed[e.dtype] = scratch.view(e.dtype)
+                src = view[at // size : (at + e.nbytes) // size]
+            else:  # stored unaligned in the file: an aligned copy of its bytes can be typed
+                src = scratch[at : at + e.nbytes].clone().view(e.dtype)
+            srcs.append(src if c.flat else src.view(e.shape))
             dsts.append(c.dst)
         torch._foreach_copy_(dsts, srcs)
         i = j
@@ -253,7 +284,7 @@ def _raise_non_finite(path: Path, pool: LoraSlotPool, buffer: torch.Tensor, plan
     """Name the first tensor holding NaN or Inf, in ``check_weights_finite``'s order (only runs for a
     file that failed the one-pass check). The values checked are the converted ones: a float32
     weight beyond bfloat16's range is Inf in the slot."""
-    flat, _, _ = pool.views(buffer)
+    flat = pool.weights_view(buffer)
     r_max = pool.r_max
     for p in sorted(plans, key=lambda p: (p.layer, p.proj)):
         start = pool.packed_offsets[(p.layer, p.proj)]

@@ -14,6 +14,8 @@ the simple reference path).
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -196,11 +198,15 @@ class LoraSlotPool:
                 )
 
     # --- packed uploads ---
+    def weights_view(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The weights of a packed buffer, flat in the pool dtype."""
+        return buffer[: self._weight_elems * self.dtype.itemsize].view(self.dtype)
+
     def views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights [elems] in the pool dtype, ranks [L, P] int32, scales [L, P] float32) of a buffer."""
         shape = (self.num_layers, len(self.target_modules))
         n = shape[0] * shape[1]
-        weights = buffer[: self._weight_elems * self.dtype.itemsize].view(self.dtype)
+        weights = self.weights_view(buffer)
         ranks = buffer[self._ranks_at : self._ranks_at + 4 * n].view(torch.int32).view(shape)
         scales = buffer[self._scales_at : self._scales_at + 4 * n].view(torch.float32).view(shape)
         return weights, ranks, scales
@@ -216,18 +222,24 @@ class LoraSlotPool:
         self, name: str, source: str, buffer: torch.Tensor, projs: Iterable[tuple[int, str, int, float]]
     ) -> PackedAdapter:
         """Write the rank and scale tables of ``projs`` ((layer, proj, rank, scale); projections not
-        listed get rank 0) and zero the alignment gaps of ``buffer``, whose weights are filled."""
-        _, ranks, scales = self.views(buffer)
-        rank_rows: list[list[int]] = [[0] * len(self.target_modules) for _ in range(self.num_layers)]
-        scale_rows: list[list[float]] = [[0.0] * len(self.target_modules) for _ in range(self.num_layers)]
+        listed get rank 0) and zero the alignment gaps of ``buffer``, whose weights are filled.
+
+        Written through a memoryview (no torch calls): the loader thread runs this, and each torch
+        call there lets a busy step thread keep Python's lock for up to a switch interval."""
+        n_proj = len(self.target_modules)
+        ranks = [0] * (self.num_layers * n_proj)
+        scales = [0.0] * (self.num_layers * n_proj)
         for layer, proj, rank, scale in projs:
-            rank_rows[layer][self._row[proj]] = rank
-            scale_rows[layer][self._row[proj]] = float(scale)
-        ranks.copy_(torch.tensor(rank_rows, dtype=torch.int32))
-        scales.copy_(torch.tensor(scale_rows, dtype=torch.float32))
+            ranks[layer * n_proj + self._row[proj]] = rank
+            scales[layer * n_proj + self._row[proj]] = float(scale)
+        mem = memoryview(buffer.numpy())
+        # Native byte order and standard sizes: what the int32 / float32 views of the buffer read.
+        struct.pack_into(f"={len(ranks)}i", mem, self._ranks_at, *ranks)
+        struct.pack_into(f"={len(scales)}f", mem, self._scales_at, *scales)
         # The alignment gaps are never read; zero them so equal adapters give equal bytes.
-        buffer[self._weight_elems * self.dtype.itemsize : self._ranks_at].zero_()
-        buffer[self._scales_at + scales.nbytes :].zero_()
+        weights_end, tables_end = self._weight_elems * self.dtype.itemsize, self._scales_at + 4 * len(scales)
+        mem[weights_end : self._ranks_at] = bytes(self._ranks_at - weights_end)
+        mem[tables_end:] = bytes(self.packed_nbytes - tables_end)
         return PackedAdapter(name, source, buffer, self._signature)
 
     def pack(self, weights: AdapterWeights, *, pin: bool = False) -> PackedAdapter:
@@ -261,11 +273,10 @@ class LoraSlotPool:
         """Whether every weight of a packed buffer is finite: one min/max pass, which NaN and Inf
         always reach (a float32 sum, the earlier check, could also overflow on finite weights, and
         took 60-130 ms on 80 MB of bf16 against a few ms for this)."""
-        weights, _, _ = self.views(buffer)
-        if weights.numel() == 0:
+        if self._weight_elems == 0:
             return True
-        lo, hi = torch.aminmax(weights)
-        return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+        lo, hi = torch.aminmax(self.weights_view(buffer))
+        return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
     def write_packed(self, slot: int, packed: PackedAdapter, *, non_blocking: bool = False) -> None:
         """Write ``packed`` into ``slot`` on the current stream.

@@ -70,25 +70,25 @@ _INT_ONLY = {int}  # type() of a JSON number without a fraction; bool is not acc
 def _entry(name: str, raw: object, data_start: int, data_len: int) -> TensorEntry:
     # Runs once per tensor (hundreds per adapter) on the loader thread, holding Python's lock: the
     # checks use C-level loops (set, map) rather than generator expressions.
-    label = repr(name[:200])
+    label = name[:200]
     if type(raw) is not dict or raw.keys() != _ENTRY_KEYS:
-        raise HeaderError(f"tensor {label}: an entry needs exactly dtype, shape and data_offsets")
+        raise HeaderError(f"tensor {label!r}: an entry needs exactly dtype, shape and data_offsets")
     dtype_name, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
-        raise HeaderError(f"tensor {label}: unsupported dtype {str(dtype_name)[:32]!r}")
+        raise HeaderError(f"tensor {label!r}: unsupported dtype {str(dtype_name)[:32]!r}")
     if type(shape) is not list or not set(map(type, shape)) <= _INT_ONLY or (shape and min(shape) < 0):
-        raise HeaderError(f"tensor {label}: shape must be a list of non-negative integers")
+        raise HeaderError(f"tensor {label!r}: shape must be a list of non-negative integers")
     if (
         type(offsets) is not list
         or len(offsets) != 2
         or not set(map(type, offsets)) <= _INT_ONLY
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
-        raise HeaderError(f"tensor {label}: data_offsets must be [begin, end] inside the data section")
+        raise HeaderError(f"tensor {label!r}: data_offsets must be [begin, end] inside the data section")
     span = offsets[1] - offsets[0]
     if math.prod(shape) * dtype.itemsize != span:
-        raise HeaderError(f"tensor {label}: data_offsets span {span} bytes, not what shape and dtype need")
+        raise HeaderError(f"tensor {label!r}: data_offsets span {span} bytes, not what shape and dtype need")
     return TensorEntry(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 

@@ -256,3 +256,31 @@ def test_engine_waits_instead_of_spinning_when_only_loads_are_pending(demo, gate
     engine.add_request(Request("base", (5, 6), None, GREEDY))
     run(engine)
     assert waits == []  # no load in flight: no waiting at all
+
+
+def test_loader_thread_keeps_torch_on_one_core_and_leaves_other_threads_alone(
+    demo, config, monkeypatch
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the test means something on a one-core machine too
+    try:
+        seen: list[int] = []
+        real = adapter_cache_module.read_packed
+
+        def spy(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(adapter_cache_module, "read_packed", spy)
+        cache = make_cache(demo, config)
+        assert not cache.can_acquire("adapter-0")
+        cache.wait_for_loads(30.0)
+        assert cache.acquire("adapter-0") == 0 and seen == [1]
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == 2 and later == [2]
+        cache.close()
+    finally:
+        torch.set_num_threads(before)
