@@ -39,17 +39,20 @@ def _run_steps(ops: int, until: Callable[[], bool], min_steps: int) -> list[floa
     return walls
 
 
-def _heartbeat(until: Callable[[], bool], min_seconds: float) -> float:
-    """The largest gap between two iterations of a bare Python loop, until ``until()`` and at least
-    ``min_seconds``."""
-    start = last = time.perf_counter()
+def _heartbeat(until: Callable[[], bool]) -> float:
+    """The largest gap between two iterations of a bare Python loop, until ``until()``."""
+    last = time.perf_counter()
     gap = 0.0
-    while True:
+    while not until():
         now = time.perf_counter()
         gap = max(gap, now - last)
         last = now
-        if now - start >= min_seconds and until():
-            return gap
+    return gap
+
+
+def _for(seconds: float) -> Callable[[], bool]:
+    end = time.perf_counter() + seconds
+    return lambda: time.perf_counter() >= end
 
 
 def _beside(
@@ -79,14 +82,17 @@ def _beside(
     return seconds[0], out
 
 
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def measure(
     job: Callable[[], object], *, reps: int, step_ops: int, thread_init: Callable[[], None] | None = None
 ) -> dict:
-    """Step and heartbeat figures alone, then beside ``reps`` runs of ``job`` each (on a new thread
-    set up by ``thread_init``)."""
+    """Steps and heartbeat beside ``reps`` runs of ``job`` each (on a new thread set up by
+    ``thread_init``), then alone for as long, so that the machine's own noise shows beside it."""
     _beside(job, lambda done: None, thread_init)  # warm-up: allocator caches, page cache, lazy imports
-    alone = _run_steps(step_ops, lambda: True, 50)
-    alone_gap = max(_heartbeat(lambda: True, 0.05) for _ in range(reps))
     during: list[float] = []
     job_seconds: list[float] = []
     gaps: list[float] = []
@@ -94,18 +100,21 @@ def measure(
         seconds, walls = _beside(job, lambda done: _run_steps(step_ops, done, 1), thread_init)
         job_seconds.append(seconds)
         during += walls  # type: ignore[arg-type]
-        seconds, gap = _beside(job, lambda done: _heartbeat(done, 0.0), thread_init)
+        seconds, gap = _beside(job, _heartbeat, thread_init)
         job_seconds.append(seconds)
         gaps.append(gap)  # type: ignore[arg-type]
+    alone = _run_steps(step_ops, _for(sum(during)), len(during))
+    span = statistics.median(job_seconds)
+    alone_gaps = [_heartbeat(_for(span)) for _ in range(reps)]
     return {
         "step_ops": step_ops,
-        "job_median_ms": _ms(statistics.median(job_seconds)),
-        "step_alone_median_ms": _ms(statistics.median(alone)),
-        "step_alone_max_ms": _ms(max(alone)),
-        "steps_during_job": len(during),
-        "step_during_median_ms": _ms(statistics.median(during)),
-        "step_during_max_ms": _ms(max(during)),
-        "heartbeat_gap_alone_max_ms": _ms(alone_gap),
-        "heartbeat_gap_during_max_ms": _ms(max(gaps)),
-        "heartbeat_gap_during_median_ms": _ms(statistics.median(gaps)),
+        "job_median_ms": _ms(span),
+        "steps (alone / during)": f"{len(alone)} / {len(during)}",
+        "step p50 ms (alone / during)": f"{_ms(statistics.median(alone))} / {_ms(statistics.median(during))}",
+        "step p99 ms (alone / during)": f"{_ms(_pct(alone, 0.99))} / {_ms(_pct(during, 0.99))}",
+        "step max ms (alone / during)": f"{_ms(max(alone))} / {_ms(max(during))}",
+        "heartbeat max gap per job, median ms (alone / during)": (
+            f"{_ms(statistics.median(alone_gaps))} / {_ms(statistics.median(gaps))}"
+        ),
+        "heartbeat max gap ms (alone / during)": f"{_ms(max(alone_gaps))} / {_ms(max(gaps))}",
     }

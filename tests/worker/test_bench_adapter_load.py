@@ -31,7 +31,7 @@ def test_bench_adapter_load_tiny_cpu(tmp_path: Path, monkeypatch) -> None:
     assert stages["float32 file, fresh buffer"]["convert"] > 0 and "| parse |" in bench.stages_table(stages)
     stall = bench.bench_stall(config, bf16, torch.bfloat16, "cpu", reps=2, ops=20)
     assert set(stall) == {"read_packed", "reference path"} and "| metric |" in bench.stall_table(stall)
-    assert all(r["steps_during_job"] >= 2 and r["heartbeat_gap_during_max_ms"] > 0 for r in stall.values())
+    assert all(int(r["steps (alone / during)"].split(" / ")[1]) >= 2 for r in stall.values())
     cold = bench.bench_cold_load(config, dirs[2], torch.float32, "cpu", reps=1)
     assert set(cold["first_run_ms"]) == {"read_packed", "upload"}
     assert cold["end_to_end_via_loader_ms"] > 0
