@@ -6,12 +6,12 @@ Three tiers: a registry (name -> source directory), a host-memory LRU bounded in
 
 Disk loads run on one loader thread: reading the safetensors file straight into the pool's slot
 layout (``adapter_reader.read_packed``, page-locked on CUDA) and validating it take tens of
-milliseconds for a 7B adapter, and the engine's step must not wait for them; the reader spends
-that time in system calls and torch operations, which release Python's lock, so the step thread
-keeps running meanwhile. ``can_acquire`` starts
-a missing adapter's load and answers False until it is in host memory, so the scheduler keeps
-stepping the running sequences meanwhile; a failed load is kept and raised by the next ``acquire``
-of that adapter, which fails that request with the reason.
+milliseconds for a 7B adapter, and the engine's step must not wait for them. The reader spends
+that time mostly in system calls and torch operations, which release Python's lock, so the step
+thread keeps running meanwhile. ``can_acquire`` starts a missing adapter's load and answers False
+until it is in host memory, so the scheduler keeps stepping the running sequences meanwhile; a
+failed load is kept and raised by the next ``acquire`` of that adapter, which fails that request
+with the reason.
 
 On CUDA an upload (one host-to-device copy plus one scatter launch) runs on a side stream and
 records an event; a step waits (on the device, not the host) only for the events of the slots its

@@ -47,7 +47,16 @@ from lorafleet.worker.safetensors_header import HeaderError, TensorEntry, read_h
 # Bytes of the file converted per chunk: small enough to stay in cache between the read and the
 # conversion, large enough that the per-chunk Python is negligible.
 CHUNK_BYTES = 4 << 20
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def _iov_max() -> int:
+    try:
+        return max(1, min(os.sysconf("SC_IOV_MAX"), 1024))
+    except (AttributeError, ValueError, OSError):  # no sysconf, or it does not know the name
+        return 16  # POSIX's minimum
+
+
+_IOV_MAX = _iov_max()
 _scratch = threading.local()  # one scratch buffer per loader thread, kept between loads
 
 
@@ -201,12 +210,25 @@ def _place(
     return direct, convert, zero
 
 
+def _preadv(fd: int, views: list[memoryview], offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, views, offset)
+    got = 0  # platforms without preadv: one pread per buffer
+    for view in views:
+        data = os.pread(fd, len(view), offset + got)
+        view[: len(data)] = data
+        got += len(data)
+        if len(data) < len(view):
+            break
+    return got
+
+
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Fill ``views`` from the file's bytes at ``offset`` on (the kernel may return fewer bytes per
     call than asked); a file that ends early (truncated while being read) raises OSError."""
     first = 0
     while first < len(views):
-        got = os.preadv(fd, views[first:] if first else views, offset)
+        got = _preadv(fd, views[first:] if first else views, offset)
         if got == 0:
             raise OSError("the file ended before its last tensor (was it changed while being read?)")
         offset += got
