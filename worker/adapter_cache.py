@@ -4,12 +4,14 @@ Three tiers: a registry (name -> source directory), a host-memory LRU bounded in
 ``LoraSlotPool`` slots with LRU eviction. A running sequence pins its adapter's slot (``acquire`` /
 ``release``); a pinned slot is never evicted.
 
-Disk loads run on one loader thread: reading the safetensors file, validating it and packing it
-into the pool's slot layout (``LoraSlotPool.pack``, page-locked on CUDA) take hundreds of
-milliseconds for a 7B adapter, and the engine's step must not wait for them. ``can_acquire`` starts
-a missing adapter's load and answers False until it is in host memory, so the scheduler keeps
-stepping the running sequences meanwhile; a failed load is kept and raised by the next ``acquire``
-of that adapter, which fails that request with the reason.
+Disk loads run on one loader thread: reading the safetensors file straight into the pool's slot
+layout (``adapter_reader.read_packed``, page-locked on CUDA) and validating it take tens of
+milliseconds for a 7B adapter, and the engine's step must not wait for them. The reader spends
+that time mostly in system calls and torch operations, which release Python's lock, so the step
+thread keeps running meanwhile. ``can_acquire`` starts a missing adapter's load and answers False
+until it is in host memory, so the scheduler keeps stepping the running sequences meanwhile; a
+failed load is kept and raised by the next ``acquire`` of that adapter, which fails that request
+with the reason.
 
 On CUDA an upload (one host-to-device copy plus one scatter launch) runs on a side stream and
 records an event; a step waits (on the device, not the host) only for the events of the slots its
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.worker.adapters import check_weights_finite, load_adapter, validate_adapter_dir
+from lorafleet.worker.adapter_reader import init_loader_thread, read_packed
+from lorafleet.worker.adapters import validate_adapter_dir
 from lorafleet.worker.lora_pool import LoraSlotPool, PackedAdapter
 from lorafleet.worker.model_config import ModelConfig
 
@@ -41,18 +44,11 @@ class _PendingUpload:
 
 
 def _load_packed(
-    name: str, path: str, model_config: ModelConfig, pool: LoraSlotPool, dtype: torch.dtype, pin: bool
+    name: str, path: str, model_config: ModelConfig, pool: LoraSlotPool, pin: bool
 ) -> PackedAdapter:
-    """Disk -> validated tensors -> one packed host buffer. Runs on the loader thread: it touches
-    no cache state, only the (immutable) model config and pool layout."""
-    t0 = time.perf_counter()
-    weights = load_adapter(path, model_config, name=name, dtype=dtype, check_finite=False)
-    t1 = time.perf_counter()
-    packed = pool.pack(weights, pin=pin)
-    if not pool.maybe_finite(packed):  # one reduction; on a hit, find and name the bad tensor
-        check_weights_finite(weights)
-    packed.read_seconds, packed.pack_seconds = t1 - t0, time.perf_counter() - t1
-    return packed
+    """Disk -> validated, packed host buffer. Runs on the loader thread: it touches no cache state,
+    only the (immutable) model config and pool layout."""
+    return read_packed(path, model_config, pool, name=name, pin=pin)
 
 
 class AdapterCache:
@@ -169,22 +165,19 @@ class AdapterCache:
             if self._executor is None:
                 # The initializer must not reference self: the thread keeps it for its lifetime,
                 # and the executor's thread only exits once the executor (owned by self) is freed.
-                init, init_args = None, ()
+                device: int | None = None
                 if self._cuda:  # "cuda" without an index means the current device
                     index = self.pool.device.index
-                    init, init_args = (
-                        torch.cuda.set_device,
-                        (torch.cuda.current_device() if index is None else index,),
-                    )
+                    device = torch.cuda.current_device() if index is None else index
                 self._executor = ThreadPoolExecutor(
-                    1, thread_name_prefix="adapter-loader", initializer=init, initargs=init_args
+                    1, thread_name_prefix="adapter-loader", initializer=init_loader_thread, initargs=(device,)
                 )
             future = self._executor.submit(_load_packed, name, self._registry[name], *self._load_args())
             self._loading[name] = future
         return future
 
-    def _load_args(self) -> tuple[ModelConfig, LoraSlotPool, torch.dtype, bool]:
-        return self.model_config, self.pool, self.dtype, self._cuda
+    def _load_args(self) -> tuple[ModelConfig, LoraSlotPool, bool]:
+        return self.model_config, self.pool, self._cuda
 
     def _collect_loads(self) -> None:
         """Move finished loads into host memory (or into the failures). Main thread only."""

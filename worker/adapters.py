@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,11 @@ def module_key(layer: int, proj: str) -> str:
     return f"model.layers.{layer}.{'self_attn' if proj in _ATTN else 'mlp'}.{proj}"
 
 
-def _fail(path: Path, msg: str) -> AdapterFormatError:
+def format_error(path: Path, msg: str) -> AdapterFormatError:
     return AdapterFormatError(f"adapter {path}: {msg}")
+
+
+_fail = format_error  # the short name keeps this module's many messages on one line
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
@@ -192,7 +196,7 @@ def _pattern_value(pattern: dict[str, Any], key: str, default: float) -> float:
     return default
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
     weights = path / WEIGHTS_FILE
     if weights.is_file():
         return weights
@@ -223,6 +227,80 @@ def _scan_keys(path: Path, keys: list[str]) -> dict[tuple[int, str], dict[str, s
     return found
 
 
+@dataclass(frozen=True)
+class ProjPlan:
+    """One adapted projection as the header describes it, checked against the base model."""
+
+    layer: int
+    proj: str
+    a_key: str
+    b_key: str
+    rank: int
+    scale: float
+
+
+def plan_projections(
+    path: Path,
+    cfg: dict[str, Any],
+    model_config: ModelConfig,
+    wanted: set[tuple[int, str]],
+    keys: list[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+) -> list[ProjPlan]:
+    """Check the weight file's tensor names and shapes (``shape_of(key)``) against the config and
+    the base model, in (layer, projection) order; every reader of adapter files goes through here,
+    so they refuse the same files with the same messages."""
+    num_layers = model_config.num_hidden_layers
+    shapes = model_config.lora_shapes()
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    use_rslora = bool(cfg.get("use_rslora", False))
+    found = _scan_keys(path, keys)
+    beyond = sorted(pair for pair in found if pair[0] >= num_layers)
+    if beyond:
+        raise _fail(
+            path,
+            f"{WEIGHTS_FILE} has weights for layer {beyond[0][0]}, but the base model has only "
+            f"{num_layers} layers (a different model's adapter?)",
+        )
+    extra = sorted(set(found) - wanted)
+    if extra:
+        layer, proj = extra[0]
+        raise _fail(path, f"{WEIGHTS_FILE} has weights for layer {layer} {proj}, not in target_modules")
+    missing = sorted(wanted - set(found))
+    if missing:
+        layer, proj = missing[0]
+        raise _fail(path, f"{WEIGHTS_FILE} lacks weights for targeted layer {layer} {proj}")
+    plans = []
+    for (layer, proj), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise _fail(path, f"layer {layer} {proj} lacks lora_{'B' if 'A' in ab else 'A'}.weight")
+        key = module_key(layer, proj)
+        rank = int(_pattern_value(rank_pattern, key, cfg["r"]))
+        alpha = float(_pattern_value(alpha_pattern, key, cfg["lora_alpha"]))
+        h_in, h_out = shapes[proj]
+        a_shape, b_shape = tuple(shape_of(ab["A"])), tuple(shape_of(ab["B"]))
+        if a_shape != (rank, h_in) or b_shape != (h_out, rank):
+            raise _fail(
+                path,
+                f"layer {layer} {proj}: lora_A {a_shape} / lora_B {b_shape} do not match the base "
+                f"model and rank {rank}: expected ({rank}, {h_in}) / ({h_out}, {rank})",
+            )
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if not math.isfinite(scale) or scale > MAX_LORA_SCALE:
+            # The value itself is not echoed: adapter files are untrusted input.
+            in_pattern = _pattern_value(alpha_pattern, key, None) is not None
+            culprit = "alpha_pattern" if in_pattern else "lora_alpha"
+            raise _fail(
+                path,
+                f"field {culprit} gives layer {layer} {proj} a scaling "
+                f"({'lora_alpha / sqrt(r)' if use_rslora else 'lora_alpha / r'}) that is not finite "
+                f"or above {MAX_LORA_SCALE:g}",
+            )
+        plans.append(ProjPlan(layer, proj, ab["A"], ab["B"], rank, scale))
+    return plans
+
+
 def load_adapter(
     path: str | Path,
     model_config: ModelConfig,
@@ -236,88 +314,54 @@ def load_adapter(
 
     With ``load_tensors=False`` only the header is read (shapes checked, tensors left empty), which
     is what registering an adapter needs. ``check_finite=False`` leaves the NaN/Inf check to the
-    caller (``check_weights_finite``), which the adapter cache does in one pass over the packed
-    buffer: a check per tensor costs ~900 small operations for a 7B adapter.
+    caller (``check_weights_finite``). The engine's loads do not come through here: they read the
+    file straight into the slot layout (``adapter_reader.read_packed``), with the same checks.
     """
     path = Path(path)
     cfg = read_adapter_config(path)
-    num_layers = model_config.num_hidden_layers
-    shapes = model_config.lora_shapes()
-    wanted = targeted_modules(cfg, num_layers, path)
-    weights_path = _weights_file(path)
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    use_rslora = bool(cfg.get("use_rslora", False))
+    wanted = targeted_modules(cfg, model_config.num_hidden_layers, path)
+    weights_path = weights_file(path)
     projs: dict[tuple[int, str], ProjWeights] = {}
     try:
         handle = safe_open(str(weights_path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
     with handle as f:
-        found = _scan_keys(path, list(f.keys()))
-        beyond = sorted(pair for pair in found if pair[0] >= num_layers)
-        if beyond:
-            raise _fail(
-                path,
-                f"{WEIGHTS_FILE} has weights for layer {beyond[0][0]}, but the base model has only "
-                f"{num_layers} layers (a different model's adapter?)",
-            )
-        extra = sorted(set(found) - wanted)
-        if extra:
-            layer, proj = extra[0]
-            raise _fail(path, f"{WEIGHTS_FILE} has weights for layer {layer} {proj}, not in target_modules")
-        missing = sorted(wanted - set(found))
-        if missing:
-            layer, proj = missing[0]
-            raise _fail(path, f"{WEIGHTS_FILE} lacks weights for targeted layer {layer} {proj}")
-        for (layer, proj), ab in sorted(found.items()):
-            if set(ab) != {"A", "B"}:
-                raise _fail(path, f"layer {layer} {proj} lacks lora_{'B' if 'A' in ab else 'A'}.weight")
-            key = module_key(layer, proj)
-            rank = int(_pattern_value(rank_pattern, key, cfg["r"]))
-            alpha = float(_pattern_value(alpha_pattern, key, cfg["lora_alpha"]))
-            h_in, h_out = shapes[proj]
-            a_shape = tuple(f.get_slice(ab["A"]).get_shape())
-            b_shape = tuple(f.get_slice(ab["B"]).get_shape())
-            if a_shape != (rank, h_in) or b_shape != (h_out, rank):
-                raise _fail(
-                    path,
-                    f"layer {layer} {proj}: lora_A {a_shape} / lora_B {b_shape} do not match the base "
-                    f"model and rank {rank}: expected ({rank}, {h_in}) / ({h_out}, {rank})",
-                )
-            scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-            if not math.isfinite(scale) or scale > MAX_LORA_SCALE:
-                # The value itself is not echoed: adapter files are untrusted input.
-                field = (
-                    "alpha_pattern" if _pattern_value(alpha_pattern, key, None) is not None else "lora_alpha"
-                )
-                raise _fail(
-                    path,
-                    f"field {field} gives layer {layer} {proj} a scaling "
-                    f"({'lora_alpha / sqrt(r)' if use_rslora else 'lora_alpha / r'}) that is not finite "
-                    f"or above {MAX_LORA_SCALE:g}",
-                )
+        plans = plan_projections(
+            path, cfg, model_config, wanted, list(f.keys()), lambda key: tuple(f.get_slice(key).get_shape())
+        )
+        shapes = model_config.lora_shapes()
+        for p in plans:
             if load_tensors:
-                a, b = f.get_tensor(ab["A"]), f.get_tensor(ab["B"])
+                a, b = f.get_tensor(p.a_key), f.get_tensor(p.b_key)
                 for t, which in ((a, "lora_A"), (b, "lora_B")):
                     if not t.is_floating_point():
-                        raise _fail(path, f"layer {layer} {proj} {which} has non-float dtype {t.dtype}")
+                        raise non_float_error(path, p, which, t.dtype)
                     if check_finite and not bool(torch.isfinite(t).all()):
-                        raise _fail(path, f"layer {layer} {proj} {which} holds NaN or Inf values")
+                        raise non_finite_error(path, p.layer, p.proj, which)
                 a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
             else:
                 # Meta tensors carry shapes and sizes without holding memory.
-                a = torch.empty(rank, h_in, dtype=dtype, device="meta")
-                b = torch.empty(h_out, rank, dtype=dtype, device="meta")
-            projs[(layer, proj)] = ProjWeights(a, b, scale)
-    return AdapterWeights(name or path.name, str(path), projs, use_rslora)
+                h_in, h_out = shapes[p.proj]
+                a = torch.empty(p.rank, h_in, dtype=dtype, device="meta")
+                b = torch.empty(h_out, p.rank, dtype=dtype, device="meta")
+            projs[(p.layer, p.proj)] = ProjWeights(a, b, p.scale)
+    return AdapterWeights(name or path.name, str(path), projs, bool(cfg.get("use_rslora", False)))
+
+
+def non_float_error(path: Path, plan: ProjPlan, which: str, dtype: torch.dtype) -> AdapterFormatError:
+    return _fail(path, f"layer {plan.layer} {plan.proj} {which} has non-float dtype {dtype}")
+
+
+def non_finite_error(path: Path, layer: int, proj: str, which: str) -> AdapterFormatError:
+    return _fail(path, f"layer {layer} {proj} {which} holds NaN or Inf values")
 
 
 def check_file_finite(path: str | Path) -> None:
     """Raise AdapterFormatError naming the first tensor of the adapter's weights file that holds
     NaN or Inf (registration: refuse the adapter before any request can pick it up)."""
     path = Path(path)
-    weights_path = _weights_file(path)
+    weights_path = weights_file(path)
     try:
         handle = safe_open(str(weights_path), framework="pt", device="cpu")
     except Exception as e:
@@ -334,7 +378,7 @@ def check_weights_finite(weights: AdapterWeights) -> None:
     for (layer, proj), pw in sorted(weights.projs.items()):
         for t, which in ((pw.a, "lora_A"), (pw.b, "lora_B")):
             if not bool(torch.isfinite(t).all()):
-                raise _fail(Path(weights.source), f"layer {layer} {proj} {which} holds NaN or Inf values")
+                raise non_finite_error(Path(weights.source), layer, proj, which)
 
 
 def validate_adapter_dir(path: str | Path, model_config: ModelConfig) -> AdapterWeights:

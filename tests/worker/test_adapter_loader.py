@@ -33,22 +33,22 @@ def config(demo) -> ModelConfig:
 
 
 class GatedLoads:
-    """Wraps ``load_adapter``: records the thread of every load and holds it until ``open()``."""
+    """Wraps ``read_packed``: records the thread of every load and holds it until ``open()``."""
 
     def __init__(self, fail: str | None = None) -> None:
         self.gate = threading.Event()
         self.threads: list[str] = []
         self.names: list[str] = []
         self.fail = fail
-        self._real = adapter_cache_module.load_adapter
+        self._real = adapter_cache_module.read_packed
 
-    def __call__(self, path, model_config, **kwargs):
+    def __call__(self, path, model_config, pool, **kwargs):
         self.threads.append(threading.current_thread().name)
         self.names.append(kwargs.get("name"))
         assert self.gate.wait(30.0), "test never opened the gate"
         if kwargs.get("name") == self.fail:
             raise AdapterFormatError(f"adapter {path}: the disk said no")
-        return self._real(path, model_config, **kwargs)
+        return self._real(path, model_config, pool, **kwargs)
 
     def open(self) -> None:
         self.gate.set()
@@ -57,7 +57,7 @@ class GatedLoads:
 @pytest.fixture
 def gated(monkeypatch) -> Iterator[GatedLoads]:
     loads = GatedLoads()
-    monkeypatch.setattr(adapter_cache_module, "load_adapter", loads)
+    monkeypatch.setattr(adapter_cache_module, "read_packed", loads)
     yield loads
     loads.open()  # never leave a loader thread blocked
 
@@ -125,8 +125,9 @@ def test_failed_load_raises_once_with_the_reason_then_retries(demo, config, gate
 def test_nan_weights_are_refused_by_name_and_huge_finite_ones_accepted(
     demo, config, tmp_path, background
 ) -> None:
-    # The loader checks finiteness with one sum over the packed buffer; a non-finite sum (a NaN, or
-    # an overflow of finite values) falls back to the per-tensor check that names the tensor.
+    # The loader checks finiteness with one min/max pass over the packed buffer (huge finite values,
+    # which overflowed the float32 sum used before, pass); a failure falls back to the per-tensor
+    # check that names the tensor.
     cache = make_cache(demo, config)
     cache.background_loads = background
     for label, value in (("nan", float("nan")), ("huge", 3e38)):
@@ -255,3 +256,31 @@ def test_engine_waits_instead_of_spinning_when_only_loads_are_pending(demo, gate
     engine.add_request(Request("base", (5, 6), None, GREEDY))
     run(engine)
     assert waits == []  # no load in flight: no waiting at all
+
+
+def test_loader_thread_keeps_torch_on_one_core_and_leaves_other_threads_alone(
+    demo, config, monkeypatch
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the test means something on a one-core machine too
+    try:
+        seen: list[int] = []
+        real = adapter_cache_module.read_packed
+
+        def spy(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(adapter_cache_module, "read_packed", spy)
+        cache = make_cache(demo, config)
+        assert not cache.can_acquire("adapter-0")
+        cache.wait_for_loads(30.0)
+        assert cache.acquire("adapter-0") == 0 and seen == [1]
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == 2 and later == [2]
+        cache.close()
+    finally:
+        torch.set_num_threads(before)

@@ -108,13 +108,13 @@ def test_reused_slot_waits_for_queued_readers_and_step_waits_for_upload(demo, co
 
 def test_background_load_on_cuda_runs_off_the_main_thread(demo, config, monkeypatch) -> None:
     threads: list[str] = []
-    real = adapter_cache_module.load_adapter
+    real = adapter_cache_module.read_packed
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(adapter_cache_module, "load_adapter", spy)
+    monkeypatch.setattr(adapter_cache_module, "read_packed", spy)
     pool = make_pool(config, n_slots=2)
     cache = AdapterCache(config, pool, host_cache_bytes=1 << 30, dtype=torch.bfloat16)
     cache.register("a", demo.adapters["adapter-1"])

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.worker.adapter_cache import AdapterCache
+from lorafleet.worker.adapter_reader import read_packed
 from lorafleet.worker.adapters import (
     AdapterFormatError,
     check_file_finite,
@@ -44,6 +45,15 @@ def edit_config(path: Path, **changes) -> None:
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+def refused(path: Path, config: ModelConfig, match: str) -> None:
+    """Both readers (tensors in memory, and straight into the slot layout) refuse ``path`` alike."""
+    with pytest.raises(AdapterFormatError, match=match):
+        load_adapter(path, config)
+    pool = LoraSlotPool(config.num_hidden_layers, config.lora_shapes(), 1, 16, torch.float32, "cpu")
+    with pytest.raises(AdapterFormatError, match=match):
+        read_packed(path, config, pool)
+
+
 def test_loads_ranks_scales_and_targets(demo, config) -> None:
     # adapter-2: r=16, alpha=16, rsLoRA on attention; adapter-5: rank/alpha pattern on down_proj.
     rs = load_adapter(demo.adapters["adapter-2"], config)
@@ -66,8 +76,7 @@ def test_all_linear_regex_and_exclude(demo, config, tmp_path: Path) -> None:
     edit_config(path, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
     assert len(load_adapter(path, config).projs) == 7 * config.num_hidden_layers
     edit_config(path, target_modules="all-linear", exclude_modules=["down_proj"])
-    with pytest.raises(AdapterFormatError, match="down_proj, not in target_modules"):
-        load_adapter(path, config)
+    refused(path, config, "down_proj, not in target_modules")
 
 
 @pytest.mark.parametrize(
@@ -93,8 +102,7 @@ def test_all_linear_regex_and_exclude(demo, config, tmp_path: Path) -> None:
 def test_refuses_unsupported_configs(demo, config, tmp_path: Path, change, match) -> None:
     path = copy_adapter(demo, "adapter-0", tmp_path / "a")
     edit_config(path, **change)
-    with pytest.raises(AdapterFormatError, match=match):
-        load_adapter(path, config)
+    refused(path, config, match)
     with pytest.raises(ValueError, match=match):
         validate_adapter_dir(path, config)
 
@@ -102,41 +110,34 @@ def test_refuses_unsupported_configs(demo, config, tmp_path: Path, change, match
 def test_refuses_pickles_missing_files_and_bad_tensors(demo, config, tmp_path: Path) -> None:
     path = copy_adapter(demo, "adapter-0", tmp_path / "bin")
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
-    with pytest.raises(AdapterFormatError, match="arbitrary code"):
-        load_adapter(path, config)
-    with pytest.raises(AdapterFormatError, match="is not a directory"):
-        load_adapter(tmp_path / "nowhere", config)
+    refused(path, config, "arbitrary code")
+    refused(tmp_path / "nowhere", config, "is not a directory")
     path = copy_adapter(demo, "adapter-0", tmp_path / "json")
     (path / "adapter_config.json").write_text("{not json")
-    with pytest.raises(AdapterFormatError, match="not valid JSON"):
-        load_adapter(path, config)
+    refused(path, config, "not valid JSON")
     # Wrong shape: an adapter made for a wider model.
     path = copy_adapter(demo, "adapter-0", tmp_path / "shape")
     tensors = load_file(str(path / "adapter_model.safetensors"))
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFormatError, match="do not match the base model"):
-        load_adapter(path, config)
+    refused(path, config, "do not match the base model")
     # DoRA magnitudes and missing halves in the tensor file.
     path = copy_adapter(demo, "adapter-0", tmp_path / "dora")
     tensors = load_file(str(path / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(8)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFormatError, match="DoRA"):
-        load_adapter(path, config)
+    refused(path, config, "DoRA")
     path = copy_adapter(demo, "adapter-0", tmp_path / "half")
     tensors = load_file(str(path / "adapter_model.safetensors"))
     del tensors[next(k for k in tensors if k.endswith("lora_B.weight"))]
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFormatError, match="lacks lora_B"):
-        load_adapter(path, config)
+    refused(path, config, "lacks lora_B")
     path = copy_adapter(demo, "adapter-0", tmp_path / "nan")
     tensors = load_file(str(path / "adapter_model.safetensors"))
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    with pytest.raises(AdapterFormatError, match="NaN"):
-        load_adapter(path, config)
+    refused(path, config, "NaN")
 
 
 def test_scaling_errors_never_echo_the_value(demo, config, tmp_path: Path) -> None:
@@ -158,6 +159,7 @@ def test_weights_for_a_layer_the_model_lacks_name_the_model_depth(demo, config, 
     match = f"weights for layer {far}, but the base model has only {config.num_hidden_layers} layers"
     with pytest.raises(AdapterFormatError, match=match):
         validate_adapter_dir(path, config)
+    refused(path, config, match)
 
 
 def test_check_file_finite_names_the_tensor(demo, tmp_path: Path) -> None:
@@ -308,7 +310,7 @@ def test_packed_buffer_layout_and_foreign_pools(demo, config) -> None:
     pool = make_pool(config, n_slots=2, r_max=16)
     w = load_adapter(demo.adapters["adapter-0"], config)  # r=8 on q, v only
     packed = pool.pack(w)
-    flat, ranks, scales = pool._views(packed.buffer)
+    flat, ranks, scales = pool.views(packed.buffer)
     h_in, h_out = pool.shapes["q_proj"]
     a = flat[: 16 * h_in].view(16, h_in)  # layer 0 q_proj A comes first, padded to r_max rows
     assert torch.equal(a[:8], w.projs[(0, "q_proj")].a) and not a[8:].any()
