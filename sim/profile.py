@@ -26,13 +26,6 @@ from typing import Any
 import yaml
 
 PROFILE_DIR = "profiles"  # package data of lorafleet.sim
-# Profiles the project means to ship but has not measured yet: how to measure each (never invented).
-UNMEASURED = {
-    "h200-llama2-7b": (
-        "it has not been measured yet; on an H200 run `lorafleet profile --model LLAMA2_7B_DIR --device cuda "
-        "--out sim/profiles/h200-llama2-7b.yaml` (any checkpoint of the Llama-2-7B shape) and pass that file"
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -179,8 +172,6 @@ def load_profile(name_or_path: str) -> LatencyProfile:
     if not path.is_file():
         shipped = resources.files("lorafleet.sim").joinpath(PROFILE_DIR, f"{name_or_path}.yaml")
         if not shipped.is_file():
-            if name_or_path in UNMEASURED:
-                raise ValueError(f"profile {name_or_path!r}: {UNMEASURED[name_or_path]}")
             raise ValueError(
                 f"profile {name_or_path!r} is neither a file nor a shipped profile "
                 f"(shipped: {', '.join(shipped_profiles()) or 'none'})"
