@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shape",
         default=None,
-        help="a real model shape (llama2-7b; tiny) as sharded safetensors with rank --adapter-rank "
-        "adapters on every projection; default: the mixed-adapter tiny demo",
+        help="a real model shape (llama2-7b, llama3-8b; tiny) as sharded safetensors with rank "
+        "--adapter-rank adapters on every projection; default: the mixed-adapter tiny demo",
     )
     p.add_argument("--dtype", default="bfloat16", help="weights' dtype with --shape (default bfloat16)")
     p.add_argument("--adapter-rank", type=int, default=16, help="adapter rank with --shape (default 16)")

@@ -39,8 +39,12 @@ from lorafleet.kernels import attention_launch
 from lorafleet.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from lorafleet.worker.attention import build_metadata, paged_attention
 from lorafleet.worker.batch import BatchLayout
+from lorafleet.worker.demo_shapes import SHAPES as MODEL_SHAPES
 
-SHAPES = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}
+SHAPES = {  # (query heads, KV heads, head dim), from the project's one shape table
+    name: (MODEL_SHAPES[name].num_heads, MODEL_SHAPES[name].num_kv_heads, MODEL_SHAPES[name].head_dim)
+    for name in ("llama2-7b", "llama3-8b")
+}
 BATCHES = (16, 64, 256)
 CONTEXTS = (256, 1024, 4096)
 BLOCK_SIZE = 16

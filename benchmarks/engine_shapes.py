@@ -16,6 +16,7 @@ import random
 import torch
 
 from lorafleet.worker import Engine, EngineConfig, SamplingParams
+from lorafleet.worker.demo_shapes import SHAPES as MODEL_SHAPES
 from lorafleet.worker.loader import LoadedModel
 from lorafleet.worker.lora_pool import LoraSlotPool
 from lorafleet.worker.model import LlamaModel
@@ -23,36 +24,10 @@ from lorafleet.worker.model_config import ModelConfig
 from lorafleet.worker.sequence import SeqStatus, Sequence
 from lorafleet.worker.types import Request
 
+# The benchmarked shapes, from the project's one shape table; the tokens the bench never stops on.
 SHAPES: dict[str, dict] = {
-    "llama2-7b": {
-        "architecture": "LlamaForCausalLM",
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "head_dim": 128,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_ids": (2,),
-    },
-    "llama3-8b": {
-        "architecture": "LlamaForCausalLM",
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "bos_token_id": 128000,
-        "eos_token_ids": (128001,),
-    },
+    name: {**MODEL_SHAPES[name].config_dict(), "bos_token_id": 1, "eos_token_ids": (2,)}
+    for name in ("llama2-7b", "llama3-8b")
 }
 POPULARITIES = ("backbone", "identical", "uniform", "skewed", "distinct")
 

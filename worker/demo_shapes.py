@@ -37,12 +37,35 @@ class ModelShape:
     num_kv_heads: int
     vocab_size: int
     max_position_embeddings: int
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def config_dict(self) -> dict[str, object]:
+        """The shape as ``ModelConfig`` fields (what the benchmarks build random models from)."""
+        return {
+            "architecture": "LlamaForCausalLM",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": self.rope_theta,
+        }
 
 
+# The one table of model shapes: make-demo, the engine, attention and fleet benchmarks read it.
 SHAPES: dict[str, ModelShape] = {
-    # The tiny demo (tests, CPU) and Llama-2-7B (meta-llama/Llama-2-7b-hf config.json).
+    # The tiny demo (tests, CPU); Llama-2-7B and Llama-3-8B (their Hugging Face config.json).
     "tiny": ModelShape(2, 64, 128, 4, 2, 384, 512),
     "llama2-7b": ModelShape(32, 4096, 11008, 32, 32, 32000, 4096),
+    "llama3-8b": ModelShape(32, 4096, 14336, 32, 8, 128256, 8192, rope_theta=500000.0),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
@@ -108,6 +131,7 @@ def make_shaped_demo(
     out = Path(out_dir)
     config = json.loads((out / "config.json").read_text())
     config["torch_dtype"] = dtype
+    config["rope_theta"] = s.rope_theta
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_sharded(out, config, DTYPES[dtype], max_shard_bytes, seed, torch.device(device))
     return assets

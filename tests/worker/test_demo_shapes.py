@@ -88,3 +88,26 @@ def test_make_demo_command_with_a_shape(tmp_path: Path, capsys: pytest.CaptureFi
     assert "lorafleet: error: unknown shape 'llama9'" in capsys.readouterr().err
     assert main(["make-demo", str(tmp_path / "bad"), "--shape", "tiny", "--max-shard-mb", "0"]) == 1
     assert "--max-shard-mb must be >= 1" in capsys.readouterr().err
+
+
+def test_benchmarks_read_the_one_shape_table() -> None:
+    import sys
+    from pathlib import Path
+
+    from lorafleet.worker.model_config import ModelConfig
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        import engine_shapes
+    finally:
+        sys.path.pop(0)
+    for name in ("llama2-7b", "llama3-8b"):
+        config = ModelConfig(**engine_shapes.SHAPES[name])
+        shape = SHAPES[name]
+        assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (
+            shape.num_layers,
+            shape.hidden_size,
+            shape.num_kv_heads,
+        )
+        assert config.rope_theta == shape.rope_theta
+    assert SHAPES["llama3-8b"].rope_theta == 500000.0 and SHAPES["llama3-8b"].vocab_size == 128256
