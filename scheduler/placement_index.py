@@ -72,10 +72,13 @@ class PlacementIndex:
 
     # ------------------------------------------------------------ queries
 
-    def best_packing(self, adapter: str | None, prompt_len: int) -> WorkerSlot | None:
-        """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks."""
+    def best_packing(self, adapter: str | None, prompt_len: int, *, min_batch: int = 0) -> WorkerSlot | None:
+        """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks.
+        Workers whose batch is below `min_batch` are not considered (consolidation's targets)."""
         holders = self._resident.get(adapter) if adapter is not None else None
         for batch in reversed(self._level_keys):
+            if batch < min_batch:
+                break
             best: tuple[int, int, int] | None = None  # (not resident, free, order)
             for block_size, entries in self._levels[batch].items():
                 need = blocks_for(prompt_len, block_size) + batch
@@ -142,20 +145,10 @@ class PlacementIndex:
         slot = self.by_id[snap.worker_id]
         if snap.state is not WorkerState.ACTIVE:
             raise ValueError(f"worker {snap.worker_id} is {snap.state.value}: rebuild the index")
-        if slot.batch < slot.max_batch:
-            self._unlink(slot)
-        for adapter in slot.resident:
-            holders = self._resident.get(adapter)
-            if holders is not None:
-                holders.discard(slot.order)
-                if not holders:
-                    del self._resident[adapter]
+        self._detach(slot)
         old_total = slot.total
         slot.load(snap)
-        for adapter in slot.resident:
-            self._resident.setdefault(adapter, set()).add(slot.order)
-        if slot.batch < slot.max_batch:
-            self._link(slot)
+        self._attach(slot)
         if slot.total >= self.max_total_blocks:
             self.max_total_blocks = slot.total
         elif old_total == self.max_total_blocks:
@@ -168,10 +161,7 @@ class PlacementIndex:
         slot = WorkerSlot(len(self.slots), snap)
         self.slots.append(slot)
         self.by_id[slot.worker_id] = slot
-        for adapter in slot.resident:
-            self._resident.setdefault(adapter, set()).add(slot.order)
-        if slot.batch < slot.max_batch:
-            self._link(slot)
+        self._attach(slot)
         self.max_total_blocks = max(self.max_total_blocks, slot.total)
 
     # ------------------------------------------------------------ updates
@@ -188,6 +178,36 @@ class PlacementIndex:
             self._resident.setdefault(adapter, set()).add(slot.order)
         if slot.batch < slot.max_batch:
             self._link(slot)
+
+    def withdraw(self, slot: WorkerSlot) -> None:
+        """Take a worker out of the bucket queries (`best_packing`, `least_loaded`) until
+        `reinstate`: a consolidation source must not receive its own sequences."""
+        self._detach(slot)
+
+    def reinstate(self, slot: WorkerSlot) -> None:
+        self._attach(slot)
+
+    def set_load(self, slot: WorkerSlot, batch: int, free: int, resident: frozenset[str] | set[str]) -> None:
+        """Put a slot back to an earlier load (undoing `assign`s of a plan that was given up)."""
+        self._detach(slot)
+        slot.batch, slot.free, slot.resident = batch, free, resident
+        self._attach(slot)
+
+    def _attach(self, slot: WorkerSlot) -> None:
+        for adapter in slot.resident:
+            self._resident.setdefault(adapter, set()).add(slot.order)
+        if slot.batch < slot.max_batch:
+            self._link(slot)
+
+    def _detach(self, slot: WorkerSlot) -> None:
+        if slot.batch < slot.max_batch:
+            self._unlink(slot)
+        for adapter in slot.resident:
+            holders = self._resident.get(adapter)
+            if holders is not None:
+                holders.discard(slot.order)
+                if not holders:
+                    del self._resident[adapter]
 
     def _link(self, slot: WorkerSlot) -> None:
         groups = self._levels.get(slot.batch)
