@@ -188,7 +188,19 @@ class PlacementIndex:
         self._attach(slot)
 
     def set_load(self, slot: WorkerSlot, batch: int, free: int, resident: frozenset[str] | set[str]) -> None:
-        """Put a slot back to an earlier load (undoing `assign`s of a plan that was given up)."""
+        """Set a slot's batch, free blocks and resident adapters: to undo `assign`s of a plan given
+        up, or as a cheaper `refresh` for a caller that knows nothing else of the worker changed
+        (its state, shape and place). A no-op when they are unchanged."""
+        same_resident = slot.resident is resident or slot.resident == resident
+        if same_resident and slot.batch == batch and slot.free == free:
+            return
+        if same_resident:  # the common case: only its bucket changes
+            if slot.batch < slot.max_batch:
+                self._unlink(slot)
+            slot.batch, slot.free, slot.resident = batch, free, resident
+            if batch < slot.max_batch:
+                self._link(slot)
+            return
         self._detach(slot)
         slot.batch, slot.free, slot.resident = batch, free, resident
         self._attach(slot)

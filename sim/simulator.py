@@ -16,8 +16,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from typing import overload
 
 from lorafleet.scheduler.consolidation import ConsolidationPolicy, group_moves
 from lorafleet.scheduler.fleet_config import POLICIES, FleetConfig, check_int, check_positive
@@ -28,6 +29,7 @@ from lorafleet.scheduler.policy_types import (
     Place,
     Reject,
     StartWorker,
+    WorkerSnapshot,
     WorkerState,
     blocks_for,
 )
@@ -151,9 +153,14 @@ class Simulator:
         # blocked head stays blocked until capacity frees (a finish, an export, a worker ready or
         # stopped); `_epoch` counts those, `_blocked` remembers (epoch, head) of the last failed pass.
         self._epoch = 0
+        # The placement index kept across passes: rebuilt when a worker leaves the active set,
+        # extended by workers that became active, refreshed for those that changed (`_changed`).
         self._index: PlacementIndex | None = None
-        self._index_workers: list[SimWorker] = []
-        self._index_versions: list[int] = []
+        self._index_stale = True
+        self._index_last = -1  # start order of the last worker in the index
+        self._new_active: list[SimWorker] = []
+        self._changed: list[SimWorker] = []
+        self._snapshots = _Snapshots(self.live)
         self._blocked: tuple[int, str] | None = None
         self.gpus_over_time: list[tuple[float, int]] = []
         self.busy_over_time: list[tuple[float, int, int]] = []  # (t, live, busy) at each busy change
@@ -279,9 +286,7 @@ class Simulator:
         head = self.queue.peek()
         if head is None or self._blocked == (self._epoch, head.request_id):
             return
-        decisions = self.placement.schedule(
-            self.queue, [w.snapshot() for w in self.live], index=self._sync_index()
-        )
+        decisions = self.placement.schedule(self.queue, self._snapshots, index=self._sync_index())
         head = self.queue.peek()
         self._blocked = (self._epoch, head.request_id) if head is not None else None
         for d in decisions:
@@ -301,27 +306,36 @@ class Simulator:
                 self._start_worker(now)
 
     def _sync_index(self) -> PlacementIndex | None:
-        """The placement index of the active workers, kept across passes: rebuilt when the set of
-        active workers changed other than by new ones at the end, else only the workers whose
-        snapshot changed are refreshed (exactly what a rebuild would hold; a test checks it)."""
+        """The placement index of the active workers, kept across passes: rebuilt when a worker
+        left the active set (or one joined out of start order), else extended by the workers that
+        became active and refreshed for those that changed since the last pass: exactly what a
+        rebuild would hold (tests check it), at a cost that follows the changes, not the fleet."""
         if not self.config.keep_index:
             return None
-        active = [w for w in self.live if w.state is WorkerState.ACTIVE]
-        index, known = self._index, self._index_workers
-        if index is None or active[: len(known)] != known:
-            self._index = PlacementIndex(w.snapshot() for w in active)
-            self._index_workers = active
-            self._index_versions = [w.version for w in active]
-            return self._index
-        versions = self._index_versions
-        for i, w in enumerate(known):
-            if versions[i] != w.version:
-                index.refresh(w.snapshot())
-                versions[i] = w.version
-        for w in active[len(known) :]:
-            index.append(w.snapshot())
-            known.append(w)
-            versions.append(w.version)
+        index = self._index
+        if index is not None and not self._index_stale:
+            for w in self._new_active:
+                if w.order < self._index_last:
+                    self._index_stale = True
+                    break
+                if w.state is WorkerState.ACTIVE:
+                    index.append(w.snapshot())
+                    self._index_last = w.order
+        if index is None or self._index_stale:
+            active = [w for w in self.live if w.state is WorkerState.ACTIVE]
+            index = self._index = PlacementIndex(w.snapshot() for w in active)
+            self._index_stale = False
+            self._index_last = active[-1].order if active else -1
+        else:
+            by_id = index.by_id
+            for w in self._changed:
+                slot = by_id.get(w.worker_id) if w.state is WorkerState.ACTIVE else None
+                if slot is not None:  # shape and state are as indexed: only the load can differ
+                    index.set_load(slot, *w.placement_load())
+        for w in self._changed:
+            w.listed = False
+        self._changed.clear()
+        self._new_active.clear()
         return index
 
     # ------------------------------------------------------------ workers
@@ -330,7 +344,7 @@ class Simulator:
         if len(self.live) >= self.config.max_gpus:
             return
         order = next(self._ids)
-        worker = SimWorker(f"worker-{order}", order, self.profile, now)
+        worker = SimWorker(f"worker-{order}", order, self.profile, now, changed=self._changed)
         self.workers[worker.worker_id] = worker
         self.live.append(worker)
         self.counters["worker_starts"] += 1
@@ -346,11 +360,13 @@ class Simulator:
         self._epoch += 1
         worker.state = WorkerState.ACTIVE
         worker.idle_since = now
-        worker.version += 1
+        worker.touch()
+        self._new_active.append(worker)
         self._want_placement(now)
 
     def _stop(self, worker: SimWorker, now: float) -> None:
         self._epoch += 1
+        self._index_stale = True
         worker.state = WorkerState.STOPPED
         worker.stopped_at = now
         self.live.remove(worker)
@@ -443,7 +459,8 @@ class Simulator:
             worker = self.workers.get(d.worker_id)
             if worker is not None and worker.state is not WorkerState.STOPPED:
                 worker.state = WorkerState.DRAINING
-                worker.version += 1
+                worker.touch()
+                self._index_stale = True
                 if not worker.owned:
                     self._stop(worker, now)
         for (source, target), rids in moves.items():
@@ -456,3 +473,28 @@ class Simulator:
                     self.move_target[rid] = target
                     src.request_export(seq)
             self._kick(src, now)
+
+
+class _Snapshots(Sequence[WorkerSnapshot]):
+    """The live workers' snapshots as the placement policy's `workers`, built only when read: with
+    a kept index the policy reads them only to decide whether the fleet may grow."""
+
+    def __init__(self, workers: list[SimWorker]) -> None:
+        self._workers = workers
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    @overload
+    def __getitem__(self, i: int) -> WorkerSnapshot: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[WorkerSnapshot]: ...
+
+    def __getitem__(self, i: int | slice) -> WorkerSnapshot | list[WorkerSnapshot]:
+        if isinstance(i, slice):
+            return [w.snapshot() for w in self._workers[i]]
+        return self._workers[i].snapshot()
+
+    def __iter__(self) -> Iterator[WorkerSnapshot]:
+        return (w.snapshot() for w in self._workers)

@@ -23,7 +23,13 @@ from __future__ import annotations
 from bisect import insort
 from collections import OrderedDict
 
-from lorafleet.scheduler.policy_types import RunningSeq, WorkerSnapshot, WorkerState, blocks_for
+from lorafleet.scheduler.policy_types import (
+    RunningSeq,
+    WorkerSnapshot,
+    WorkerState,
+    blocks_for,
+    placeable_free_blocks,
+)
 from lorafleet.sim.profile import LatencyProfile
 
 
@@ -115,7 +121,15 @@ class Phase:
 
 
 class SimWorker:
-    def __init__(self, worker_id: str, order: int, profile: LatencyProfile, requested_at: float) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        order: int,
+        profile: LatencyProfile,
+        requested_at: float,
+        *,
+        changed: list[SimWorker] | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.order = order
         self.profile = profile
@@ -128,12 +142,17 @@ class SimWorker:
         self.owned: dict[str, SimSeq] = {}  # everything the scheduler gave it (running, waiting, inbox)
         self.free_blocks = self.shape.num_kv_blocks
         self.resident: OrderedDict[str, int] = OrderedDict()  # GPU slots: adapter -> pins, LRU first
+        self._resident_set: frozenset[str] | None = frozenset()  # its keys; None when stale
         self.pinned = 0  # resident adapters with pins > 0
         self.host: OrderedDict[str, None] = OrderedDict()  # host LRU
         self.phase: Phase | None = None
         self.slowdown = 1.0  # set by the simulator when workers share CPU cores
         self.busy = False  # the simulator's record of whether it owns sequences
-        self.version = 0
+        self.version = 0  # bumped on every change the policies could see
+        # The simulator's list of workers changed since its last placement pass (each listed once,
+        # while `listed`): a pass then refreshes those instead of checking the whole fleet.
+        self.changed = changed
+        self.listed = False
         self.inbox_exports: list[SimSeq] = []
         self.idle_since: float | None = None
         self.busy_s = 0.0
@@ -151,12 +170,12 @@ class SimWorker:
         self.owned[seq.record.rid] = seq
         self.waiting.append(seq)  # indices grow, so appending keeps it sorted
         self.idle_since = None
-        self._touch()
+        self.touch()
 
     def request_export(self, seq: SimSeq) -> None:
         seq.exporting = True
         self.inbox_exports.append(seq)
-        self._touch()
+        self.touch()
 
     def take_exports(self) -> list[SimSeq]:
         """Remove the sequences asked for (still owned) at a step boundary, freeing what they hold."""
@@ -172,11 +191,14 @@ class SimWorker:
             del self.owned[seq.record.rid]
             out.append(seq)
         self.inbox_exports = []
-        self._touch()
+        self.touch()
         return out
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
         self.version += 1
+        if not self.listed and self.changed is not None:
+            self.listed = True
+            self.changed.append(self)
 
     # ------------------------------------------------------------ adapter slots
 
@@ -200,6 +222,7 @@ class SimWorker:
             victim = next(a for a, p in self.resident.items() if p == 0)  # LRU unpinned
             del self.resident[victim]
         self.resident[adapter] = 1
+        self._resident_set = None
         self.pinned += 1
         self.adapter_loads += 1
         if adapter in self.host:
@@ -224,54 +247,77 @@ class SimWorker:
 
     def plan(self, now: float) -> Phase | None:
         """Schedule the next step (or decode phase) from `now`; None when there is nothing to run."""
-        if not self.running and not self.waiting:
+        running, waiting = self.running, self.waiting
+        if not running and not waiting:
             self.phase = None
             return None
-        shape, bs = self.shape, self.shape.block_size
+        shape = self.shape
+        bs = shape.block_size
         budget = shape.max_num_batched_tokens
         scheduled: list[tuple[SimSeq, int]] = []
         preempted = False
-        queue = list(self.running)
+        # The step's shape, counted as sequences are scheduled (a scheduled one is never preempted
+        # later in the same pass: victims come from the unscheduled tail).
+        decode = prefill = context = 0
+        adapters: set[str | None] = set()
+        queue = running[:]
         qi = 0
         while qi < len(queue) and budget > 0:
             seq = queue[qi]
             qi += 1
-            n = min(seq.num_tokens - seq.computed, budget)
+            computed = seq.computed
+            n = seq.prompt + seq.generated - computed
+            if n > budget:
+                n = budget
             if n <= 0:
                 continue
-            need = blocks_for(seq.computed + n, bs) - seq.blocks
-            while need > self.free_blocks:
-                victim = queue.pop() if len(queue) > qi else seq
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
+            need = -(-(computed + n) // bs) - seq.blocks
+            if need > self.free_blocks:
+                while need > self.free_blocks:
+                    victim = queue.pop() if len(queue) > qi else seq
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if not seq.running:
                     break
-            if not seq.running:
-                break
             seq.blocks += need
             self.free_blocks -= need
             scheduled.append((seq, n))
             budget -= n
+            if n == 1 and seq.generated > 0:
+                decode += 1
+            else:
+                prefill += n
+            context += computed + n
+            adapters.add(seq.adapter)
         load_s = 0.0
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < shape.max_batch_size:
-                seq = self.waiting[0]
+            while waiting and budget > 0 and len(running) < shape.max_batch_size:
+                seq = waiting[0]
                 if not self._can_acquire(seq.adapter):
                     break  # FCFS: later requests wait too
-                n = min(seq.num_tokens - seq.computed, budget)
-                need = blocks_for(n, bs)
+                computed = seq.computed
+                n = min(seq.prompt + seq.generated - computed, budget)
+                need = -(-n // bs)
                 if need > self.free_blocks:
                     break
-                self.waiting.pop(0)
+                waiting.pop(0)
                 load_s += self._acquire(seq.adapter)
                 seq.running = True
                 seq.blocks = need
                 self.free_blocks -= need
-                insort(self.running, seq, key=_index)
+                insort(running, seq, key=_index)
                 scheduled.append((seq, n))
                 budget -= n
+                if n == 1 and seq.generated > 0:
+                    decode += 1
+                else:
+                    prefill += n
+                context += computed + n
+                adapters.add(seq.adapter)
         if not scheduled:
-            self._touch()
+            self.touch()
             if preempted:
                 # The oldest sequence preempted itself for want of a block: the engine's next step
                 # (at once, nothing ran) admits again from the queue.
@@ -279,24 +325,16 @@ class SimWorker:
             # Everything left is waiting on something only a finish or an export can free.
             self.phase = None
             return None
-        decode = prefill = context = 0
-        adapters: set[str | None] = set()
-        for seq, n in scheduled:
-            if n == 1 and seq.generated > 0:
-                decode += 1
-            else:
-                prefill += n
-            context += seq.computed + n
-            adapters.add(seq.adapter)
         distinct = len(adapters) - (None in adapters)
-        per_step = (self.profile.step_s(decode, prefill, context, distinct) + load_s) * self.slowdown
-        self._touch()
+        profile = self.profile
+        per_step = (profile.step_s(decode, prefill, context, distinct) + load_s) * self.slowdown
+        self.touch()
         phase = Phase(now, scheduled, per_step)
-        if prefill == 0 and load_s == 0.0 and not preempted and len(scheduled) == len(self.running):
+        if prefill == 0 and load_s == 0.0 and not preempted and len(scheduled) == len(running):
             steps = self._decode_steps(scheduled, budget)
             if steps > 1:
                 phase.steps, phase.decode, phase.ctx0 = steps, decode, context
-                phase.per_step = self.profile.step_s(decode, 0, 0, distinct)
+                phase.per_step = profile.step_s(decode, 0, 0, distinct)
                 phase.scale = self.slowdown
                 phase.end = now + self.duration(phase, steps)
         self.phase = phase
@@ -398,7 +436,7 @@ class SimWorker:
             del self.owned[seq.record.rid]
         if not self.owned:
             self.idle_since = end
-        self._touch()
+        self.touch()
         return finished
 
     def _preempt(self, seq: SimSeq) -> None:
@@ -411,6 +449,21 @@ class SimWorker:
         self.preemptions += 1
 
     # ------------------------------------------------------------ what the policies see
+
+    def resident_adapters(self) -> frozenset[str]:
+        if self._resident_set is None:
+            self._resident_set = frozenset(self.resident)
+        return self._resident_set
+
+    def _pending_tokens(self) -> list[int]:
+        # Sequences it holds no KV for: the waiting ones (owned = running + waiting).
+        return [s.num_tokens for s in self.waiting]
+
+    def placement_load(self) -> tuple[int, int, frozenset[str]]:
+        """The snapshot's batch, free blocks and resident adapters, without building one: all a
+        kept placement index needs of an active worker whose snapshot changed."""
+        free = placeable_free_blocks(self.free_blocks, self._pending_tokens(), self.shape.block_size)
+        return len(self.owned), free, self.resident_adapters()
 
     def snapshot(self) -> WorkerSnapshot:
         if self._snap_version == self.version and self._snap is not None and self._snap.state is self.state:
@@ -430,12 +483,12 @@ class SimWorker:
             self.worker_id,
             self.state,
             running,
-            pending_tokens=(s.num_tokens for s in self.owned.values() if not s.running),
+            pending_tokens=self._pending_tokens(),
             engine_free_blocks=self.free_blocks,
             max_batch_size=shape.max_batch_size,
             total_kv_blocks=shape.num_kv_blocks,
             block_size=shape.block_size,
-            resident_adapters=frozenset(self.resident),
+            resident_adapters=self.resident_adapters(),
             idle_since=self.idle_since,
         )
         self._snap, self._snap_version = snap, self.version
