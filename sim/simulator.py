@@ -35,7 +35,7 @@ from lorafleet.scheduler.policy_types import (
 )
 from lorafleet.scheduler.request_queue import RequestQueue
 from lorafleet.sim.profile import LatencyProfile
-from lorafleet.sim.worker import Phase, RequestRecord, SimSeq, SimWorker
+from lorafleet.sim.worker import RequestRecord, SimSeq, SimWorker
 
 _DEFAULTS = {f.name: f.default for f in fields(FleetConfig)}  # the runtime's defaults, kept in step
 
@@ -181,13 +181,17 @@ class Simulator:
         heap = self._heap
         prev_at = -math.inf
         stalled_ticks = 0
+        heappop = heapq.heappop
         while True:
             next_at = reqs[i].at_s if i < n else math.inf
-            if heap and (heap[0][0], heap[0][1]) <= (next_at, _ARRIVAL):
-                t, kind, _, obj = heapq.heappop(heap)
+            # Events before arrivals at equal times only if their kind runs first (phase end, ready).
+            if heap and (heap[0][0] < next_at or (heap[0][0] == next_at and heap[0][1] < _ARRIVAL)):
+                t, kind, _, obj = heappop(heap)
                 self.now = t
                 if kind == _PHASE:
-                    self._on_phase_end(obj, t)  # type: ignore[arg-type]
+                    worker, phase = obj  # type: ignore[misc]
+                    if worker.phase is phase and phase.end == t:  # else superseded (cut short)
+                        self._on_phase_end(worker, t)
                 elif kind == _READY:
                     self._on_ready(obj, t)  # type: ignore[arg-type]
                 elif kind == _PLACE:
@@ -407,10 +411,7 @@ class Simulator:
         if end != old_end:
             self._push(end, _PHASE, (worker, worker.phase))
 
-    def _on_phase_end(self, item: tuple[SimWorker, Phase], t: float) -> None:
-        worker, phase = item
-        if worker.phase is not phase or phase.end != t:
-            return  # superseded (the phase was cut short)
+    def _on_phase_end(self, worker: SimWorker, t: float) -> None:
         finished = worker.end_phase(t)
         if finished:
             self._epoch += 1

@@ -407,34 +407,36 @@ class SimWorker:
         self.busy_s += end - phase.start
         k = phase.steps
         bs = self.shape.block_size
+        delivered_at = end + self.profile.request_overhead_s
         finished: list[SimSeq] = []
         for seq, n in phase.scheduled:
             if not seq.running:
                 continue  # preempted later in the same planning pass
             if k > 1:
-                seq.computed += k
+                computed = seq.computed = seq.computed + k
                 seq.generated += k
-                blocks = blocks_for(seq.computed, bs)
+                blocks = -(-computed // bs)
                 self.free_blocks -= blocks - seq.blocks
                 seq.blocks = blocks
             else:
-                seq.computed += n
-                if seq.computed < seq.num_tokens:
+                computed = seq.computed = seq.computed + n
+                if computed < seq.prompt + seq.generated:
                     continue  # a prefill chunk: no token yet
                 seq.generated += 1
             rec = seq.record
             if rec.first_token is None:
-                rec.first_token = end + self.profile.request_overhead_s
-            rec.delivered += k if k > 1 else 1
+                rec.first_token = delivered_at
+            rec.delivered += k
             if seq.generated >= seq.output:
-                rec.finish = end + self.profile.request_overhead_s
+                rec.finish = delivered_at
                 rec.worker = self.worker_id
                 finished.append(seq)
+        owned, running = self.owned, self.running
         for seq in finished:
             self._release(seq)
-            self.running.remove(seq)
-            del self.owned[seq.record.rid]
-        if not self.owned:
+            running.remove(seq)
+            del owned[seq.record.rid]
+        if not owned:
             self.idle_since = end
         self.touch()
         return finished
