@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 from lorafleet.scheduler.policy_types import WorkerSnapshot, WorkerState, blocks_for
 
+_WALK_FIRST = 32  # entries `_first_resident` walks before it scans an adapter's holders instead
+
 
 class WorkerSlot:
     """Mutable planning copy of one active worker."""
@@ -105,11 +107,17 @@ class PlacementIndex:
         block_size: int,
         need: int,
     ) -> tuple[int, int] | None:
-        # Walk whichever is shorter: the bucket's feasible tail or the adapter's holders.
-        if len(entries) - start <= len(holders):
-            for j in range(start, len(entries)):
-                if entries[j][1] in holders:
-                    return entries[j]
+        # The bucket's feasible tail is sorted, so its first holder is the answer: walk it when it is
+        # the shorter list. Else scan the holders, but for a popular adapter (hundreds of holders
+        # fleet-wide, many in this bucket) walk a few steps first: one is usually met at once.
+        end = len(entries)
+        if end - start > len(holders):
+            end = start + _WALK_FIRST if len(holders) > _WALK_FIRST else start
+            end = min(end, len(entries))
+        for j in range(start, end):
+            if entries[j][1] in holders:
+                return entries[j]
+        if end == len(entries):
             return None
         best: tuple[int, int] | None = None
         for order in holders:

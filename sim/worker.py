@@ -342,7 +342,10 @@ class SimWorker:
 
     def _decode_steps(self, scheduled: list[tuple[SimSeq, int]], budget: int) -> int:
         """How many identical decode steps can run before anything changes."""
-        steps = min(seq.output - seq.generated for seq, _ in scheduled)
+        steps = scheduled[0][0].output - scheduled[0][0].generated
+        for seq, _ in scheduled:
+            if seq.output - seq.generated < steps:
+                steps = seq.output - seq.generated
         if steps <= 1:
             return 1
         if self.waiting and budget > 0 and len(self.running) < self.shape.max_batch_size:
@@ -355,6 +358,11 @@ class SimWorker:
                 return 1
         # Blocks: step j needs blocks_for(c + j) per sequence (c = context before the phase).
         bs, free = self.shape.block_size, self.free_blocks
+        extra = 0
+        for seq, _ in scheduled:
+            extra += -(-(seq.computed + steps) // bs) - seq.blocks
+        if extra <= free:  # the common case: blocks last until the next finish
+            return steps
         base = [(seq.computed, seq.blocks) for seq, _ in scheduled]
 
         def fits(k: int) -> bool:
@@ -363,8 +371,6 @@ class SimWorker:
                 extra += blocks_for(c + k, bs) - held
             return extra <= free
 
-        if fits(steps):
-            return steps
         lo, hi = 1, steps  # fits(lo) holds (step 1 is already allocated), fits(hi) does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
