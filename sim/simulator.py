@@ -13,6 +13,7 @@ Event order at equal times: step ends, worker ready, arrivals, placement, consol
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -174,6 +175,18 @@ class Simulator:
         heapq.heappush(self._heap, (t, kind, next(self._seq), obj))
 
     def run(self) -> SimResult:
+        # The run keeps millions of long-lived objects (a record per request) and frees its
+        # per-event ones by reference counting (they form no cycles), so the cyclic collector's
+        # passes over the growing heap are pure cost: up to a seventh of the time on 1M requests.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self) -> SimResult:
         for _ in range(self.config.min_gpus):
             self._start_worker(0.0, ready_now=True)
         self._push(self.config.consolidation_interval_s, _CONSOLIDATE, None)
@@ -390,7 +403,7 @@ class Simulator:
             worker.slowdown = max(1.0, computing / cores)
         phase = worker.plan(now)
         if phase is not None:
-            self._push(phase.end, _PHASE, (worker, phase))
+            heapq.heappush(self._heap, (phase.end, _PHASE, next(self._seq), (worker, phase)))
 
     def _sync_busy(self, worker: SimWorker, now: float) -> None:
         busy = bool(worker.owned)
@@ -415,8 +428,8 @@ class Simulator:
         finished = worker.end_phase(t)
         if finished:
             self._epoch += 1
-        for seq in finished:
-            self._finish(seq.record)
+            for seq in finished:
+                self._finish(seq.record)
         if worker.inbox_exports:
             self._handle_exports(worker, t)
         self._sync_busy(worker, t)

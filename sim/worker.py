@@ -259,12 +259,11 @@ class SimWorker:
         # The step's shape, counted as sequences are scheduled (a scheduled one is never preempted
         # later in the same pass: victims come from the unscheduled tail).
         decode = prefill = context = 0
-        adapters: set[str | None] = set()
-        queue = running[:]
-        qi = 0
-        while qi < len(queue) and budget > 0:
-            seq = queue[qi]
-            qi += 1
+        free = self.free_blocks
+        queue = running[:]  # victims of preemption are popped off its unscheduled end
+        for qi, seq in enumerate(queue):
+            if budget <= 0:
+                break
             computed = seq.computed
             n = seq.prompt + seq.generated - computed
             if n > budget:
@@ -272,17 +271,19 @@ class SimWorker:
             if n <= 0:
                 continue
             need = -(-(computed + n) // bs) - seq.blocks
-            if need > self.free_blocks:
+            if need > free:
+                self.free_blocks = free
                 while need > self.free_blocks:
-                    victim = queue.pop() if len(queue) > qi else seq
+                    victim = queue.pop() if len(queue) > qi + 1 else seq
                     self._preempt(victim)
                     preempted = True
                     if victim is seq:
                         break
+                free = self.free_blocks
                 if not seq.running:
                     break
             seq.blocks += need
-            self.free_blocks -= need
+            free -= need
             scheduled.append((seq, n))
             budget -= n
             if n == 1 and seq.generated > 0:
@@ -290,7 +291,7 @@ class SimWorker:
             else:
                 prefill += n
             context += computed + n
-            adapters.add(seq.adapter)
+        self.free_blocks = free
         load_s = 0.0
         if not preempted:
             while waiting and budget > 0 and len(running) < shape.max_batch_size:
@@ -315,7 +316,6 @@ class SimWorker:
                 else:
                     prefill += n
                 context += computed + n
-                adapters.add(seq.adapter)
         if not scheduled:
             self.touch()
             if preempted:
@@ -325,7 +325,11 @@ class SimWorker:
             # Everything left is waiting on something only a finish or an export can free.
             self.phase = None
             return None
-        distinct = len(adapters) - (None in adapters)
+        if len(scheduled) == len(running):
+            distinct = self.pinned  # adapters with a running sequence: every one is in the step
+        else:
+            adapters = {seq.adapter for seq, _ in scheduled}
+            distinct = len(adapters) - (None in adapters)
         profile = self.profile
         per_step = (profile.step_s(decode, prefill, context, distinct) + load_s) * self.slowdown
         self.touch()
