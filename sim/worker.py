@@ -20,6 +20,7 @@ real actor runs commands between steps.
 
 from __future__ import annotations
 
+import math
 from bisect import insort
 from collections import OrderedDict
 
@@ -397,17 +398,33 @@ class SimWorker:
         phase = self.phase
         assert phase is not None
         if phase.steps > 1:
-            lo, hi = 1, phase.steps  # the smallest j whose end is >= now
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if phase.start + self.duration(phase, mid) >= now:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if lo < phase.steps:
-                phase.steps = lo
-                phase.end = phase.start + self.duration(phase, lo)
+            j = self._step_in_progress(phase, now)
+            if j < phase.steps:
+                phase.steps = j
+                phase.end = phase.start + self.duration(phase, j)
         return phase.end
+
+    def _step_in_progress(self, phase: Phase, now: float) -> int:
+        """The smallest j whose step ends at or after `now` (the last step if none does)."""
+        last = phase.steps
+        # duration(j) = scale * (per * j + a * j * (j - 1)): solve for j, then settle the rounding
+        # with the exact test (it is monotone in j), which is what a binary search would find.
+        pc = self.profile.per_context_token_s
+        per = phase.per_step + pc * phase.ctx0 if phase.decode else phase.per_step
+        a = pc * phase.decode / 2
+        span = (now - phase.start) / phase.scale if phase.scale > 0 else math.inf
+        if a > 0:
+            b = per - a
+            guess = (-b + math.sqrt(b * b + 4 * a * max(span, 0.0))) / (2 * a)
+        else:
+            guess = span / per if per > 0 else math.inf
+        j = min(max(math.ceil(guess) if guess < last else last, 1), last)
+        start = phase.start
+        while j < last and start + self.duration(phase, j) < now:
+            j += 1
+        while j > 1 and start + self.duration(phase, j - 1) >= now:
+            j -= 1
+        return j
 
     def end_phase(self, end: float) -> list[SimSeq]:
         """Apply the phase's steps at `end`; returns the sequences that finished."""
