@@ -134,9 +134,8 @@ class Simulator:
             clock=lambda: self.now,
         )
         self.queue = RequestQueue()
-        self.queued: dict[str, PendingRequest] = {}
+        self.queued: dict[str, tuple[PendingRequest, RequestRecord]] = {}  # waiting for placement
         self.records: list[RequestRecord] = []
-        self.by_id: dict[str, RequestRecord] = {}
         self.workers: dict[str, SimWorker] = {}
         self.live: list[SimWorker] = []  # not stopped, in start order
         self.stopped: list[SimWorker] = []
@@ -195,10 +194,11 @@ class Simulator:
         prev_at = -math.inf
         stalled_ticks = 0
         heappop = heapq.heappop
+        next_at = reqs[0].at_s if n else math.inf
         while True:
-            next_at = reqs[i].at_s if i < n else math.inf
             # Events before arrivals at equal times only if their kind runs first (phase end, ready).
-            if heap and (heap[0][0] < next_at or (heap[0][0] == next_at and heap[0][1] < _ARRIVAL)):
+            top = heap[0] if heap else None
+            if top is not None and (top[0] < next_at or (top[0] == next_at and top[1] < _ARRIVAL)):
                 t, kind, _, obj = heappop(heap)
                 self.now = t
                 if kind == _PHASE:
@@ -232,6 +232,7 @@ class Simulator:
                 self.now = req.at_s
                 self._arrive(f"r{i}", req)
                 i += 1
+                next_at = reqs[i].at_s if i < n else math.inf
             else:
                 break
             if i >= n and not self._outstanding:
@@ -266,7 +267,6 @@ class Simulator:
     def _arrive(self, rid: str, req: SimRequest) -> None:
         rec = RequestRecord(rid, req.at_s, req.adapter, req.prompt_tokens, req.output_tokens)
         self.records.append(rec)
-        self.by_id[rid] = rec
         self._outstanding += 1
         # The fleet's admission check (scheduler/fleet.py): a request that could outgrow a worker's
         # whole KV cache is refused up front, or the engine would preempt it forever.
@@ -279,11 +279,11 @@ class Simulator:
             )
             self._finish(rec)
             return
-        self._enqueue(PendingRequest(rid, req.adapter, req.prompt_tokens, req.output_tokens, req.at_s))
+        self._enqueue(PendingRequest(rid, req.adapter, req.prompt_tokens, req.output_tokens, req.at_s), rec)
         self._want_placement(req.at_s)
 
-    def _enqueue(self, pending: PendingRequest, *, front: bool = False) -> None:
-        self.queued[pending.request_id] = pending
+    def _enqueue(self, pending: PendingRequest, rec: RequestRecord, *, front: bool = False) -> None:
+        self.queued[pending.request_id] = (pending, rec)
         if front:
             self.queue.push_front(pending)
         else:
@@ -308,15 +308,13 @@ class Simulator:
         self._blocked = (self._epoch, head.request_id) if head is not None else None
         for d in decisions:
             if isinstance(d, Place):
-                pending = self.queued.pop(d.request_id)
-                rec = self.by_id[d.request_id]
+                pending, rec = self.queued.pop(d.request_id)
                 worker = self.workers[d.worker_id]
                 worker.add(SimSeq(rec, pending.prompt_len, pending.max_new_tokens, now))
                 self._sync_busy(worker, now)
                 self._kick(worker, now)
             elif isinstance(d, Reject):
-                self.queued.pop(d.request_id)
-                rec = self.by_id[d.request_id]
+                _, rec = self.queued.pop(d.request_id)
                 rec.rejected = d.reason
                 self._finish(rec)
             elif isinstance(d, StartWorker):
@@ -453,7 +451,7 @@ class Simulator:
                 self.counters["evictions" if dst is None else "requeued_migrations"] += 1
                 rec.evictions += dst is None
                 self._enqueue(
-                    PendingRequest(rec.rid, rec.adapter, prompt, remaining, rec.arrival), front=True
+                    PendingRequest(rec.rid, rec.adapter, prompt, remaining, rec.arrival), rec, front=True
                 )
                 self._want_placement(now)
                 continue
