@@ -157,23 +157,21 @@ class ConsolidationPolicy:
     ) -> list[tuple[RunningSeq, WorkerSlot]] | None:
         """Targets for every sequence of `src`, each the largest batch that fits it (adapter
         resident, then fewer free blocks, then input order), applied to the index; or None, with
-        the index as it was. A source, once chosen, stays out of the index: it is never a target."""
-        own = index.by_id.get(src.snap.worker_id)
-        if own is not None:
-            index.withdraw(own)
+        the index as it was. A source, once chosen, leaves the index: it is never a target."""
+        own = index.by_id.get(src.snap.worker_id)  # None for a draining source (not indexed)
         moves: list[tuple[RunningSeq, WorkerSlot]] = []
         undo: list[tuple[WorkerSlot, int, int, frozenset[str] | set[str]]] = []
         for seq in seqs:
-            slot = index.best_packing(seq.adapter, seq.num_tokens, min_batch=min_batch)
+            slot = index.best_packing(seq.adapter, seq.num_tokens, min_batch=min_batch, exclude=own)
             if slot is None:
                 for target, batch, free, resident in reversed(undo):
                     index.set_load(target, batch, free, resident)
-                if own is not None:
-                    index.reinstate(own)
                 return None
             undo.append((slot, slot.batch, slot.free, slot.resident))
             index.assign(slot, seq.adapter, seq.num_tokens)
             moves.append((seq, slot))
+        if own is not None:
+            index.withdraw(own)
         return moves
 
     # ------------------------------------------------------------ 3. releases

@@ -74,10 +74,14 @@ class PlacementIndex:
 
     # ------------------------------------------------------------ queries
 
-    def best_packing(self, adapter: str | None, prompt_len: int, *, min_batch: int = 0) -> WorkerSlot | None:
+    def best_packing(
+        self, adapter: str | None, prompt_len: int, *, min_batch: int = 0, exclude: WorkerSlot | None = None
+    ) -> WorkerSlot | None:
         """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks.
-        Workers whose batch is below `min_batch` are not considered (consolidation's targets)."""
+        Workers whose batch is below `min_batch` are not considered, nor `exclude` (consolidation's
+        targets: at least as busy as the source, never the source itself)."""
         holders = self._resident.get(adapter) if adapter is not None else None
+        skip = exclude.order if exclude is not None else -1
         for batch in reversed(self._level_keys):
             if batch < min_batch:
                 break
@@ -85,11 +89,13 @@ class PlacementIndex:
             for block_size, entries in self._levels[batch].items():
                 need = blocks_for(prompt_len, block_size) + batch
                 i = bisect_left(entries, (need, -1))
+                if i < len(entries) and entries[i][1] == skip:
+                    i += 1
                 if i == len(entries):
                     continue
                 key = (1, *entries[i])
                 if holders:
-                    resident = self._first_resident(holders, entries, i, batch, block_size, need)
+                    resident = self._first_resident(holders, entries, i, batch, block_size, need, skip)
                     if resident is not None:
                         key = (0, *resident)
                 if best is None or key < best:
@@ -106,6 +112,7 @@ class PlacementIndex:
         batch: int,
         block_size: int,
         need: int,
+        skip: int,
     ) -> tuple[int, int] | None:
         # The bucket's feasible tail is sorted, so its first holder is the answer: walk it when it is
         # the shorter list. Else scan the holders, but for a popular adapter (hundreds of holders
@@ -115,13 +122,15 @@ class PlacementIndex:
             end = start + _WALK_FIRST if len(holders) > _WALK_FIRST else start
             end = min(end, len(entries))
         for j in range(start, end):
-            if entries[j][1] in holders:
+            if entries[j][1] in holders and entries[j][1] != skip:
                 return entries[j]
         if end == len(entries):
             return None
         best: tuple[int, int] | None = None
         for order in holders:
             s = self.slots[order]
+            if order == skip:
+                continue
             if s.batch == batch and s.batch < s.max_batch and s.block_size == block_size and s.free >= need:
                 key = (s.free, order)
                 if best is None or key < best:
@@ -188,12 +197,9 @@ class PlacementIndex:
             self._link(slot)
 
     def withdraw(self, slot: WorkerSlot) -> None:
-        """Take a worker out of the bucket queries (`best_packing`, `least_loaded`) until
-        `reinstate`: a consolidation source must not receive its own sequences."""
+        """Take a worker out of the bucket queries (`best_packing`, `least_loaded`) for good: a
+        consolidation source, which must never become a target."""
         self._detach(slot)
-
-    def reinstate(self, slot: WorkerSlot) -> None:
-        self._attach(slot)
 
     def set_load(self, slot: WorkerSlot, batch: int, free: int, resident: frozenset[str] | set[str]) -> None:
         """Set a slot's batch, free blocks and resident adapters: to undo `assign`s of a plan given
