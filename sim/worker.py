@@ -40,7 +40,6 @@ class RequestRecord:
     __slots__ = (
         "adapter",
         "arrival",
-        "delivered",
         "evictions",
         "finish",
         "first_token",
@@ -59,7 +58,6 @@ class RequestRecord:
         self.adapter = adapter
         self.prompt_tokens = prompt
         self.output_tokens = output
-        self.delivered = 0  # tokens produced so far, across workers
         self.first_token: float | None = None
         self.finish: float | None = None
         self.worker = ""
@@ -78,6 +76,7 @@ class SimSeq:
         "blocks",
         "computed",
         "exporting",
+        "first_pending",
         "generated",
         "index",
         "output",
@@ -99,6 +98,9 @@ class SimSeq:
         self.index = 0  # the worker's admission order: FCFS, and "newest" for preemption
         self.running = False
         self.exporting = False
+        # Its request's first token is still to come (read once here, so that a step need not
+        # touch the record until the sequence's first token or its finish).
+        self.first_pending = record.first_token is None
 
     @property
     def num_tokens(self) -> int:
@@ -450,11 +452,11 @@ class SimWorker:
                 if computed < seq.prompt + seq.generated:
                     continue  # a prefill chunk: no token yet
                 seq.generated += 1
-            rec = seq.record
-            if rec.first_token is None:
-                rec.first_token = delivered_at
-            rec.delivered += k
+            if seq.first_pending:
+                seq.first_pending = False
+                seq.record.first_token = delivered_at
             if seq.generated >= seq.output:
+                rec = seq.record
                 rec.finish = delivered_at
                 rec.worker = self.worker_id
                 finished.append(seq)
