@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from lorafleet.scheduler.placement_index import PlacementIndex, WorkerSlot
 from lorafleet.scheduler.policy_types import (
     Decision,
     Evict,
@@ -50,19 +51,14 @@ def group_moves(
 class _Plan:
     """Working copy of one worker during a pass."""
 
-    __slots__ = ("batch", "free", "order", "resident", "role", "snap")
+    __slots__ = ("batch", "free", "order", "role", "snap")
 
     def __init__(self, order: int, snap: WorkerSnapshot) -> None:
         self.order = order
         self.snap = snap
         self.batch = snap.num_running
         self.free = snap.free_kv_blocks
-        self.resident: frozenset[str] | set[str] = snap.resident_adapters
         self.role: str | None = None  # "source", "target" or "evicting" once touched this pass
-
-    def fits(self, seq: RunningSeq) -> bool:
-        need = blocks_for(seq.num_tokens, self.snap.block_size) + self.batch
-        return self.batch < self.snap.max_batch_size and self.free >= need
 
 
 class ConsolidationPolicy:
@@ -123,8 +119,14 @@ class ConsolidationPolicy:
             for p in plans
             if p.role is None and p.batch > 0 and p.snap.state in (WorkerState.ACTIVE, WorkerState.DRAINING)
         ]
+        if budget <= 0 or not sources:
+            return
         # Draining workers first (they must empty), then the lightest.
         sources.sort(key=lambda p: (p.snap.state is not WorkerState.DRAINING, p.batch, p.order))
+        # Targets are found with the placement index (Punica's rule again, ~O(log W) per sequence
+        # instead of a scan of the fleet): every active worker not evicting, in input order.
+        by_id = {p.snap.worker_id: p for p in plans}
+        index = PlacementIndex(p.snap for p in plans if p.role is None and p.snap.state is WorkerState.ACTIVE)
         for src in sources:
             if budget <= 0:
                 break
@@ -137,49 +139,40 @@ class ConsolidationPolicy:
                 for s in seqs
             ):
                 continue
-            moves = self._fit_all(plans, src, seqs, min_batch=0 if draining else src.batch)
+            moves = self._fit_all(index, src, seqs, min_batch=0 if draining else src.batch)
             if moves is None:
                 continue
             src.role = "source"
-            for seq, target in moves:
-                out.append(Migrate(seq.request_id, src.snap.worker_id, target.snap.worker_id))
+            for seq, slot in moves:
+                target = by_id[slot.worker_id]
+                target.role = "target"
+                target.batch += 1
+                target.free -= blocks_for(seq.num_tokens, target.snap.block_size)
+                out.append(Migrate(seq.request_id, src.snap.worker_id, slot.worker_id))
                 budget -= 1
 
-    def _fit_all(
-        self, plans: list[_Plan], src: _Plan, seqs: list[RunningSeq], *, min_batch: int
-    ) -> list[tuple[RunningSeq, _Plan]] | None:
-        """Targets for every sequence of `src` (applied to the copies), or None (copies unchanged)."""
-        moves: list[tuple[RunningSeq, _Plan]] = []
-        undo: list[tuple[_Plan, int, int, frozenset[str] | set[str], str | None]] = []
-        for seq in seqs:
-            target = self._best_target(plans, src, seq, min_batch)
-            if target is None:
-                for p, batch, free, resident, role in reversed(undo):
-                    p.batch, p.free, p.resident, p.role = batch, free, resident, role
-                return None
-            undo.append((target, target.batch, target.free, target.resident, target.role))
-            target.batch += 1
-            target.free -= blocks_for(seq.num_tokens, target.snap.block_size)
-            if seq.adapter is not None and seq.adapter not in target.resident:
-                target.resident = set(target.resident) | {seq.adapter}
-            target.role = "target"
-            moves.append((seq, target))
-        return moves
-
     @staticmethod
-    def _best_target(plans: list[_Plan], src: _Plan, seq: RunningSeq, min_batch: int) -> _Plan | None:
-        # Punica's rule again: the largest batch that fits it, adapter resident, fewer free blocks.
-        best: _Plan | None = None
-        best_key: tuple[int, int, int, int] | None = None
-        for p in plans:
-            if p is src or p.snap.state is not WorkerState.ACTIVE or p.role in ("source", "evicting"):
-                continue
-            if p.batch < min_batch or not p.fits(seq):
-                continue
-            key = (-p.batch, seq.adapter not in p.resident, p.free, p.order)
-            if best_key is None or key < best_key:
-                best, best_key = p, key
-        return best
+    def _fit_all(
+        index: PlacementIndex, src: _Plan, seqs: list[RunningSeq], *, min_batch: int
+    ) -> list[tuple[RunningSeq, WorkerSlot]] | None:
+        """Targets for every sequence of `src`, each the largest batch that fits it (adapter
+        resident, then fewer free blocks, then input order), applied to the index; or None, with
+        the index as it was. A source, once chosen, leaves the index: it is never a target."""
+        own = index.by_id.get(src.snap.worker_id)  # None for a draining source (not indexed)
+        moves: list[tuple[RunningSeq, WorkerSlot]] = []
+        undo: list[tuple[WorkerSlot, int, int, frozenset[str] | set[str]]] = []
+        for seq in seqs:
+            slot = index.best_packing(seq.adapter, seq.num_tokens, min_batch=min_batch, exclude=own)
+            if slot is None:
+                for target, batch, free, resident in reversed(undo):
+                    index.set_load(target, batch, free, resident)
+                return None
+            undo.append((slot, slot.batch, slot.free, slot.resident))
+            index.assign(slot, seq.adapter, seq.num_tokens)
+            moves.append((seq, slot))
+        if own is not None:
+            index.withdraw(own)
+        return moves
 
     # ------------------------------------------------------------ 3. releases
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 from lorafleet.scheduler.policy_types import WorkerSnapshot, WorkerState, blocks_for
 
+_WALK_FIRST = 32  # entries `_first_resident` walks before it scans an adapter's holders instead
+
 
 class WorkerSlot:
     """Mutable planning copy of one active worker."""
@@ -72,19 +74,28 @@ class PlacementIndex:
 
     # ------------------------------------------------------------ queries
 
-    def best_packing(self, adapter: str | None, prompt_len: int) -> WorkerSlot | None:
-        """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks."""
+    def best_packing(
+        self, adapter: str | None, prompt_len: int, *, min_batch: int = 0, exclude: WorkerSlot | None = None
+    ) -> WorkerSlot | None:
+        """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks.
+        Workers whose batch is below `min_batch` are not considered, nor `exclude` (consolidation's
+        targets: at least as busy as the source, never the source itself)."""
         holders = self._resident.get(adapter) if adapter is not None else None
+        skip = exclude.order if exclude is not None else -1
         for batch in reversed(self._level_keys):
+            if batch < min_batch:
+                break
             best: tuple[int, int, int] | None = None  # (not resident, free, order)
             for block_size, entries in self._levels[batch].items():
                 need = blocks_for(prompt_len, block_size) + batch
                 i = bisect_left(entries, (need, -1))
+                if i < len(entries) and entries[i][1] == skip:
+                    i += 1
                 if i == len(entries):
                     continue
                 key = (1, *entries[i])
                 if holders:
-                    resident = self._first_resident(holders, entries, i, batch, block_size, need)
+                    resident = self._first_resident(holders, entries, i, batch, block_size, need, skip)
                     if resident is not None:
                         key = (0, *resident)
                 if best is None or key < best:
@@ -101,16 +112,25 @@ class PlacementIndex:
         batch: int,
         block_size: int,
         need: int,
+        skip: int,
     ) -> tuple[int, int] | None:
-        # Walk whichever is shorter: the bucket's feasible tail or the adapter's holders.
-        if len(entries) - start <= len(holders):
-            for j in range(start, len(entries)):
-                if entries[j][1] in holders:
-                    return entries[j]
+        # The bucket's feasible tail is sorted, so its first holder is the answer: walk it when it is
+        # the shorter list. Else scan the holders, but for a popular adapter (hundreds of holders
+        # fleet-wide, many in this bucket) walk a few steps first: one is usually met at once.
+        end = len(entries)
+        if end - start > len(holders):
+            end = start + _WALK_FIRST if len(holders) > _WALK_FIRST else start
+            end = min(end, len(entries))
+        for j in range(start, end):
+            if entries[j][1] in holders and entries[j][1] != skip:
+                return entries[j]
+        if end == len(entries):
             return None
         best: tuple[int, int] | None = None
         for order in holders:
             s = self.slots[order]
+            if order == skip:
+                continue
             if s.batch == batch and s.batch < s.max_batch and s.block_size == block_size and s.free >= need:
                 key = (s.free, order)
                 if best is None or key < best:
@@ -142,20 +162,10 @@ class PlacementIndex:
         slot = self.by_id[snap.worker_id]
         if snap.state is not WorkerState.ACTIVE:
             raise ValueError(f"worker {snap.worker_id} is {snap.state.value}: rebuild the index")
-        if slot.batch < slot.max_batch:
-            self._unlink(slot)
-        for adapter in slot.resident:
-            holders = self._resident.get(adapter)
-            if holders is not None:
-                holders.discard(slot.order)
-                if not holders:
-                    del self._resident[adapter]
+        self._detach(slot)
         old_total = slot.total
         slot.load(snap)
-        for adapter in slot.resident:
-            self._resident.setdefault(adapter, set()).add(slot.order)
-        if slot.batch < slot.max_batch:
-            self._link(slot)
+        self._attach(slot)
         if slot.total >= self.max_total_blocks:
             self.max_total_blocks = slot.total
         elif old_total == self.max_total_blocks:
@@ -168,10 +178,7 @@ class PlacementIndex:
         slot = WorkerSlot(len(self.slots), snap)
         self.slots.append(slot)
         self.by_id[slot.worker_id] = slot
-        for adapter in slot.resident:
-            self._resident.setdefault(adapter, set()).add(slot.order)
-        if slot.batch < slot.max_batch:
-            self._link(slot)
+        self._attach(slot)
         self.max_total_blocks = max(self.max_total_blocks, slot.total)
 
     # ------------------------------------------------------------ updates
@@ -188,6 +195,45 @@ class PlacementIndex:
             self._resident.setdefault(adapter, set()).add(slot.order)
         if slot.batch < slot.max_batch:
             self._link(slot)
+
+    def withdraw(self, slot: WorkerSlot) -> None:
+        """Take a worker out of the bucket queries (`best_packing`, `least_loaded`) for good: a
+        consolidation source, which must never become a target."""
+        self._detach(slot)
+
+    def set_load(self, slot: WorkerSlot, batch: int, free: int, resident: frozenset[str] | set[str]) -> None:
+        """Set a slot's batch, free blocks and resident adapters: to undo `assign`s of a plan given
+        up, or as a cheaper `refresh` for a caller that knows nothing else of the worker changed
+        (its state, shape and place). A no-op when they are unchanged."""
+        same_resident = slot.resident is resident or slot.resident == resident
+        if same_resident and slot.batch == batch and slot.free == free:
+            return
+        if same_resident:  # the common case: only its bucket changes
+            if slot.batch < slot.max_batch:
+                self._unlink(slot)
+            slot.batch, slot.free, slot.resident = batch, free, resident
+            if batch < slot.max_batch:
+                self._link(slot)
+            return
+        self._detach(slot)
+        slot.batch, slot.free, slot.resident = batch, free, resident
+        self._attach(slot)
+
+    def _attach(self, slot: WorkerSlot) -> None:
+        for adapter in slot.resident:
+            self._resident.setdefault(adapter, set()).add(slot.order)
+        if slot.batch < slot.max_batch:
+            self._link(slot)
+
+    def _detach(self, slot: WorkerSlot) -> None:
+        if slot.batch < slot.max_batch:
+            self._unlink(slot)
+        for adapter in slot.resident:
+            holders = self._resident.get(adapter)
+            if holders is not None:
+                holders.discard(slot.order)
+                if not holders:
+                    del self._resident[adapter]
 
     def _link(self, slot: WorkerSlot) -> None:
         groups = self._levels.get(slot.batch)

@@ -26,6 +26,12 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def placeable_free_blocks(engine_free_blocks: int, pending_tokens: Iterable[int], block_size: int) -> int:
+    """The free KV blocks the policies see: the engine's, less the blocks of the sequences it holds
+    no KV for yet (just sent, or waiting inside the engine), so a pass does not promise them twice."""
+    return engine_free_blocks - sum(blocks_for(n, block_size) for n in pending_tokens)
+
+
 @dataclass(frozen=True)
 class PendingRequest:
     """A request waiting for placement: new, or resumed after eviction, migration failure or a fault.
@@ -106,17 +112,15 @@ class WorkerSnapshot:
         """The one way both the runtime and the simulator describe a worker to the policies.
 
         `running` is every sequence the scheduler has given the worker (authoritative for the batch);
-        `pending_tokens` are the contexts of those the engine holds no KV for yet (just sent, or
-        waiting inside the engine), whose blocks are taken off the engine's free count so that a
-        pass does not promise the same blocks twice.
+        `pending_tokens` are the contexts of those the engine holds no KV for yet, whose blocks
+        `placeable_free_blocks` takes off the engine's free count.
         """
-        pending = sum(blocks_for(n, block_size) for n in pending_tokens)
         return cls(
             worker_id=worker_id,
             state=state,
             running=running,
             max_batch_size=max_batch_size,
-            free_kv_blocks=engine_free_blocks - pending,
+            free_kv_blocks=placeable_free_blocks(engine_free_blocks, pending_tokens, block_size),
             total_kv_blocks=total_kv_blocks,
             block_size=block_size,
             resident_adapters=resident_adapters,

@@ -71,6 +71,8 @@ class LatencyProfile:
     request_overhead_s: float = 0.0
     source: str = ""  # where it was measured (machine, command, date)
     samples: tuple[tuple[float, ...], ...] = field(default=(), repr=False)  # raw grid, for the record
+    # base() by decode count, filled as asked: a simulation asks for the same few counts millions of times.
+    _base_memo: dict[int, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.decode_batch or len(self.decode_batch) != len(self.decode_base_s):
@@ -92,6 +94,12 @@ class LatencyProfile:
             _check_nonneg("decode_base_s", v)
 
     def base(self, decode_seqs: int) -> float:
+        value = self._base_memo.get(decode_seqs)
+        if value is None:
+            value = self._base_memo[decode_seqs] = self._interpolate(decode_seqs)
+        return value
+
+    def _interpolate(self, decode_seqs: int) -> float:
         xs, ys = self.decode_batch, self.decode_base_s
         if len(xs) == 1:
             return ys[0]
@@ -101,9 +109,12 @@ class LatencyProfile:
         return max(0.0, y0 + (y1 - y0) * (decode_seqs - x0) / (x1 - x0))
 
     def step_s(self, decode_seqs: int, prefill_tokens: int, total_context: int, adapters: int) -> float:
+        base = self._base_memo.get(decode_seqs)
+        if base is None:
+            base = self.base(decode_seqs)
         return (
             self.step_overhead_s
-            + self.base(decode_seqs)
+            + base
             + self.per_prefill_token_s * prefill_tokens
             + self.per_context_token_s * total_context
             + self.per_adapter_s * max(0, adapters - 1)

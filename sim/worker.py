@@ -20,10 +20,17 @@ real actor runs commands between steps.
 
 from __future__ import annotations
 
+import math
 from bisect import insort
 from collections import OrderedDict
 
-from lorafleet.scheduler.policy_types import RunningSeq, WorkerSnapshot, WorkerState, blocks_for
+from lorafleet.scheduler.policy_types import (
+    RunningSeq,
+    WorkerSnapshot,
+    WorkerState,
+    blocks_for,
+    placeable_free_blocks,
+)
 from lorafleet.sim.profile import LatencyProfile
 
 
@@ -33,7 +40,6 @@ class RequestRecord:
     __slots__ = (
         "adapter",
         "arrival",
-        "delivered",
         "evictions",
         "finish",
         "first_token",
@@ -52,7 +58,6 @@ class RequestRecord:
         self.adapter = adapter
         self.prompt_tokens = prompt
         self.output_tokens = output
-        self.delivered = 0  # tokens produced so far, across workers
         self.first_token: float | None = None
         self.finish: float | None = None
         self.worker = ""
@@ -71,6 +76,7 @@ class SimSeq:
         "blocks",
         "computed",
         "exporting",
+        "first_pending",
         "generated",
         "index",
         "output",
@@ -92,6 +98,9 @@ class SimSeq:
         self.index = 0  # the worker's admission order: FCFS, and "newest" for preemption
         self.running = False
         self.exporting = False
+        # Its request's first token is still to come (read once here, so that a step need not
+        # touch the record until the sequence's first token or its finish).
+        self.first_pending = record.first_token is None
 
     @property
     def num_tokens(self) -> int:
@@ -115,7 +124,15 @@ class Phase:
 
 
 class SimWorker:
-    def __init__(self, worker_id: str, order: int, profile: LatencyProfile, requested_at: float) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        order: int,
+        profile: LatencyProfile,
+        requested_at: float,
+        *,
+        changed: list[SimWorker] | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.order = order
         self.profile = profile
@@ -128,12 +145,17 @@ class SimWorker:
         self.owned: dict[str, SimSeq] = {}  # everything the scheduler gave it (running, waiting, inbox)
         self.free_blocks = self.shape.num_kv_blocks
         self.resident: OrderedDict[str, int] = OrderedDict()  # GPU slots: adapter -> pins, LRU first
+        self._resident_set: frozenset[str] | None = frozenset()  # its keys; None when stale
         self.pinned = 0  # resident adapters with pins > 0
         self.host: OrderedDict[str, None] = OrderedDict()  # host LRU
         self.phase: Phase | None = None
         self.slowdown = 1.0  # set by the simulator when workers share CPU cores
         self.busy = False  # the simulator's record of whether it owns sequences
-        self.version = 0
+        self.version = 0  # bumped on every change the policies could see
+        # The simulator's list of workers changed since its last placement pass (each listed once,
+        # while `listed`): a pass then refreshes those instead of checking the whole fleet.
+        self.changed = changed
+        self.listed = False
         self.inbox_exports: list[SimSeq] = []
         self.idle_since: float | None = None
         self.busy_s = 0.0
@@ -151,12 +173,12 @@ class SimWorker:
         self.owned[seq.record.rid] = seq
         self.waiting.append(seq)  # indices grow, so appending keeps it sorted
         self.idle_since = None
-        self._touch()
+        self.touch()
 
     def request_export(self, seq: SimSeq) -> None:
         seq.exporting = True
         self.inbox_exports.append(seq)
-        self._touch()
+        self.touch()
 
     def take_exports(self) -> list[SimSeq]:
         """Remove the sequences asked for (still owned) at a step boundary, freeing what they hold."""
@@ -172,11 +194,14 @@ class SimWorker:
             del self.owned[seq.record.rid]
             out.append(seq)
         self.inbox_exports = []
-        self._touch()
+        self.touch()
         return out
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
         self.version += 1
+        if not self.listed and self.changed is not None:
+            self.listed = True
+            self.changed.append(self)
 
     # ------------------------------------------------------------ adapter slots
 
@@ -200,6 +225,7 @@ class SimWorker:
             victim = next(a for a, p in self.resident.items() if p == 0)  # LRU unpinned
             del self.resident[victim]
         self.resident[adapter] = 1
+        self._resident_set = None
         self.pinned += 1
         self.adapter_loads += 1
         if adapter in self.host:
@@ -224,54 +250,77 @@ class SimWorker:
 
     def plan(self, now: float) -> Phase | None:
         """Schedule the next step (or decode phase) from `now`; None when there is nothing to run."""
-        if not self.running and not self.waiting:
+        running, waiting = self.running, self.waiting
+        if not running and not waiting:
             self.phase = None
             return None
-        shape, bs = self.shape, self.shape.block_size
+        shape = self.shape
+        bs = shape.block_size
         budget = shape.max_num_batched_tokens
         scheduled: list[tuple[SimSeq, int]] = []
         preempted = False
-        queue = list(self.running)
-        qi = 0
-        while qi < len(queue) and budget > 0:
-            seq = queue[qi]
-            qi += 1
-            n = min(seq.num_tokens - seq.computed, budget)
+        # The step's shape, counted as sequences are scheduled (a scheduled one is never preempted
+        # later in the same pass: victims come from the unscheduled tail).
+        decode = prefill = context = 0
+        free = self.free_blocks
+        queue = running[:]  # victims of preemption are popped off its unscheduled end
+        for qi, seq in enumerate(queue):
+            if budget <= 0:
+                break
+            computed = seq.computed
+            n = seq.prompt + seq.generated - computed
+            if n > budget:
+                n = budget
             if n <= 0:
                 continue
-            need = blocks_for(seq.computed + n, bs) - seq.blocks
-            while need > self.free_blocks:
-                victim = queue.pop() if len(queue) > qi else seq
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
+            need = -(-(computed + n) // bs) - seq.blocks
+            if need > free:
+                self.free_blocks = free
+                while need > self.free_blocks:
+                    victim = queue.pop() if len(queue) > qi + 1 else seq
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                free = self.free_blocks
+                if not seq.running:
                     break
-            if not seq.running:
-                break
             seq.blocks += need
-            self.free_blocks -= need
+            free -= need
             scheduled.append((seq, n))
             budget -= n
+            if n == 1 and seq.generated > 0:
+                decode += 1
+            else:
+                prefill += n
+            context += computed + n
+        self.free_blocks = free
         load_s = 0.0
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < shape.max_batch_size:
-                seq = self.waiting[0]
+            while waiting and budget > 0 and len(running) < shape.max_batch_size:
+                seq = waiting[0]
                 if not self._can_acquire(seq.adapter):
                     break  # FCFS: later requests wait too
-                n = min(seq.num_tokens - seq.computed, budget)
-                need = blocks_for(n, bs)
+                computed = seq.computed
+                n = min(seq.prompt + seq.generated - computed, budget)
+                need = -(-n // bs)
                 if need > self.free_blocks:
                     break
-                self.waiting.pop(0)
+                waiting.pop(0)
                 load_s += self._acquire(seq.adapter)
                 seq.running = True
                 seq.blocks = need
                 self.free_blocks -= need
-                insort(self.running, seq, key=_index)
+                insort(running, seq, key=_index)
                 scheduled.append((seq, n))
                 budget -= n
+                if n == 1 and seq.generated > 0:
+                    decode += 1
+                else:
+                    prefill += n
+                context += computed + n
         if not scheduled:
-            self._touch()
+            self.touch()
             if preempted:
                 # The oldest sequence preempted itself for want of a block: the engine's next step
                 # (at once, nothing ran) admits again from the queue.
@@ -279,24 +328,20 @@ class SimWorker:
             # Everything left is waiting on something only a finish or an export can free.
             self.phase = None
             return None
-        decode = prefill = context = 0
-        adapters: set[str | None] = set()
-        for seq, n in scheduled:
-            if n == 1 and seq.generated > 0:
-                decode += 1
-            else:
-                prefill += n
-            context += seq.computed + n
-            adapters.add(seq.adapter)
-        distinct = len(adapters) - (None in adapters)
-        per_step = (self.profile.step_s(decode, prefill, context, distinct) + load_s) * self.slowdown
-        self._touch()
+        if len(scheduled) == len(running):
+            distinct = self.pinned  # adapters with a running sequence: every one is in the step
+        else:
+            adapters = {seq.adapter for seq, _ in scheduled}
+            distinct = len(adapters) - (None in adapters)
+        profile = self.profile
+        per_step = (profile.step_s(decode, prefill, context, distinct) + load_s) * self.slowdown
+        self.touch()
         phase = Phase(now, scheduled, per_step)
-        if prefill == 0 and load_s == 0.0 and not preempted and len(scheduled) == len(self.running):
+        if prefill == 0 and load_s == 0.0 and not preempted and len(scheduled) == len(running):
             steps = self._decode_steps(scheduled, budget)
             if steps > 1:
                 phase.steps, phase.decode, phase.ctx0 = steps, decode, context
-                phase.per_step = self.profile.step_s(decode, 0, 0, distinct)
+                phase.per_step = profile.step_s(decode, 0, 0, distinct)
                 phase.scale = self.slowdown
                 phase.end = now + self.duration(phase, steps)
         self.phase = phase
@@ -304,7 +349,10 @@ class SimWorker:
 
     def _decode_steps(self, scheduled: list[tuple[SimSeq, int]], budget: int) -> int:
         """How many identical decode steps can run before anything changes."""
-        steps = min(seq.output - seq.generated for seq, _ in scheduled)
+        steps = scheduled[0][0].output - scheduled[0][0].generated
+        for seq, _ in scheduled:
+            if seq.output - seq.generated < steps:
+                steps = seq.output - seq.generated
         if steps <= 1:
             return 1
         if self.waiting and budget > 0 and len(self.running) < self.shape.max_batch_size:
@@ -317,6 +365,11 @@ class SimWorker:
                 return 1
         # Blocks: step j needs blocks_for(c + j) per sequence (c = context before the phase).
         bs, free = self.shape.block_size, self.free_blocks
+        extra = 0
+        for seq, _ in scheduled:
+            extra += -(-(seq.computed + steps) // bs) - seq.blocks
+        if extra <= free:  # the common case: blocks last until the next finish
+            return steps
         base = [(seq.computed, seq.blocks) for seq, _ in scheduled]
 
         def fits(k: int) -> bool:
@@ -325,8 +378,6 @@ class SimWorker:
                 extra += blocks_for(c + k, bs) - held
             return extra <= free
 
-        if fits(steps):
-            return steps
         lo, hi = 1, steps  # fits(lo) holds (step 1 is already allocated), fits(hi) does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -349,17 +400,33 @@ class SimWorker:
         phase = self.phase
         assert phase is not None
         if phase.steps > 1:
-            lo, hi = 1, phase.steps  # the smallest j whose end is >= now
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if phase.start + self.duration(phase, mid) >= now:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            if lo < phase.steps:
-                phase.steps = lo
-                phase.end = phase.start + self.duration(phase, lo)
+            j = self._step_in_progress(phase, now)
+            if j < phase.steps:
+                phase.steps = j
+                phase.end = phase.start + self.duration(phase, j)
         return phase.end
+
+    def _step_in_progress(self, phase: Phase, now: float) -> int:
+        """The smallest j whose step ends at or after `now` (the last step if none does)."""
+        last = phase.steps
+        # duration(j) = scale * (per * j + a * j * (j - 1)): solve for j, then settle the rounding
+        # with the exact test (it is monotone in j), which is what a binary search would find.
+        pc = self.profile.per_context_token_s
+        per = phase.per_step + pc * phase.ctx0 if phase.decode else phase.per_step
+        a = pc * phase.decode / 2
+        span = (now - phase.start) / phase.scale if phase.scale > 0 else math.inf
+        if a > 0:
+            b = per - a
+            guess = (-b + math.sqrt(b * b + 4 * a * max(span, 0.0))) / (2 * a)
+        else:
+            guess = span / per if per > 0 else math.inf
+        j = min(max(math.ceil(guess) if guess < last else last, 1), last)
+        start = phase.start
+        while j < last and start + self.duration(phase, j) < now:
+            j += 1
+        while j > 1 and start + self.duration(phase, j - 1) >= now:
+            j -= 1
+        return j
 
     def end_phase(self, end: float) -> list[SimSeq]:
         """Apply the phase's steps at `end`; returns the sequences that finished."""
@@ -369,36 +436,38 @@ class SimWorker:
         self.busy_s += end - phase.start
         k = phase.steps
         bs = self.shape.block_size
+        delivered_at = end + self.profile.request_overhead_s
         finished: list[SimSeq] = []
         for seq, n in phase.scheduled:
             if not seq.running:
                 continue  # preempted later in the same planning pass
             if k > 1:
-                seq.computed += k
+                computed = seq.computed = seq.computed + k
                 seq.generated += k
-                blocks = blocks_for(seq.computed, bs)
+                blocks = -(-computed // bs)
                 self.free_blocks -= blocks - seq.blocks
                 seq.blocks = blocks
             else:
-                seq.computed += n
-                if seq.computed < seq.num_tokens:
+                computed = seq.computed = seq.computed + n
+                if computed < seq.prompt + seq.generated:
                     continue  # a prefill chunk: no token yet
                 seq.generated += 1
-            rec = seq.record
-            if rec.first_token is None:
-                rec.first_token = end + self.profile.request_overhead_s
-            rec.delivered += k if k > 1 else 1
+            if seq.first_pending:
+                seq.first_pending = False
+                seq.record.first_token = delivered_at
             if seq.generated >= seq.output:
-                rec.finish = end + self.profile.request_overhead_s
+                rec = seq.record
+                rec.finish = delivered_at
                 rec.worker = self.worker_id
                 finished.append(seq)
+        owned, running = self.owned, self.running
         for seq in finished:
             self._release(seq)
-            self.running.remove(seq)
-            del self.owned[seq.record.rid]
-        if not self.owned:
+            running.remove(seq)
+            del owned[seq.record.rid]
+        if not owned:
             self.idle_since = end
-        self._touch()
+        self.touch()
         return finished
 
     def _preempt(self, seq: SimSeq) -> None:
@@ -411,6 +480,21 @@ class SimWorker:
         self.preemptions += 1
 
     # ------------------------------------------------------------ what the policies see
+
+    def resident_adapters(self) -> frozenset[str]:
+        if self._resident_set is None:
+            self._resident_set = frozenset(self.resident)
+        return self._resident_set
+
+    def _pending_tokens(self) -> list[int]:
+        # Sequences it holds no KV for: the waiting ones (owned = running + waiting).
+        return [s.num_tokens for s in self.waiting]
+
+    def placement_load(self) -> tuple[int, int, frozenset[str]]:
+        """The snapshot's batch, free blocks and resident adapters, without building one: all a
+        kept placement index needs of an active worker whose snapshot changed."""
+        free = placeable_free_blocks(self.free_blocks, self._pending_tokens(), self.shape.block_size)
+        return len(self.owned), free, self.resident_adapters()
 
     def snapshot(self) -> WorkerSnapshot:
         if self._snap_version == self.version and self._snap is not None and self._snap.state is self.state:
@@ -430,12 +514,12 @@ class SimWorker:
             self.worker_id,
             self.state,
             running,
-            pending_tokens=(s.num_tokens for s in self.owned.values() if not s.running),
+            pending_tokens=self._pending_tokens(),
             engine_free_blocks=self.free_blocks,
             max_batch_size=shape.max_batch_size,
             total_kv_blocks=shape.num_kv_blocks,
             block_size=shape.block_size,
-            resident_adapters=frozenset(self.resident),
+            resident_adapters=self.resident_adapters(),
             idle_since=self.idle_since,
         )
         self._snap, self._snap_version = snap, self.version

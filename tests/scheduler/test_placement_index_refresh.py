@@ -70,3 +70,30 @@ def test_refresh_refuses_a_worker_that_left_the_active_set() -> None:
         index.refresh(draining)
     with pytest.raises(ValueError, match="new active worker"):
         index.append(snap)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_set_load_matches_a_rebuild(seed: int) -> None:
+    # set_load is refresh for a worker whose shape is unchanged: batch, free blocks, adapters only.
+    rng = random.Random(seed)
+    snaps = [_snap(rng, f"w{i}") for i in range(12)]
+    index = PlacementIndex(snaps)
+    for _ in range(60):
+        for _ in range(3):
+            slot = index.best_packing(f"a{rng.randrange(6)}", rng.randint(1, 40))
+            if slot is not None:
+                index.assign(slot, f"a{rng.randrange(6)}", 8)
+        for i in range(len(snaps)):
+            old = snaps[i]
+            if rng.random() < 0.5:  # a new load on the same shape; sometimes the same adapters
+                fresh = _snap(rng, old.worker_id)
+                adapters = old.resident_adapters if rng.random() < 0.5 else fresh.resident_adapters
+                running = fresh.running[: old.max_batch_size]
+                free = rng.randint(0, old.total_kv_blocks)
+                snaps[i] = WorkerSnapshot(
+                    old.worker_id, old.state, running, old.max_batch_size, free, old.total_kv_blocks,
+                    old.block_size, adapters,
+                )  # fmt: skip
+            s = snaps[i]
+            index.set_load(index.by_id[s.worker_id], s.num_running, s.free_kv_blocks, s.resident_adapters)
+        assert _state(index) == _state(PlacementIndex(snaps))

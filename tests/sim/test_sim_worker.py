@@ -145,3 +145,33 @@ def test_adapter_slots_block_fcfs_and_loads_cost_time(tiny_profile: LatencyProfi
     assert [s.record.rid for s, _ in phase.scheduled] == ["r0"]  # b has no free slot while a is pinned
     assert phase.end == pytest.approx(profile.step_s(0, 4, 4, 1) + profile.adapter_disk_load_s)
     assert worker.adapter_loads == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_step_in_progress_is_the_first_to_end_at_or_after_the_command(
+    tiny_profile: LatencyProfile, seed: int
+) -> None:
+    rng = random.Random(seed)
+    tried = 0
+    for _ in range(200):
+        worker = SimWorker("w", 0, tiny_profile, 0.0)
+        worker.slowdown = rng.choice((1.0, 1.0, 2.5))
+        for i in range(rng.randint(1, 4)):
+            n, out = rng.randint(1, 15), rng.randint(2, 60)
+            worker.add(SimSeq(RequestRecord(f"r{i}", 0.0, f"a{i}", n, out), n, out, 0.0))
+        first = worker.plan(0.0)
+        assert first is not None
+        worker.end_phase(first.end)
+        phase = worker.plan(first.end)
+        if phase is None or phase.steps == 1:
+            continue
+        tried += 1
+        steps, start = phase.steps, phase.start
+        now = start + rng.random() ** 3 * (phase.end - start)
+        if rng.random() < 0.2:  # exactly on a step boundary
+            now = start + worker.duration(phase, rng.randint(1, steps))
+        ends = [start + worker.duration(phase, j) for j in range(1, steps + 1)]
+        expected = next((j for j, e in enumerate(ends, 1) if e >= now), steps)
+        assert worker.cut(now) == ends[expected - 1]
+        assert phase.steps == expected
+    assert tried > 150

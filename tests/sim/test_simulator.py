@@ -117,3 +117,28 @@ def test_keeping_the_placement_index_across_passes_changes_nothing(
         (r.first_token, r.finish, r.worker) for r in runs[1].records
     ]
     assert runs[0].workers_released > 0  # releases (index rebuilds) happened along the way
+
+
+def test_the_kept_index_equals_a_rebuild_at_every_pass(tiny_profile: LatencyProfile) -> None:
+    # The simulator refreshes only the workers it saw change (and rebuilds when one leaves the
+    # active set); a change it missed would show as a difference from an index built from scratch.
+    from lorafleet.scheduler.placement_index import PlacementIndex
+    from lorafleet.scheduler.policy_types import WorkerState
+
+    def state(index: PlacementIndex) -> list[tuple]:
+        return [(s.worker_id, s.batch, s.free, frozenset(s.resident)) for s in index.slots]
+
+    class Checked(Simulator):
+        passes = 0
+
+        def _sync_index(self) -> PlacementIndex | None:
+            index = super()._sync_index()
+            assert index is not None
+            active = [w.snapshot() for w in self.live if w.state is WorkerState.ACTIVE]
+            assert state(index) == state(PlacementIndex(active))
+            Checked.passes += 1
+            return index
+
+    cfg = SimConfig(policy="packing", max_gpus=6, idle_release_s=3.0)
+    result = Checked(cfg, tiny_profile, _bursty(600, seed=3)).run()
+    assert Checked.passes > 100 and result.workers_released > 0 and result.peak_gpus > 2
