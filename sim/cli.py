@@ -10,6 +10,7 @@ object as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -61,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-migration", action="store_true", help="consolidation moves nothing (still releases)")
     p.add_argument("--max-gpus", type=int, required=True, help="most workers the fleet may grow to")
     p.add_argument("--min-gpus", type=int, default=1)
+    p.add_argument(
+        "--kv-blocks", type=int, default=None, help="KV cache blocks per worker (default: the profile's)"
+    )
     p.add_argument("--out", required=True, help="folder for requests.csv, summary.json and the plots")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last line")
     p.add_argument("--compare", action="store_true", help="run every policy on the workload; one table")
@@ -169,6 +173,9 @@ def simulate(
 
 def run_cli(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
+    if args.kv_blocks is not None:  # the same worker with another KV capacity (another GPU memory)
+        engine = dataclasses.replace(profile.engine, num_kv_blocks=args.kv_blocks)
+        profile = dataclasses.replace(profile, engine=engine)
     slo = Slo(args.slo_ttft_s, args.slo_tpot_s)
     runs = [(args.policy, not args.no_migration)]
     if args.compare:
