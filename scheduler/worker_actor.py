@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.worker import fault_points
 from lorafleet.worker.types import EngineStats, SequenceState, TokenDelta
 
 
@@ -111,6 +112,8 @@ class WorkerActor:
         """Queue new or resumed sequences; per-item errors are returned, not raised."""
         results = []
         async with self._lock:
+            if any(item.state.output_token_ids for item in items):
+                await fault_points.apause("resume")  # tests only: kill a migration's target here
             for item in items:
                 results.append(self._add_one(item))
         self._wake.set()
@@ -161,6 +164,8 @@ class WorkerActor:
         async with self._lock:
             # dict.fromkeys: the engine refuses a repeated id rather than lose the sequence.
             ids = list(dict.fromkeys(r for r in request_ids if r in self._live))
+            if ids:
+                await fault_points.apause("export")  # tests only: kill a migration's source here
             states = self._engine.export(ids) if ids else []
             self._live.difference_update(ids)
         self._wake.set()

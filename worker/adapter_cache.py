@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.worker import fault_points
 from lorafleet.worker.adapters import check_weights_finite, load_adapter, validate_adapter_dir
 from lorafleet.worker.lora_pool import LoraSlotPool, PackedAdapter
 from lorafleet.worker.model_config import ModelConfig
@@ -46,6 +47,7 @@ def _load_packed(
     """Disk -> validated tensors -> one packed host buffer. Runs on the loader thread: it touches
     no cache state, only the (immutable) model config and pool layout."""
     t0 = time.perf_counter()
+    fault_points.pause(f"adapter_load:{name}")  # tests only: a slow disk to kill the worker in
     weights = load_adapter(path, model_config, name=name, dtype=dtype, check_finite=False)
     t1 = time.perf_counter()
     packed = pool.pack(weights, pin=pin)
