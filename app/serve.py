@@ -29,7 +29,6 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lorafleet import memory_probe
 from lorafleet.api_types import ModelView
 from lorafleet.auth import ApiKeys, load_keys
 from lorafleet.auth_grpc import BearerAuthInterceptor
@@ -43,6 +42,7 @@ from lorafleet.scheduler.errors import ClusterLostError
 from lorafleet.security_warnings import security_warnings
 from lorafleet.server import FleetLike, LoraFleetServicer
 from lorafleet.tls import server_credentials
+from lorafleet.worker import memory_probe
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraFleet"].full_name

@@ -224,6 +224,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     )
     if args.memory_probe is not None:
         summary["head_probe"] = probe_report(args.memory_probe)
+        workers = sorted(args.memory_probe.glob("worker-*"))
+        summary["worker_probes"] = {d.name: probe_report(d) for d in workers}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rss.jsonl").write_text("".join(json.dumps({"t_s": t, **v}) + "\n" for t, v in rss))

@@ -314,6 +314,20 @@ class AdapterCache:
             if pending is not None:
                 stream.wait_event(pending.done)
 
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Entries of each per-adapter structure (soak leak checks: bounded by the registered names)."""
+        return {
+            "adapters_registered": len(self._registry),
+            "host_cached": len(self._host),
+            "host_cached_bytes": self._host_bytes,
+            "ready": len(self._ready),
+            "fresh": len(self._fresh),
+            "loading": len(self._loading),
+            "failed": len(self._failed),
+            "pins": len(self._pins),
+            "pending_uploads": len(self._pending),
+        }
+
     def take_load_seconds(self) -> tuple[float, ...]:
         """Load times (disk + upload) of adapters finished since the last call."""
         self._collect()

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from lorafleet.worker.lora_pool import PROJECTIONS
+from lorafleet.worker.mapped_tensors import MappedTensors
 from lorafleet.worker.model_config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -249,10 +250,7 @@ def load_adapter(
     alpha_pattern = cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))
     projs: dict[tuple[int, str], ProjWeights] = {}
-    try:
-        handle = safe_open(str(weights_path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    handle, tensors = _open_weights(path, weights_path, load_tensors)
     with handle as f:
         found = _scan_keys(path, list(f.keys()))
         beyond = sorted(pair for pair in found if pair[0] >= num_layers)
@@ -297,8 +295,8 @@ def load_adapter(
                     f"({'lora_alpha / sqrt(r)' if use_rslora else 'lora_alpha / r'}) that is not finite "
                     f"or above {MAX_LORA_SCALE:g}",
                 )
-            if load_tensors:
-                a, b = f.get_tensor(ab["A"]), f.get_tensor(ab["B"])
+            if tensors is not None:
+                a, b = _read(path, tensors, ab["A"]), _read(path, tensors, ab["B"])
                 for t, which in ((a, "lora_A"), (b, "lora_B")):
                     if not t.is_floating_point():
                         raise _fail(path, f"layer {layer} {proj} {which} has non-float dtype {t.dtype}")
@@ -317,16 +315,32 @@ def check_file_finite(path: str | Path) -> None:
     """Raise AdapterFormatError naming the first tensor of the adapter's weights file that holds
     NaN or Inf (registration: refuse the adapter before any request can pick it up)."""
     path = Path(path)
-    weights_path = _weights_file(path)
-    try:
-        handle = safe_open(str(weights_path), framework="pt", device="cpu")
-    except Exception as e:
-        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    handle, tensors = _open_weights(path, _weights_file(path), True)
+    assert tensors is not None
     with handle as f:
         for key in sorted(f.keys()):
-            t = f.get_tensor(key)
+            t = _read(path, tensors, key)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise _fail(path, f"tensor {key} holds NaN or Inf values")
+
+
+def _open_weights(path: Path, weights_path: Path, load_tensors: bool) -> tuple[Any, MappedTensors | None]:
+    """safetensors' handle (it checks the header, and gives names and shapes) and, to read tensors,
+    a `MappedTensors` of the same file: safetensors' own get_tensor keeps memory on every call."""
+    try:
+        handle = safe_open(str(weights_path), framework="pt", device="cpu")
+        tensors = MappedTensors(weights_path) if load_tensors else None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    return handle, tensors
+
+
+def _read(path: Path, tensors: MappedTensors, key: str) -> torch.Tensor:
+    try:
+        return tensors.get_tensor(key)
+    except (KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({message})") from e
 
 
 def check_weights_finite(weights: AdapterWeights) -> None:

@@ -1,10 +1,11 @@
-"""Memory probe of the serving process, for soak runs: where does the head's memory go over time?
+"""Memory probe of the serving processes, for soak runs: where does their memory go over time?
 
-Off unless `LORAFLEET_MEMORY_PROBE=DIR` is set for `lorafleet serve`. Every
-`LORAFLEET_MEMORY_PROBE_INTERVAL_S` seconds (default 30) it appends one JSON line to
-`DIR/probe.jsonl`: the process's RSS, the garbage collector's counts, the live objects by type (the
-20 most numerous), the number of asyncio tasks, and the sizes of the fleet's and the metrics'
-bookkeeping (whatever the `sizes` callback returns). With `LORAFLEET_MEMORY_PROBE_FRAMES=N` (N > 0)
+Off unless `LORAFLEET_MEMORY_PROBE=DIR` is set for `lorafleet serve` (the head writes to DIR; each
+worker actor that inherits the variable, as a local Ray's workers do, to `DIR/worker-<pid>`). Every
+`LORAFLEET_MEMORY_PROBE_INTERVAL_S` seconds (default 30) a process appends one JSON line to its
+`probe.jsonl`: its RSS, the garbage collector's counts, the live objects by type (the 20 most
+numerous), the number of asyncio tasks, and the sizes of its bookkeeping (the head: the fleet's and
+the metrics'; a worker: its engine's and adapter cache's). With `LORAFLEET_MEMORY_PROBE_FRAMES=N` (N > 0)
 it also traces allocations (tracemalloc, N frames) and dumps a snapshot per record
 (`DIR/snapshot-<seq>.tracemalloc`), so two moments of a run can be compared afterwards with
 `tracemalloc.Snapshot.load(...).compare_to(...)` (`benchmarks/soak.py` does).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet import memory_probe
+from lorafleet.worker import memory_probe
 
 
 def test_off_unless_the_directory_is_set(tmp_path: Path) -> None:
