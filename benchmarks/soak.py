@@ -101,15 +101,18 @@ class Soak:
     async def one(self, i: int) -> None:
         adapter = self.rng.choice([None, *self.names, "churn-0", "churn-1"])
         cancel = self.rng.random() < 0.1
-        sampling = {"max_new_tokens": self.rng.randrange(4, 48), "ignore_eos": True}
+        # A stream to cancel is long: a short one can finish on the server (counted "ok" there)
+        # before this busy client reads its first chunk and cancels (counted "cancelled" here).
+        max_new = self.rng.randrange(200, 400) if cancel else self.rng.randrange(4, 48)
+        sampling = {"max_new_tokens": max_new, "ignore_eos": True}
         prompt = [self.rng.randrange(3, 300) for _ in range(self.rng.randrange(2, 40))]
         try:
             async with asyncio.timeout(self.args.request_timeout_s):
                 stream = self.client.stream(
                     prompt, adapter=adapter, sampling=sampling, request_id=f"soak-{i}"
                 )
-                async for _ in stream:
-                    if cancel:
+                async for chunk in stream:
+                    if cancel and not chunk.finished:
                         await stream.aclose()  # leaving the stream cancels the call
                         self.outcomes["cancelled"] += 1
                         return

@@ -86,6 +86,12 @@ def clear_marks(mark_dir: Path) -> None:
         mark.unlink()
 
 
+def assert_idle(fleet: Fleet) -> None:
+    """Nothing about the finished requests is left in the head's bookkeeping (no leak by fault)."""
+    sizes = fleet.bookkeeping_sizes()
+    assert [sizes[k] for k in ("requests", "queue", "resume_states", "assigned")] == [0, 0, 0, 0], sizes
+
+
 def victim_of(fleet: Fleet, pid: int):
     found = [w for w in fleet._runtime.live_workers() if w.info is not None and w.info.pid == pid]
     assert len(found) == 1, f"no live worker has pid {pid}"
@@ -126,6 +132,7 @@ def test_worker_killed_inside_an_adapter_load_loses_nothing(
             assert counters.resumed_after_fault >= len(mid_stream)
             assert counters.requests_completed == len(collectors)
             assert counters.requests_failed == 0
+            assert_idle(fleet)
         finally:
             await fleet.shutdown()
 
@@ -174,6 +181,7 @@ def test_worker_killed_inside_a_migration_loses_nothing(
             assert counters.resumed_after_fault >= 1
             assert counters.requests_completed == len(collectors)
             assert counters.requests_failed == 0
+            assert_idle(fleet)
         finally:
             await fleet.shutdown()
 
