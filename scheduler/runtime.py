@@ -171,10 +171,10 @@ class FleetRuntime:
     async def _start_worker(self, rec: WorkerRecord) -> None:
         cfg = self.config
         try:
-            # No task events: Ray's GCS keeps every task's events (up to 100,000 tasks, about
-            # 3.3 MB per 1,000 here), and each request costs an `add` and maybe an `abort` or
-            # `export` call, so a busy fleet grew the GCS by ~2 MB/min until that cap (soak, issue
-            # 13). Ray Serve turns them off on its actors for the same reason.
+            # No task events: Ray's GCS keeps every task's events (up to 100,000 tasks, 3.3 MB per
+            # 1,000 calls here: benchmarks/leak_checks.py), and each request costs an `add` and
+            # maybe an `abort` or `export` call, so a busy fleet grew the GCS by ~2 MB/min until
+            # that cap (soak, issue 13). Ray Serve turns them off on its actors for the same reason.
             actor = ray.remote(WorkerActor).options(
                 num_cpus=cfg.worker_num_cpus,
                 num_gpus=cfg.worker_num_gpus,

@@ -1,9 +1,9 @@
 """The tensors of one .safetensors file as views of a single file mapping, without the memory that
 safetensors' own `get_tensor` keeps.
 
-safetensors 0.8 (torch framework) keeps a little memory for good on every `get_tensor`: ~57 bytes
-of Python objects and ~265 bytes of resident memory a call (measured: 10.6 MB of RSS over 5,000
-opens of an 8-tensor adapter, against 0.07 MB for opening alone). The fleet reads every tensor of
+safetensors 0.8 (torch framework) keeps a little memory for good on every `get_tensor`: ~56 bytes
+of Python objects and ~200 bytes of resident memory a call, against none for this reader
+(`benchmarks/leak_checks.py`, docs/benchmarks.md "Soak"). The fleet reads every tensor of
 an adapter at each registration (the NaN/Inf check, on the head) and each disk load (on a worker),
 so churning adapters grew those processes without bound. Opening the file and checking its header
 stay with safetensors (`safe_open`); this reader only turns a tensor name into a tensor: it parses
