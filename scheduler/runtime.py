@@ -146,7 +146,7 @@ class FleetRuntime:
         # (e.g. theirs died), and refusing it would leave them, and the drain, waiting forever.
         if self._torn_down or self.start_gave_up is not None or self.lost is not None:
             return None
-        if self.clock() < self._start_not_before:
+        if self.clock() < self._start_not_before:  # backing off after failed starts
             return None
         if len(self.live_workers()) >= self.config.max_workers:
             return None
@@ -171,10 +171,8 @@ class FleetRuntime:
     async def _start_worker(self, rec: WorkerRecord) -> None:
         cfg = self.config
         try:
-            # No task events: Ray's GCS keeps every task's events (up to 100,000 tasks, 3.3 MB per
-            # 1,000 calls here: benchmarks/leak_checks.py), and each request costs an `add` and
-            # maybe an `abort` or `export` call, so a busy fleet grew the GCS by ~2 MB/min until
-            # that cap (soak, issue 13). Ray Serve turns them off on its actors for the same reason.
+            # No task events: the GCS keeps them for every call (3.3 MB per 1,000 here, up to 100,000
+            # tasks; benchmarks/leak_checks.py), and every request makes calls (soak, issue 13).
             actor = ray.remote(WorkerActor).options(
                 num_cpus=cfg.worker_num_cpus,
                 num_gpus=cfg.worker_num_gpus,
@@ -246,8 +244,7 @@ class FleetRuntime:
         self._kill(rec)
 
     def bookkeeping_sizes(self) -> dict[str, int]:
-        """Entries in every per-request and per-task structure (soak leak checks; all return to
-        zero, or a fixed bound, once the fleet is idle)."""
+        """Entries of each per-request structure (leak checks: zero, or a bound, once idle)."""
         return {
             "requests": len(self.requests),
             "queue": len(self.queue),
@@ -293,11 +290,8 @@ class FleetRuntime:
         self._wake.set()
 
     def cluster_lost(self, reason: str) -> None:
-        """Ray's GCS is gone: fail every admitted request as unavailable and schedule nothing more.
-
-        Failing them at once, rather than waiting for workers that may still be stepping, is what
-        keeps a caller from hanging: without the GCS a dead worker's death is never reported, so
-        its requests would wait forever."""
+        """Ray's GCS is gone: fail every admitted request now (a worker's death would never be
+        reported, so its callers would wait forever) and schedule nothing more."""
         if self.lost is not None:
             return
         self.lost = reason
