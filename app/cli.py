@@ -110,6 +110,11 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument(
         "--ray-connect-timeout-s", type=float, help="fail if Ray is not started / joined by then (default 60)"
     )
+    p.add_argument(
+        "--ray-lost-timeout-s",
+        type=float,
+        help="Ray's GCS unreachable this long: fail requests UNAVAILABLE and exit 1 (default 15)",
+    )
     p.add_argument("--policy", choices=POLICIES)
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--consolidation-interval-s", type=float)

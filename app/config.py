@@ -60,6 +60,7 @@ class ServeConfig:
     http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off
     ray_address: str | None = None  # None = always a new local Ray; "auto" or HOST:PORT joins one
     ray_connect_timeout_s: float = 60.0  # give up starting / joining Ray after this, with an error
+    ray_lost_timeout_s: float = 15.0  # Ray's GCS silent this long: fail requests UNAVAILABLE, exit 1
     policy: str = "packing"
     max_queue: int = 256  # requests admitted but not yet placed; beyond it -> RESOURCE_EXHAUSTED
     consolidation_interval_s: float = 2.0
@@ -124,6 +125,7 @@ class ServeConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         check_int("max_queue", self.max_queue, 1)
         check_positive("ray_connect_timeout_s", self.ray_connect_timeout_s)
+        check_positive("ray_lost_timeout_s", self.ray_lost_timeout_s)
         check_positive("consolidation_interval_s", self.consolidation_interval_s)
         check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
         check_positive("drain_timeout_s", self.drain_timeout_s, allow_zero=True)

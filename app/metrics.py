@@ -95,6 +95,11 @@ class AdapterLabels:
         with self._lock:
             return frozenset(self._labelled)
 
+    def num_counted(self) -> int:
+        """Adapter names with a request count (every name ever labelled or counted)."""
+        with self._lock:
+            return len(self._counts)
+
 
 class ServerMetrics:
     """Every metric the server exports, in its own registry (tests build several side by side)."""
@@ -201,6 +206,14 @@ class ServerMetrics:
         self._last_counters: dict[str, float] = {}
         self._known_workers: set[str] = set()
         self._lock = threading.Lock()
+
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Sizes of what the metrics keep per name (soak leak checks)."""
+        return {
+            "metric_samples": sum(len(m.samples) for m in self.registry.collect()),
+            "adapter_names_counted": self.adapter_labels.num_counted(),
+            "known_workers": len(self._known_workers),
+        }
 
     # ---------------------------------------------------------------- per request
 

@@ -6,7 +6,9 @@ The HTTP API is a uvicorn server running as a task on the same asyncio loop as g
 fleet, so both APIs reach the fleet without a thread or process hop;
 `start_serving` also starts the real Fleet and registers the configured adapters; `serve` runs
 until SIGINT/SIGTERM, then drains: new calls get UNAVAILABLE, admitted requests finish (up to
-`drain_timeout_s`), the workers stop, and the process exits 0. Both APIs drain together.
+`drain_timeout_s`), the workers stop, and the process exits 0. Both APIs drain together. When the
+fleet loses its Ray cluster (its GCS silent for `ray_lost_timeout_s`), every request fails with
+UNAVAILABLE, the API closes and `serve` raises `ClusterLostError` (the CLI exits 1 with its message).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from lorafleet.grpc_decode import DecodeErrorInterceptor
 from lorafleet.http_api import HttpState, make_app
 from lorafleet.metrics import ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2, serving_pb2_grpc
+from lorafleet.scheduler.errors import ClusterLostError
 from lorafleet.security_warnings import security_warnings
 from lorafleet.server import FleetLike, LoraFleetServicer
 from lorafleet.tls import server_credentials
+from lorafleet.worker import memory_probe
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["LoraFleet"].full_name
@@ -267,6 +271,7 @@ def fleet_config(config: ServeConfig) -> Any:
         ray_address=config.ray_address,
         adapter_roots=config.effective_adapter_roots(),
         ray_connect_timeout_s=config.ray_connect_timeout_s,
+        ray_lost_timeout_s=config.ray_lost_timeout_s,
     )
 
 
@@ -367,19 +372,48 @@ async def shutdown_serving(
     await api.stop(grace_s=2.0)
 
 
+def bookkeeping_sizes(api: ApiServer) -> dict[str, int]:
+    """The fleet's and the metrics' per-request and per-name structures, by size (memory probe)."""
+    sizes = dict(api.fleet.bookkeeping_sizes())
+    if api.metrics is not None:
+        sizes.update(api.metrics.bookkeeping_sizes())
+    return sizes
+
+
+async def close_after_loss(api: ApiServer) -> None:
+    """The fleet lost its Ray cluster and has failed its requests: close the API (their streams end
+    with UNAVAILABLE first) and release the fleet."""
+    await api.begin_shutdown()
+    await api.stop(grace_s=2.0)
+    await api.fleet.shutdown(drain=False)
+
+
 async def serve(config: ServeConfig, *, on_ready: Callable[[ApiServer], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly (a second signal skips the drain)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    probe_settings = memory_probe.settings_from_env()  # a bad variable fails before Ray starts
     api = await start_serving(config)
     # ray.init replaces the SIGTERM handler with its own `sys.exit(15)`, which would end the process
     # mid-stream (how systemd and Kubernetes stop a service): take it back so SIGTERM drains too.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    probe = memory_probe.start(probe_settings, lambda: bookkeeping_sizes(api)) if probe_settings else None
     if on_ready is not None:
         on_ready(api)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    lost = asyncio.ensure_future(api.fleet.wait_lost())
+    await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+    if probe is not None:
+        probe.cancel()
+    if lost.done():
+        stopped.cancel()
+        await close_after_loss(api)
+        raise ClusterLostError(
+            f"{lost.result()}; exiting (start lorafleet serve again once the Ray cluster is back)"
+        )
+    lost.cancel()
     stop.clear()
     print(
         f"lorafleet: shutting down; running requests get {config.drain_timeout_s:.0f} s "

@@ -30,6 +30,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from soak_memory import probe_report, role_report, slope_mb_per_min, tree_rss_by_role
+
 from lorafleet.client import ApiError, AsyncClient
 from lorafleet.demo import default_cache_dir, ensure_demo_assets
 
@@ -47,8 +49,10 @@ STATUS_LABELS = {
 BATCH = 4  # per worker: the fleet's capacity is workers x BATCH streams
 
 
-def start_server(model: Path, adapters: Path, workers: int) -> tuple[subprocess.Popen, str, int]:
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+def start_server(
+    model: Path, adapters: Path, workers: int, probe_env: dict[str, str]
+) -> tuple[subprocess.Popen, str, int]:
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **probe_env}
     args = ["--model", str(model), "--adapters-dir", str(adapters), "--workers", str(workers)]
     args += ["--port", "0", "--metrics-port", "0", "--http-port", "off"]
     args += ["--max-queue", str(4 * workers * BATCH)]
@@ -68,40 +72,6 @@ def start_server(model: Path, adapters: Path, workers: int) -> tuple[subprocess.
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, address, metrics_port
     raise RuntimeError(f"lorafleet serve exited with {proc.wait()} before it was ready")
-
-
-def tree_rss_mb(root: int) -> dict[int, float]:
-    """Resident MB of ``root`` and every process below it (Linux /proc)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        rss[int(entry.name)] = int(match.group(1)) / 1024 if match else 0.0
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == pid and p not in tree]
-        tree.update(children)
-        frontier += children
-    return {pid: rss.get(pid, 0.0) for pid in tree}
-
-
-def slope_mb_per_min(samples: list[tuple[float, float]]) -> float:
-    if len(samples) < 3:
-        return float("nan")
-    n = len(samples)
-    mt = sum(t for t, _ in samples) / n
-    mv = sum(v for _, v in samples) / n
-    var = sum((t - mt) ** 2 for t, _ in samples)
-    return 60.0 * sum((t - mt) * (v - mv) for t, v in samples) / var if var else 0.0
 
 
 def scrape_requests(metrics_port: int) -> Counter[str]:
@@ -131,15 +101,18 @@ class Soak:
     async def one(self, i: int) -> None:
         adapter = self.rng.choice([None, *self.names, "churn-0", "churn-1"])
         cancel = self.rng.random() < 0.1
-        sampling = {"max_new_tokens": self.rng.randrange(4, 48), "ignore_eos": True}
+        # A stream to cancel is long: a short one can finish on the server (counted "ok" there)
+        # before this busy client reads its first chunk and cancels (counted "cancelled" here).
+        max_new = self.rng.randrange(200, 400) if cancel else self.rng.randrange(4, 48)
+        sampling = {"max_new_tokens": max_new, "ignore_eos": True}
         prompt = [self.rng.randrange(3, 300) for _ in range(self.rng.randrange(2, 40))]
         try:
             async with asyncio.timeout(self.args.request_timeout_s):
                 stream = self.client.stream(
                     prompt, adapter=adapter, sampling=sampling, request_id=f"soak-{i}"
                 )
-                async for _ in stream:
-                    if cancel:
+                async for chunk in stream:
+                    if cancel and not chunk.finished:
                         await stream.aclose()  # leaving the stream cancels the call
                         self.outcomes["cancelled"] += 1
                         return
@@ -192,8 +165,15 @@ class Soak:
 async def main_async(args: argparse.Namespace) -> dict:
     model, adapters = ensure_demo_assets(args.cache_dir or default_cache_dir())
     names = sorted(p.name for p in adapters.iterdir() if (p / "adapter_config.json").is_file())
-    proc, address, metrics_port = start_server(model, adapters, args.workers)
-    rss: list[tuple[float, float]] = []
+    probe_env: dict[str, str] = {}
+    if args.memory_probe is not None:
+        probe_env = {
+            "LORAFLEET_MEMORY_PROBE": str(args.memory_probe),
+            "LORAFLEET_MEMORY_PROBE_INTERVAL_S": str(args.rss_interval_s * 3),
+            "LORAFLEET_MEMORY_PROBE_FRAMES": str(args.tracemalloc_frames),
+        }
+    proc, address, metrics_port = start_server(model, adapters, args.workers, probe_env)
+    rss: list[tuple[float, dict[str, float]]] = []
     t0 = time.monotonic()
     try:
         async with AsyncClient(address, timeout=args.request_timeout_s) as client:
@@ -203,7 +183,7 @@ async def main_async(args: argparse.Namespace) -> dict:
 
             def sample() -> None:
                 while not sampler_stop.wait(args.rss_interval_s):
-                    rss.append((time.monotonic() - t0, sum(tree_rss_mb(proc.pid).values())))
+                    rss.append((time.monotonic() - t0, tree_rss_by_role(proc.pid)))
 
             threading.Thread(target=sample, daemon=True).start()
             await soak.run()
@@ -216,7 +196,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    half = [s for s in rss if s[0] >= args.duration / 2]
+    half = [(t, sum(v.values())) for t, v in rss if t >= args.duration / 2]
     client_counts = {k: v for k, v in soak.outcomes.items() if v}
     server_counts = {k: v for k, v in server.items() if v}
     summary = {
@@ -229,9 +209,10 @@ async def main_async(args: argparse.Namespace) -> dict:
         "lost_ids": soak.lost[:10],
         "failures_without_reason": {k: v for k, v in soak.failures.items() if "without" in k},
         "churn_refusals": {k: v for k, v in soak.failures.items() if k.startswith("churn")},
-        "rss_mb_first": rss[0][1] if rss else None,
-        "rss_mb_last": rss[-1][1] if rss else None,
+        "rss_mb_first": round(sum(rss[0][1].values()), 1) if rss else None,
+        "rss_mb_last": round(sum(rss[-1][1].values()), 1) if rss else None,
         "rss_slope_mb_per_min": slope_mb_per_min(half),
+        "rss_by_role": role_report(rss, args.duration),
         "server_exit_code": proc.returncode,
     }
     summary["ok"] = (
@@ -244,6 +225,13 @@ async def main_async(args: argparse.Namespace) -> dict:
         )
         and proc.returncode == 0
     )
+    if args.memory_probe is not None:
+        summary["head_probe"] = probe_report(args.memory_probe)
+        workers = sorted(args.memory_probe.glob("worker-*"))
+        summary["worker_probes"] = {d.name: probe_report(d) for d in workers}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "rss.jsonl").write_text("".join(json.dumps({"t_s": t, **v}) + "\n" for t, v in rss))
     return summary
 
 
@@ -256,7 +244,20 @@ def main() -> int:
     parser.add_argument("--max-slope-mb-per-min", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="also write soak.json here")
+    parser.add_argument("--out", type=Path, default=None, help="also write soak.json and rss.jsonl here")
+    parser.add_argument(
+        "--memory-probe",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the server with its memory probe writing to DIR (lorafleet.memory_probe; slows it)",
+    )
+    parser.add_argument(
+        "--tracemalloc-frames",
+        type=int,
+        default=0,
+        help="with --memory-probe: trace allocations with this many frames (0 = off)",
+    )
     args = parser.parse_args()
     summary = asyncio.run(main_async(args))
     if args.out is not None:

@@ -32,6 +32,11 @@ class ShuttingDownError(FleetError):
     """The fleet is shutting down or not started (gRPC UNAVAILABLE)."""
 
 
+class ClusterLostError(ShuttingDownError):
+    """The fleet lost its Ray cluster (the GCS stopped answering): every admitted request fails and
+    new ones are refused with gRPC UNAVAILABLE (HTTP 503), and `lorafleet serve` exits 1."""
+
+
 class RequestFailedError(FleetError):
     """An admitted request could not be completed; the message says why (gRPC INTERNAL/ABORTED)."""
 

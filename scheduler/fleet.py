@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 
 import ray
@@ -19,6 +18,7 @@ import ray
 from lorafleet.scheduler.adapter_registry import AdapterRegistry
 from lorafleet.scheduler.errors import (
     AdapterInUseError,
+    ClusterLostError,
     FleetError,
     InvalidRequestError,
     QueueFullError,
@@ -27,8 +27,10 @@ from lorafleet.scheduler.errors import (
     UnknownAdapterError,
 )
 from lorafleet.scheduler.fleet_config import FleetConfig
+from lorafleet.scheduler.latency_ring import LatencyRing
 from lorafleet.scheduler.policy_types import blocks_for
 from lorafleet.scheduler.ray_connect import connect_ray
+from lorafleet.scheduler.ray_watchdog import RayWatchdog, gcs_probe
 from lorafleet.scheduler.runtime import FleetRuntime
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
 from lorafleet.scheduler.tracked_request import Failure, TrackedRequest
@@ -37,6 +39,7 @@ from lorafleet.worker.model_config import ModelConfig
 from lorafleet.worker.types import Request, TokenDelta
 
 log = logging.getLogger("lorafleet.scheduler")
+WATCHDOG_INTERVAL_S = 1.0  # how often the GCS is probed (at most; a third of ray_lost_timeout_s if less)
 
 
 class Fleet:
@@ -51,7 +54,10 @@ class Fleet:
         self._stopped = False  # workers stopped, Ray released
         self._aborts: set[asyncio.Task] = set()
         # Seconds from a token leaving its worker's step to its hand-over to the caller (recent ones).
-        self.delivery_latencies: deque[float] = deque(maxlen=100_000)
+        self.delivery_latencies = LatencyRing(100_000)
+        self.lost_reason: str | None = None  # set once the Ray cluster counts as lost
+        self._lost = asyncio.Event()
+        self._watchdog: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, config: FleetConfig) -> Fleet:
@@ -80,7 +86,31 @@ class Fleet:
         if runtime.info is None:
             await fleet.shutdown(drain=False)
             raise FleetError(f"no worker could start: {runtime.start_gave_up or runtime.last_start_error}")
+        fleet._watch_ray(ray.get_runtime_context().gcs_address)
         return fleet
+
+    def _watch_ray(self, gcs_address: str) -> None:
+        lost_after = self.config.ray_lost_timeout_s
+        interval = min(WATCHDOG_INTERVAL_S, lost_after / 3)
+        watchdog = RayWatchdog(
+            gcs_probe(gcs_address, timeout_s=0.8 * interval),
+            self._on_ray_lost,
+            interval_s=interval,
+            lost_after_s=lost_after,
+        )
+        self._watchdog = asyncio.get_running_loop().create_task(watchdog.run(), name="lorafleet-ray-watchdog")
+
+    def _on_ray_lost(self, reason: str) -> None:
+        self.lost_reason = f"lost the Ray cluster: {reason}"
+        log.error("%s; failing every admitted request (UNAVAILABLE)", self.lost_reason)
+        self._runtime.cluster_lost(self.lost_reason)
+        self._lost.set()
+
+    async def wait_lost(self) -> str:
+        """Return (the reason) once the fleet has lost its Ray cluster; it cannot serve again."""
+        await self._lost.wait()
+        assert self.lost_reason is not None
+        return self.lost_reason
 
     # ------------------------------------------------------------ requests
 
@@ -117,6 +147,8 @@ class Fleet:
 
     def _admit(self, request: Request) -> TrackedRequest:
         rt = self._runtime
+        if self.lost_reason is not None:
+            raise ClusterLostError(self.lost_reason)
         if self._closed or rt.closing:
             raise ShuttingDownError("the fleet is shutting down")
         if not isinstance(request, Request):
@@ -162,6 +194,8 @@ class Fleet:
             return InvalidRequestError(failure.reason)
         if failure.kind == "unknown_adapter":
             return UnknownAdapterError(failure.reason)
+        if failure.kind == "unavailable":
+            return ClusterLostError(failure.reason)
         return RequestFailedError(request_id, failure.reason)
 
     async def abort(self, request_id: str) -> None:
@@ -214,6 +248,15 @@ class Fleet:
 
     # ------------------------------------------------------------ status and shutdown
 
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Entries in the fleet's per-request structures (see `FleetRuntime.bookkeeping_sizes`)."""
+        return {
+            **self._runtime.bookkeeping_sizes(),
+            "pending_aborts": len(self._aborts),
+            "delivery_latencies": len(self.delivery_latencies),
+            "adapters_registered": len(self._registry.as_dict()),
+        }
+
     def status(self) -> ClusterStatus:
         rt = self._runtime
         workers = []
@@ -261,6 +304,8 @@ class Fleet:
         self._closed = True
         if self._stopped:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._runtime.shutdown(drain)
         if self._stopped:
             return

@@ -46,6 +46,9 @@ class FleetConfig:
     # API may register nothing. Adapters the operator passes at start-up are not confined.
     adapter_roots: tuple[str, ...] = ()
     ray_connect_timeout_s: float = 60.0  # starting or joining Ray fails with a clear error after this
+    # Ray's GCS unreachable this long = the cluster is lost: requests fail UNAVAILABLE and serve exits
+    # (below Ray's own gcs_rpc_server_reconnect_timeout_s, 60 s, after which Ray ends the process).
+    ray_lost_timeout_s: float = 15.0
     # --- finer settings (defaults suit both the CPU demo and a GPU fleet) ---
     seed: int = 0  # the "random" baseline's generator
     worker_num_cpus: float = 0.0  # Ray CPUs reserved per worker (GPU workers always ask num_gpus=1)
@@ -82,6 +85,7 @@ class FleetConfig:
         if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address):
             raise ValueError(f"ray_address must be None, 'auto' or an address, got {self.ray_address!r}")
         check_positive("ray_connect_timeout_s", self.ray_connect_timeout_s)
+        check_positive("ray_lost_timeout_s", self.ray_lost_timeout_s)
         check_int("seed", self.seed, 0)
         check_positive("worker_num_cpus", self.worker_num_cpus, allow_zero=True)
         check_positive("worker_start_timeout_s", self.worker_start_timeout_s)

@@ -80,6 +80,7 @@ class FleetRuntime:
         self.last_start_error: str | None = None
         self.start_gave_up: str | None = None
         self.closing = False
+        self.lost: str | None = None  # why the Ray cluster counts as lost (cluster_lost)
         self._torn_down = False
         self._worker_ids = itertools.count()
         self._start_failures = 0  # consecutive
@@ -143,7 +144,9 @@ class FleetRuntime:
     def _request_start(self, reason: str) -> asyncio.Task | None:
         # Not refused while draining: the admitted requests a drain waits for may need a new worker
         # (e.g. theirs died), and refusing it would leave them, and the drain, waiting forever.
-        if self._torn_down or self.start_gave_up is not None or self.clock() < self._start_not_before:
+        if self._torn_down or self.start_gave_up is not None or self.lost is not None:
+            return None
+        if self.clock() < self._start_not_before:  # backing off after failed starts
             return None
         if len(self.live_workers()) >= self.config.max_workers:
             return None
@@ -168,8 +171,13 @@ class FleetRuntime:
     async def _start_worker(self, rec: WorkerRecord) -> None:
         cfg = self.config
         try:
+            # No task events: the GCS keeps them for every call (3.3 MB per 1,000 here, up to 100,000
+            # tasks; benchmarks/leak_checks.py), and every request makes calls (soak, issue 13).
             actor = ray.remote(WorkerActor).options(
-                num_cpus=cfg.worker_num_cpus, num_gpus=cfg.worker_num_gpus, max_restarts=0
+                num_cpus=cfg.worker_num_cpus,
+                num_gpus=cfg.worker_num_gpus,
+                max_restarts=0,
+                enable_task_events=False,
             )
             rec.handle = actor.remote(rec.worker_id, cfg.model_dir, cfg.device, cfg.dtype, dict(cfg.engine))
             info, stats = await asyncio.wait_for(rec.handle.ready.remote(), cfg.worker_start_timeout_s)
@@ -215,7 +223,8 @@ class FleetRuntime:
         self._wake.set()  # placement asks again if requests still wait for a worker
 
     def _kill(self, rec: WorkerRecord) -> None:
-        if rec.handle is not None:
+        # Without a GCS nothing can kill an actor; the workers end with their cluster.
+        if rec.handle is not None and self.lost is None:
             try:
                 ray.kill(rec.handle, no_restart=True)
             except Exception as exc:  # already gone
@@ -233,6 +242,19 @@ class FleetRuntime:
         if rec.stream_task is not None and rec.stream_task is not asyncio.current_task():
             rec.stream_task.cancel()
         self._kill(rec)
+
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Entries of each per-request structure (leak checks: zero, or a bound, once idle)."""
+        return {
+            "requests": len(self.requests),
+            "queue": len(self.queue),
+            "resume_states": len(self._resume_states),
+            "tasks": len(self._tasks),
+            "workers": len(self.workers),
+            "assigned": sum(len(w.assigned) for w in self.workers.values()),
+            "counters": len(self.counters),
+            "recent_load_seconds": len(self.recent_load_seconds),
+        }
 
     def engine_totals(self) -> dict[str, int]:
         totals = dict(self._retired_totals)
@@ -266,6 +288,20 @@ class FleetRuntime:
         self._ensure_min_workers()
         self._fail_queued_if_stranded()
         self._wake.set()
+
+    def cluster_lost(self, reason: str) -> None:
+        """Ray's GCS is gone: fail every admitted request now (a worker's death would never be
+        reported, so its callers would wait forever) and schedule nothing more."""
+        if self.lost is not None:
+            return
+        self.lost = reason
+        self.closing = True
+        for task in self._loops:
+            task.cancel()
+        for tr in list(self.requests.values()):
+            tr.fail(reason, "unavailable")
+            self._finalize(tr, "requests_failed")
+        self._drained.set()
 
     # ------------------------------------------------------------ reports
 

@@ -19,7 +19,7 @@ class Failure:
     """Put on a request's stream when it cannot complete; `kind` picks the error class raised."""
 
     reason: str
-    kind: str = "error"  # "error" | "invalid" | "unknown_adapter"
+    kind: str = "error"  # "error" | "invalid" | "unknown_adapter" | "unavailable" (cluster lost)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.worker import fault_points, memory_probe
 from lorafleet.worker.types import EngineStats, SequenceState, TokenDelta
 
 
@@ -93,6 +94,7 @@ class WorkerActor:
         self._seq_no = 0
         self._reports: asyncio.Queue = asyncio.Queue()  # (deltas, produced_at, stats) | Exception | None
         self._loop_task: asyncio.Task | None = None
+        self._probe: asyncio.Task | None = None  # memory probe (soak diagnostics), when asked for
 
     async def ready(self) -> tuple[WorkerInfo, EngineStats]:
         stats = self._engine.stats()
@@ -111,6 +113,8 @@ class WorkerActor:
         """Queue new or resumed sequences; per-item errors are returned, not raised."""
         results = []
         async with self._lock:
+            if any(item.state.output_token_ids for item in items):
+                await fault_points.apause("resume")  # tests only: kill a migration's target here
             for item in items:
                 results.append(self._add_one(item))
         self._wake.set()
@@ -161,6 +165,8 @@ class WorkerActor:
         async with self._lock:
             # dict.fromkeys: the engine refuses a repeated id rather than lose the sequence.
             ids = list(dict.fromkeys(r for r in request_ids if r in self._live))
+            if ids:
+                await fault_points.apause("export")  # tests only: kill a migration's source here
             states = self._engine.export(ids) if ids else []
             self._live.difference_update(ids)
         self._wake.set()
@@ -190,11 +196,31 @@ class WorkerActor:
             self._reports.put_nowait(None)
             self._pool.shutdown(wait=False)
 
+    def _start_memory_probe(self) -> None:
+        # Soak diagnostics: on when the head's LORAFLEET_MEMORY_PROBE reached this process (a local
+        # Ray's workers inherit the head's environment); one folder per worker process.
+        settings = memory_probe.settings_from_env()
+        if settings is None:
+            return
+        folder, interval_s, frames = settings
+        self._probe = memory_probe.start(
+            (folder / f"worker-{os.getpid()}", interval_s, frames), self._bookkeeping_sizes
+        )
+
+    def _bookkeeping_sizes(self) -> dict[str, int]:
+        return {
+            "live": len(self._live),
+            "adapter_paths": len(self._adapters),
+            "reports_queued": self._reports.qsize(),
+            **self._engine.bookkeeping_sizes(),
+        }
+
     async def stream(self) -> AsyncIterator[StepReport]:
         """The report stream (consume once, as a Ray streaming generator)."""
         if self._loop_task is not None:
             raise RuntimeError(f"worker {self._worker_id} is already streaming")
         self._loop_task = asyncio.get_running_loop().create_task(self._engine_loop())
+        self._start_memory_probe()
         while True:
             items = [await self._reports.get()]
             while not self._reports.empty():

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.worker import fault_points
 from lorafleet.worker.adapter_reader import init_loader_thread, read_packed
 from lorafleet.worker.adapters import validate_adapter_dir
 from lorafleet.worker.lora_pool import LoraSlotPool, PackedAdapter
@@ -48,6 +49,7 @@ def _load_packed(
 ) -> PackedAdapter:
     """Disk -> validated, packed host buffer. Runs on the loader thread: it touches no cache state,
     only the (immutable) model config and pool layout."""
+    fault_points.pause(f"adapter_load:{name}")  # tests only: a slow disk to kill the worker in
     return read_packed(path, model_config, pool, name=name, pin=pin)
 
 
@@ -304,6 +306,20 @@ class AdapterCache:
             pending = self._pending.get(name) if name is not None else None
             if pending is not None:
                 stream.wait_event(pending.done)
+
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Entries of each per-adapter structure (soak leak checks: bounded by the registered names)."""
+        return {
+            "adapters_registered": len(self._registry),
+            "host_cached": len(self._host),
+            "host_cached_bytes": self._host_bytes,
+            "ready": len(self._ready),
+            "fresh": len(self._fresh),
+            "loading": len(self._loading),
+            "failed": len(self._failed),
+            "pins": len(self._pins),
+            "pending_uploads": len(self._pending),
+        }
 
     def take_load_seconds(self) -> tuple[float, ...]:
         """Load times (disk + upload) of adapters finished since the last call."""

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from lorafleet.worker.lora_pool import PROJECTIONS
+from lorafleet.worker.mapped_tensors import MappedTensors
 from lorafleet.worker.model_config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -322,18 +323,15 @@ def load_adapter(
     wanted = targeted_modules(cfg, model_config.num_hidden_layers, path)
     weights_path = weights_file(path)
     projs: dict[tuple[int, str], ProjWeights] = {}
-    try:
-        handle = safe_open(str(weights_path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    handle, tensors = _open_weights(path, weights_path, load_tensors)
     with handle as f:
         plans = plan_projections(
             path, cfg, model_config, wanted, list(f.keys()), lambda key: tuple(f.get_slice(key).get_shape())
         )
         shapes = model_config.lora_shapes()
         for p in plans:
-            if load_tensors:
-                a, b = f.get_tensor(p.a_key), f.get_tensor(p.b_key)
+            if tensors is not None:
+                a, b = _read(path, tensors, p.a_key), _read(path, tensors, p.b_key)
                 for t, which in ((a, "lora_A"), (b, "lora_B")):
                     if not t.is_floating_point():
                         raise non_float_error(path, p, which, t.dtype)
@@ -361,16 +359,32 @@ def check_file_finite(path: str | Path) -> None:
     """Raise AdapterFormatError naming the first tensor of the adapter's weights file that holds
     NaN or Inf (registration: refuse the adapter before any request can pick it up)."""
     path = Path(path)
-    weights_path = weights_file(path)
-    try:
-        handle = safe_open(str(weights_path), framework="pt", device="cpu")
-    except Exception as e:
-        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    handle, tensors = _open_weights(path, weights_file(path), True)
+    assert tensors is not None
     with handle as f:
         for key in sorted(f.keys()):
-            t = f.get_tensor(key)
+            t = _read(path, tensors, key)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise _fail(path, f"tensor {key} holds NaN or Inf values")
+
+
+def _open_weights(path: Path, weights_path: Path, load_tensors: bool) -> tuple[Any, MappedTensors | None]:
+    """safetensors' handle (it checks the header, and gives names and shapes) and, to read tensors,
+    a `MappedTensors` of the same file: safetensors' own get_tensor keeps memory on every call."""
+    try:
+        handle = safe_open(str(weights_path), framework="pt", device="cpu")
+        tensors = MappedTensors(weights_path) if load_tensors else None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({e})") from e
+    return handle, tensors
+
+
+def _read(path: Path, tensors: MappedTensors, key: str) -> torch.Tensor:
+    try:
+        return tensors.get_tensor(key)
+    except (KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise _fail(path, f"{WEIGHTS_FILE} cannot be read ({message})") from e
 
 
 def check_weights_finite(weights: AdapterWeights) -> None:

@@ -374,6 +374,17 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
         )
 
+    def bookkeeping_sizes(self) -> dict[str, int]:
+        """Entries of every per-request and per-adapter structure (soak leak checks; the request ones
+        return to zero once the engine is idle)."""
+        return {
+            "seqs": len(self._seqs),
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_blocks_used": self.allocator.num_blocks - self.allocator.num_free,
+            **self.adapters.bookkeeping_sizes(),
+        }
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),

@@ -6,82 +6,38 @@ with the tokens of the offline engine. Only the processes this test started are 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray")
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "deploy" / "ray_cluster.sh"
 DRIVER = Path(__file__).with_name("two_node_driver.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ports() -> str:
-    """Every fixed-default port of a Ray node, picked free, so two nodes (and other users' Ray) coexist."""
-    flags = ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port")
-    flags += ("dashboard-agent-listen-port", "runtime-env-agent-port", "metrics-export-port")
-    return " ".join(f"--{flag}={_free_port()}" for flag in flags)
-
-
-class Node:
-    def __init__(self, base: Path, name: str, env: dict[str, str]) -> None:
-        self.env = {**env, "LORAFLEET_RAY_DIR": str(base / name), "NUM_CPUS": "1"}
-        self.env["RAY_START_ARGS"] = _node_ports()
-
-    def script(self, *args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=self.env, timeout=120
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
-
-    def pids(self) -> list[int]:
-        return [int(line.split()[0]) for line in self.script("pids").stdout.splitlines()]
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[Node, Node, dict[str, str]]]:
-    base = Path(tempfile.mkdtemp(prefix="lf2n-", dir="/tmp"))  # Ray's socket paths must stay short
-    home = base / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", HOME=str(home))
-    env.update(RAY_DISABLE_USAGE_STATS="1", RAY_PORT=str(_free_port()))
-    head, second = Node(base, "a", env), Node(base, "b", env)
-    try:
-        head.script("head")
-        second.script("worker", "127.0.0.1")
-        yield head, second, {**env, "RAY_AUTH_MODE": "token"}
-    finally:
-        for node in (second, head):
-            subprocess.run(["bash", str(SCRIPT), "stop"], env=node.env, capture_output=True, timeout=120)
-        shutil.rmtree(base, ignore_errors=True)
+def cluster(ray_nodes) -> tuple[Any, Any, dict[str, str]]:
+    """A head and a second node (conftest's RayNode), and the environment that joins them."""
+    make_node, env = ray_nodes
+    head, second = make_node("a"), make_node("b")
+    head.script("head")
+    second.script("worker", "127.0.0.1")
+    return head, second, env
 
 
 def test_killed_node_requests_finish_on_the_other_with_the_same_tokens(
-    cluster: tuple[Node, Node, dict[str, str]], tmp_path: Path
+    cluster: tuple[Any, Any, dict[str, str]], tmp_path: Path
 ) -> None:
     from lorafleet.worker.demo_assets import make_demo
 
     head, second, env = cluster
     model = tmp_path / "model"
     make_demo(model, num_adapters=1)
-    address = (Path(head.env["LORAFLEET_RAY_DIR"]) / "ray_current_cluster").read_text().strip()
+    address = head.address()
     driver = subprocess.Popen(
         [sys.executable, str(DRIVER), str(model), address],
         stdin=subprocess.PIPE,

@@ -302,3 +302,22 @@ def test_model_without_tokenizer_takes_token_ids_and_refuses_text(demo, tmp_path
     # skip_tokenizer_init ignores a tokenizer.json that is there (even a broken one).
     (folder / "tokenizer.json").write_text("{}")
     assert Engine.from_pretrained(folder, skip_tokenizer_init=True).tokenizer is None
+
+
+def test_bookkeeping_returns_to_idle_after_finishes_aborts_and_exports(demo) -> None:
+    engine = make_engine(demo, max_batch_size=4)
+    idle = engine.bookkeeping_sizes()
+    assert (idle["seqs"], idle["waiting"], idle["running"], idle["kv_blocks_used"]) == (0, 0, 0, 0)
+    for i, (p, a) in enumerate(zip(prompts(), ADAPTERS)):
+        engine.add_request(Request(f"b{i}", tuple(p), a, GREEDY))
+    engine.step()
+    busy = engine.bookkeeping_sizes()
+    assert busy["seqs"] == len(ADAPTERS) and busy["kv_blocks_used"] > 0 and busy["pins"] > 0
+    engine.abort("b0")
+    engine.export(["b1"])
+    while engine.has_unfinished():
+        engine.step()
+    done = engine.bookkeeping_sizes()
+    assert (done["seqs"], done["waiting"], done["running"], done["kv_blocks_used"]) == (0, 0, 0, 0)
+    assert (done["pins"], done["loading"], done["failed"], done["pending_uploads"]) == (0, 0, 0, 0)
+    assert done["adapters_registered"] == len(demo.adapters)  # one entry per name, however many loads
