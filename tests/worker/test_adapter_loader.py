@@ -37,6 +37,7 @@ class GatedLoads:
 
     def __init__(self, fail: str | None = None) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()  # a load has reached the reader (the thread may start late)
         self.threads: list[str] = []
         self.names: list[str] = []
         self.fail = fail
@@ -45,6 +46,7 @@ class GatedLoads:
     def __call__(self, path, model_config, pool, **kwargs):
         self.threads.append(threading.current_thread().name)
         self.names.append(kwargs.get("name"))
+        self.entered.set()
         assert self.gate.wait(30.0), "test never opened the gate"
         if kwargs.get("name") == self.fail:
             raise AdapterFormatError(f"adapter {path}: the disk said no")
@@ -211,6 +213,7 @@ def test_engine_keeps_stepping_while_the_head_loads_and_admits_fcfs(demo, refere
         assert {d.request_id for d in deltas} == {"r0"}
         early += [t for d in deltas for t in d.new_token_ids]
         assert [s.request_id for s in engine.scheduler.running] == ["r0"]
+    assert gated.entered.wait(10.0), "the loader thread never started the load"
     assert gated.names == ["adapter-0"]  # only the head's adapter is being read
     gated.open()
     tokens, errors, per_step = run(engine)
