@@ -17,6 +17,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from lorafleet.scheduler.errors import FleetError
@@ -109,9 +110,9 @@ async def connect_ray(address: str | None, timeout_s: float, **init_kwargs: Any)
     return True
 
 
-async def _join_within(target: str, kwargs: dict[str, Any], timeout_s: float) -> None:
-    import ray
-
+def in_daemon_thread(fn: Callable[[], object], name: str) -> asyncio.Future[None]:
+    """Run blocking ``fn`` on a daemon thread; the future (of the running loop) settles with its
+    outcome. A call that never returns leaves only the thread behind, never the process."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
@@ -126,17 +127,24 @@ async def _join_within(target: str, kwargs: dict[str, Any], timeout_s: float) ->
     def run() -> None:
         error: BaseException | None = None
         try:
-            ray.init(**kwargs)
+            fn()
         except BaseException as exc:  # handed to the waiting coroutine, which decides
             error = exc
         # After a timeout the waiter (and maybe its loop) is gone: nobody is left to tell.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, error)
 
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
+
+
+async def _join_within(target: str, kwargs: dict[str, Any], timeout_s: float) -> None:
+    import ray
+
     # A daemon thread, not the default executor: a ray.init stuck in Ray's C++ retry loop must not
     # keep the process alive after we give up on it. (A join starts no local Ray processes, so the
     # thread may end once connected.)
-    threading.Thread(target=run, name="lorafleet-ray-init", daemon=True).start()
+    done = in_daemon_thread(lambda: ray.init(**kwargs), "lorafleet-ray-init")
     try:
         await asyncio.wait_for(asyncio.shield(done), timeout_s)
     except asyncio.TimeoutError:

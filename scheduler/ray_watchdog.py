@@ -13,15 +13,14 @@ clear message instead of hanging or vanishing. A probe that succeeds again in ti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from lorafleet.scheduler.errors import short_reason
+from lorafleet.scheduler.ray_connect import in_daemon_thread
 
 log = logging.getLogger("lorafleet.scheduler")
 
@@ -74,28 +73,7 @@ class RayWatchdog:
         self._running: asyncio.Future[None] | None = None  # the probe in flight, if any
 
     def _start_probe(self) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def settle(error: BaseException | None) -> None:
-            if done.done():
-                return
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-        def run() -> None:
-            error: BaseException | None = None
-            try:
-                self._probe()
-            except BaseException as exc:  # handed to the loop, which decides
-                error = exc
-            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-                loop.call_soon_threadsafe(settle, error)
-
-        threading.Thread(target=run, name="lorafleet-ray-watchdog", daemon=True).start()
-        return done
+        return in_daemon_thread(self._probe, "lorafleet-ray-watchdog")
 
     async def check(self) -> bool:
         """One probe, bounded by `interval_s`; True while the GCS counts as reachable."""
