@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -19,22 +18,13 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.sim.profiler import cpu_name
 from lorafleet.worker import Engine, SamplingParams
 from lorafleet.worker.demo_assets import make_demo
 
 PROMPT_LEN = 32
 NEW_TOKENS = 64
 NUM_ADAPTERS = 8
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(engine: Engine, batch: int, repeats: int) -> tuple[float, float]:

@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorafleet.sim.profiler import cpu_name
+
 APIS = ("grpc", "http")
 TOKENS_TARGET = 0.05  # HTTP tokens/s at most this fraction below gRPC's
 ITL_TARGET_MS = 1.0  # HTTP p50 inter-token at most this much above gRPC's
@@ -295,14 +297,7 @@ def markdown(runs: list[Run], meta: dict[str, object]) -> str:
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     versions = []
     for name in ("torch", "grpcio", "uvicorn", "h11", "ray"):
         try:

@@ -366,13 +366,14 @@ def measure_profile(
             f"lorafleet profile --model {model_dir} --device {device} --dtype {dtype}"
             + "".join(f" --engine {k}={v}" for k, v in engine_options.items())
             + f"; {when}; "
-            f"{platform.node()} {_cpu_name() if device == 'cpu' else _gpu_name()}"
+            f"{platform.node()} {cpu_name() if device == 'cpu' else _gpu_name()}"
         ),
         samples=tuple(samples),
     )
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """This machine's CPU model (what benchmark reports name the machine by)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
