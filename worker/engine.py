@@ -57,6 +57,8 @@ def _describe(exc: BaseException) -> str:
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
+        if self.config.cpu_threads is not None:
+            torch.set_num_threads(self.config.cpu_threads)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

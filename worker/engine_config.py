@@ -31,11 +31,17 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # CUDA: run the LoRA kernels on a second stream beside each base matmul (ignored on the CPU).
     lora_side_stream: bool = False
+    # torch intra-op threads of the process the engine runs in (set when the engine is built, so the
+    # threads it starts later, like a worker actor's step thread, inherit it). None leaves torch's
+    # default: one per core in a plain process, 1 in a Ray worker actor (Ray sets OMP_NUM_THREADS).
+    # Several CPU workers on one machine each take this many cores; a latency profile for them must
+    # be measured with the same value (`lorafleet profile --engine cpu_threads=N`).
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_int("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes, 1)

@@ -321,3 +321,24 @@ def test_bookkeeping_returns_to_idle_after_finishes_aborts_and_exports(demo) -> 
     assert (done["seqs"], done["waiting"], done["running"], done["kv_blocks_used"]) == (0, 0, 0, 0)
     assert (done["pins"], done["loading"], done["failed"], done["pending_uploads"]) == (0, 0, 0, 0)
     assert done["adapters_registered"] == len(demo.adapters)  # one entry per name, however many loads
+
+
+def test_cpu_threads_sets_torch_threads_for_the_engine_and_threads_it_starts_later(demo) -> None:
+    import threading
+
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1  # differs from the process's setting whatever the machine
+    try:
+        engine = make_engine(demo, cpu_threads=target)
+        later: list[int] = []
+        # A worker actor steps its engine on a thread it starts after building the engine.
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == target and later == [target]
+        assert engine.generate([[5, 6, 7]], sampling=GREEDY)[0].token_ids
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="cpu_threads"):
+            EngineConfig(cpu_threads=bad)
