@@ -2,7 +2,7 @@
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
 #                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-7b,
-#                                                fleet-assets, fleet
+#                                                fleet-assets, fleet, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
 # fleet (two GPUs, issue 12; about 9 minutes with the default FLEET_BUDGET_S=520) needs Ray, which
@@ -14,6 +14,17 @@
 # budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
 # ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the
 # traces fleet_gpu_prep.sh put in .gpuwheels/b/traces.
+#
+# sim-validate (issue 11; CPUs only, about 3 minutes on 16 cores): the simulator against a real CPU
+# fleet of demo-model workers on a machine with a core per worker (the 2-core development machine
+# cannot give them one). Needs Ray as fleet does: carry .gpuwheels/b, on a machine where Ray is in
+# /tmp/site from an earlier call or /tmp/ray_part_aa is there (else first: carry .gpuwheels/a,
+# `cp .gpuwheels/a/part_aa /tmp/ray_part_aa`). It measures a CPU profile of the demo model there
+# (`lorafleet profile`, through the serving stack, each worker's torch threads fixed by
+# `--engine cpu_threads`), then runs benchmarks/validate_sim.py with the same threads. Results:
+# OUT/sim-validate/{machine.txt, profile.yaml, report.md, result.json, real.json}. The workload
+# shrinks for a dry run: SIMVAL_RATE (quiet req/s, burst 10x; 2.5), SIMVAL_PHASE_S (30),
+# SIMVAL_WORKERS (3), SIMVAL_THREADS (torch threads per worker; 2), SIMVAL_REPEATS (profile; 20).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
 shift
@@ -104,6 +115,21 @@ for stage in "$@"; do
         fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
             --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
             --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} ;;
+    sim-validate)
+        lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
+        sv=$out/sim-validate demo=/tmp/lf-simval-demo threads=${SIMVAL_THREADS:-2}
+        mkdir -p "$sv" && {
+            echo "cores: $(nproc) usable, $(getconf _NPROCESSORS_ONLN) online"
+            grep -m1 'model name' /proc/cpuinfo
+            uptime
+        } | tee "$sv/machine.txt" &&
+            fleet_setup && lf make-demo --overwrite "$demo" &&
+            lf profile --model "$demo" --device cpu --engine max_batch_size=4 --engine "cpu_threads=$threads" \
+                --repeats "${SIMVAL_REPEATS:-20}" --name cpu-validate --out "$sv/profile.yaml" &&
+            python3 benchmarks/validate_sim.py --model "$demo" --profile "$sv/profile.yaml" \
+                --cpu-threads "$threads" --workers "${SIMVAL_WORKERS:-3}" --rate "${SIMVAL_RATE:-2.5}" \
+                --phase-s "${SIMVAL_PHASE_S:-30}" --output-len 16:64 --out "$sv" &&
+            uptime | tee -a "$sv/machine.txt" ;;
     *)
         echo "unknown stage $stage" ;;
     esac >"$out/$stage.log" 2>&1

@@ -179,6 +179,7 @@ def serving_latency(
             dtype=dtype,
             port=0,
             metrics_port=None,
+            http_port=None,  # gRPC only: no fixed port to collide with other servers
             engine=dict(engine_options),
         )
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ measured on the same machine. Imports Ray and gRPC lazily: only validation runs 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,9 @@ class FleetSetup:
     idle_release_s: float = 30.0
     policy: str = "packing"
     cpu_cores: float | None = None  # the simulator's contention model (None: none)
+    # Real workers' torch threads (EngineConfig.cpu_threads; None: Ray's default, 1). The profile
+    # must have been measured with the same value.
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -66,10 +70,11 @@ async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
         max_workers=setup.max_workers,
         port=0,
         metrics_port=None,
+        http_port=None,  # gRPC only: no fixed port to collide with other servers
         policy=setup.policy,
         consolidation_interval_s=setup.consolidation_interval_s,
         idle_release_s=setup.idle_release_s,
-        engine={"max_batch_size": setup.max_batch_size},
+        engine=_engine_options(setup),
     )
     api = await start_serving(config)
     try:
@@ -81,6 +86,13 @@ async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
         await shutdown_serving(api, drain_timeout_s=30.0)
     sent = [SimRequest(p.at_s, r.adapter, p.prompt_len, p.max_new_tokens) for p, r in zip(plan, records)]
     return RealRun(report, records, sent)
+
+
+def _engine_options(setup: FleetSetup) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_batch_size": setup.max_batch_size}
+    if setup.cpu_threads is not None:
+        options["cpu_threads"] = setup.cpu_threads
+    return options
 
 
 def sim_run(setup: FleetSetup, profile: LatencyProfile, requests: list[SimRequest]) -> SimResult:
@@ -166,4 +178,60 @@ def format_comparison(rows: dict[str, dict[str, float]]) -> str:
     for k, v in rows.items():
         target = f"{TARGETS[k] * 100:.0f}%" if k in TARGETS else "equal"
         lines.append(f"| {k} | {v['real']:.4g} | {v['sim']:.4g} | {v['error'] * 100:+.1f}% | {target} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    """Mean TTFT and TPOT (seconds) of the requests arriving in [start_s, end_s), real and simulated."""
+
+    start_s: float
+    end_s: float
+    requests: int
+    tpot_real: float
+    tpot_sim: float
+    ttft_real: float
+    ttft_sim: float
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def by_phase(real_run: RealRun, result: SimResult, bounds: list[float]) -> list[PhaseRow]:
+    """Per phase (arrival time between consecutive ``bounds``): where the two sides part ways.
+
+    Requests are matched by position: the simulator replays ``real_run.sent`` in order, and the
+    bench's records are in the same (plan) order."""
+    if len(result.records) != len(real_run.records):
+        raise ValueError(f"{len(result.records)} simulated requests against {len(real_run.records)} real")
+    rows = []
+    for lo, hi in itertools.pairwise(bounds):
+        ttft_r, tpot_r, ttft_s, tpot_s, count = [], [], [], [], 0
+        for sent, real, sim in zip(real_run.sent, real_run.records, result.records):
+            if not lo <= sent.at_s < hi:
+                continue
+            count += 1
+            if real.status == "ok" and real.first_token_at is not None:
+                ttft_r.append(real.first_token_at - real.sent_at)
+                if real.tokens > 1:
+                    tpot_r.append((real.last_token_at - real.first_token_at) / (real.tokens - 1))
+            if sim.finish is not None and sim.first_token is not None:
+                ttft_s.append(sim.first_token - sim.arrival)
+                if sim.output_tokens > 1:
+                    tpot_s.append((sim.finish - sim.first_token) / (sim.output_tokens - 1))
+        rows.append(PhaseRow(lo, hi, count, _mean(tpot_r), _mean(tpot_s), _mean(ttft_r), _mean(ttft_s)))
+    return rows
+
+
+def format_phases(rows: list[PhaseRow]) -> str:
+    lines = [
+        "| phase (s) | requests | TPOT real ms | TPOT sim ms | error | TTFT real ms | TTFT sim ms | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [f"{r.start_s:.0f}-{r.end_s:.0f}", str(r.requests)]
+        for real, sim in ((r.tpot_real, r.tpot_sim), (r.ttft_real, r.ttft_sim)):
+            cells += [f"{real * 1e3:.2f}", f"{sim * 1e3:.2f}", f"{(sim / real - 1) * 100:+.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
