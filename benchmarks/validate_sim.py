@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -47,8 +48,9 @@ from lorafleet.worker.demo_assets import make_demo
 from lorafleet.workload import phased_workload
 
 
-def save_real(real: RealRun, path: Path) -> None:
+def save_real(real: RealRun, path: Path, meta: dict[str, Any]) -> None:
     data = {
+        "meta": meta,  # the machine and process figures of the real run, for a report from --load
         "records": [dataclasses.asdict(r) for r in real.records],
         "sent": [dataclasses.asdict(r) for r in real.sent],
         "samples": [dataclasses.asdict(s) for s in real.report.workers_over_time],
@@ -117,7 +119,7 @@ def _num(x: float) -> str:
 def report_text(
     args: argparse.Namespace, plan_len: int, real: RealRun, setup: FleetSetup, profile: LatencyProfile
 ) -> tuple[str, dict[str, Any]]:
-    before, after = args.machine_before, machine()
+    before, after = args.machine_before, args.machine_after
     wanted = cores_wanted(args.workers, args.cpu_threads)
     short = wanted > (before["usable_cores"] or 0)
     threads = args.cpu_threads if args.cpu_threads is not None else "unset (Ray: 1)"
@@ -131,9 +133,20 @@ def report_text(
         + (" -> MORE THAN THIS MACHINE HAS: expect contention" if short else ""),
         f"profile: {profile.name} ({profile.source.split(';')[0]})",
         f"{plan_len} requests; real run {real.report.wall_s:.1f} s, completed {real.report.completed}",
-        "",
     ]
-    out: dict[str, Any] = {"machine_start": before, "machine_end": after, "requests": plan_len}
+    if args.head_cpu is not None:
+        cpu, wall = args.head_cpu
+        lines.append(
+            f"head + bench client process: {cpu:.1f} s CPU over {wall:.1f} s (start-up included), "
+            f"{cpu / wall * 100:.0f}% of a core"
+        )
+    lines.append("")
+    out: dict[str, Any] = {
+        "machine_start": before,
+        "machine_end": after,
+        "requests": plan_len,
+        "head_process_cpu_s_wall_s": args.head_cpu,
+    }
     if args.cpu_cores is not None:  # the comparison without the contention model, for reference
         plain = compare(real, sim_run(dataclasses.replace(setup, cpu_cores=None), profile, real.sent))
         lines += ["simulated without a CPU contention model:", format_comparison(plain), ""]
@@ -214,17 +227,29 @@ def main() -> None:
             cpu_cores=args.cpu_cores,
             cpu_threads=args.cpu_threads,
         )
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         real = load_real(args.load) if args.load is not None else real_run(setup, plan, seed=args.seed)
+        # The head and the bench client share this process (one event loop): its CPU share says how
+        # close that loop came to saturating, which no profile term covers.
+        meta = {
+            "machine_before": args.machine_before,
+            "machine_after": machine(),
+            "head_cpu": (time.process_time() - cpu0, time.perf_counter() - wall0),
+        }
+        if args.load is not None:  # the figures of the machine that ran it
+            meta = json.loads(args.load.read_text()).get("meta") or {**meta, "head_cpu": None}
+        args.machine_before, args.machine_after = meta["machine_before"], meta["machine_after"]
+        args.head_cpu = meta["head_cpu"]
     text, data = report_text(args, len(plan), real, setup, profile)
     print(text)
     if args.save is not None:
-        save_real(real, args.save)
+        save_real(real, args.save, meta)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.md").write_text(text + "\n")
         (args.out / "result.json").write_text(json.dumps(data, indent=1) + "\n")
         if args.load is None:
-            save_real(real, args.out / "real.json")
+            save_real(real, args.out / "real.json", meta)
 
 
 if __name__ == "__main__":

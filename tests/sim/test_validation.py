@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.sim.profile import load_profile
-from lorafleet.sim.validate import FleetSetup, compare, real_run, sim_run
+from lorafleet.sim.validate import FleetSetup, by_phase, compare, real_run, sim_run
 from lorafleet.workload import phased_workload
 
 
@@ -37,3 +37,6 @@ def test_small_validation_case(tmp_path) -> None:
     assert abs(rows["throughput_tok_s"]["error"]) < 0.25
     assert rows["ttft_mean_s"]["sim"] <= rows["ttft_mean_s"]["real"] * 1.5
     assert 1 <= rows["peak_workers"]["sim"] <= 2
+    phases = by_phase(real, result, [0.0, 3.0, 6.0, 9.0])
+    assert sum(p.requests for p in phases) == len(plan)
+    assert all(p.tpot_sim > 0 and p.ttft_real > 0 for p in phases)
