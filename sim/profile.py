@@ -2,8 +2,9 @@
 
 Step latency model (seconds), fitted by `lorafleet profile` from grid measurements:
 
-    step = step_overhead + base(decode_seqs) + per_prefill_token * prefill_tokens
-         + per_context_token * total_context + per_adapter * (distinct_adapters - 1)
+    step = step_overhead + step_overhead_per_seq * decode_seqs + base(decode_seqs)
+         + per_prefill_token * prefill_tokens + per_context_token * total_context
+         + per_adapter * (distinct_adapters - 1)
 
 `base` is piecewise linear over the measured decode batch sizes (0 = a prefill-only step), extended
 linearly past the largest one. The context and adapter terms are linear so that a run of decode
@@ -68,6 +69,10 @@ class LatencyProfile:
     # The serving stack around the engine (Ray actor loop, head, gRPC), measured through a real
     # one-worker fleet: added to every step, and to each request's first token and finish (delivery).
     step_overhead_s: float = 0.0
+    # The part of the stack's per-step cost that grows with the batch (each sequence's token delta is
+    # built, pickled and sent by the actor while the step thread waits for the GIL): measured through
+    # the same fleet with a full batch.
+    step_overhead_per_seq_s: float = 0.0
     request_overhead_s: float = 0.0
     source: str = ""  # where it was measured (machine, command, date)
     samples: tuple[tuple[float, ...], ...] = field(default=(), repr=False)  # raw grid, for the record
@@ -87,6 +92,7 @@ class LatencyProfile:
             "adapter_host_load_s",
             "worker_start_s",
             "step_overhead_s",
+            "step_overhead_per_seq_s",
             "request_overhead_s",
         ):
             _check_nonneg(name, getattr(self, name))
@@ -114,6 +120,7 @@ class LatencyProfile:
             base = self.base(decode_seqs)
         return (
             self.step_overhead_s
+            + self.step_overhead_per_seq_s * decode_seqs
             + base
             + self.per_prefill_token_s * prefill_tokens
             + self.per_context_token_s * total_context
@@ -148,6 +155,7 @@ class LatencyProfile:
             "worker_start_s": float(self.worker_start_s),
             "serving": {
                 "step_overhead_s": float(self.step_overhead_s),
+                "step_overhead_per_seq_s": float(self.step_overhead_per_seq_s),
                 "request_overhead_s": float(self.request_overhead_s),
             },
             "samples": {
@@ -243,6 +251,7 @@ def parse_profile(raw: Any, where: str) -> LatencyProfile:
             adapter_host_load_s=get(load, "host_s", "adapter_load"),
             worker_start_s=get(raw, "worker_start_s", ""),
             step_overhead_s=serving.get("step_overhead_s", 0.0),
+            step_overhead_per_seq_s=serving.get("step_overhead_per_seq_s", 0.0),
             request_overhead_s=serving.get("request_overhead_s", 0.0),
             source=str(raw.get("source", "")),
             samples=tuple(tuple(float(v) for v in r) for r in rows),

@@ -7,9 +7,10 @@ Sweeps (each step timed alone with perf_counter around `Engine.step`, after warm
 - adapters: a full batch over 1, 2, 4, ... distinct adapters (the per-adapter slope);
 - adapter loads: first use of an adapter (disk read + upload) on the measured engine, and re-uploads
   from the host cache on a second engine with one GPU slot (so every switch reloads);
-- the serving stack: one request at a time through a real one-worker fleet (`start_serving` and a
-  gRPC client); what its TPOT and TTFT exceed the engine model by becomes the per-step and
-  per-request overheads (Ray actor loop, head, gRPC);
+- the serving stack: requests through a real one-worker fleet (`start_serving` and a gRPC client),
+  one at a time and a full batch at once; what their TPOT and TTFT exceed the engine model by
+  becomes the per-step overhead (a fixed part and a part per sequence in the step) and the
+  per-request one (Ray actor loop, head, gRPC);
 - worker start-up: a `WorkerActor` in a local Ray, created until `ready()` answers (as the runtime
   grows the fleet); with `--no-ray-start`, `Engine.from_pretrained` alone.
 The fit (see `sim/profile.py`) is least squares per sweep; the raw samples go into the file too.
@@ -162,16 +163,33 @@ def serving_latency(
     prompt: int,
     new_tokens: int,
     count: int,
-) -> tuple[float, float, float]:
-    """One request at a time through the real stack (`start_serving`: Ray worker, head, gRPC) as a
-    client sees it: (median TTFT, median TPOT, seconds until the one-worker fleet was ready)."""
+    batches: tuple[int, ...] = (1,),
+) -> tuple[dict[int, tuple[float, float]], float]:
+    """Requests through the real stack (`start_serving`: Ray worker, head, gRPC) as a client sees
+    them, `count` rounds of b at once for each b in `batches` (1: one request at a time):
+    ({b: (median TTFT, median TPOT)}, seconds until the one-worker fleet was ready)."""
     import asyncio
 
     from lorafleet.client import AsyncClient
     from lorafleet.config import ServeConfig
     from lorafleet.serve import shutdown_serving, start_serving
 
-    async def run() -> tuple[float, float, float]:
+    sampling = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+
+    async def one(client: Any, ids: list[int], adapter: str | None) -> tuple[float, float] | None:
+        sent = time.perf_counter()
+        first = last = None
+        tokens = 0
+        async for chunk in client.stream(ids, adapter=adapter, sampling=sampling):
+            if chunk.token_ids:
+                last = time.perf_counter()
+                first = first or last
+                tokens += len(chunk.token_ids)
+        if first is None or last is None or tokens < 2:
+            return None
+        return first - sent, (last - first) / (tokens - 1)
+
+    async def run() -> tuple[dict[int, tuple[float, float]], float]:
         config = ServeConfig(
             model=model_dir,
             adapters_dir=adapters_dir,
@@ -185,29 +203,24 @@ def serving_latency(
         t0 = time.perf_counter()
         api = await start_serving(config)
         ready_s = time.perf_counter() - t0
-        ttfts, tpots = [], []
+        out: dict[int, tuple[float, float]] = {}
         try:
             async with AsyncClient(api.address) as client:
                 await client.wait_ready(60.0)
                 adapters = sorted(await client.list_adapters())
-                sampling = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
-                for i in range(count):
-                    sent = time.perf_counter()
-                    first = last = None
-                    tokens = 0
-                    ids = [3 + (7 * j + i) % 250 for j in range(prompt)]
-                    adapter = adapters[0] if adapters else None
-                    async for chunk in client.stream(ids, adapter=adapter, sampling=sampling):
-                        if chunk.token_ids:
-                            last = time.perf_counter()
-                            first = first or last
-                            tokens += len(chunk.token_ids)
-                    if first is not None and last is not None and tokens > 1:
-                        ttfts.append(first - sent)
-                        tpots.append((last - first) / (tokens - 1))
+                adapter = adapters[0] if adapters else None
+                for b in batches:
+                    got = []
+                    for i in range(count):
+                        prompts = [[3 + (7 * j + i + k) % 250 for j in range(prompt)] for k in range(b)]
+                        got += await asyncio.gather(*(one(client, ids, adapter) for ids in prompts))
+                    done = [g for g in got if g is not None]
+                    if not done:
+                        raise RuntimeError(f"no request of batch {b} streamed two tokens through the stack")
+                    out[b] = (statistics.median(g[0] for g in done), statistics.median(g[1] for g in done))
         finally:
             await shutdown_serving(api, drain_timeout_s=30.0)
-        return statistics.median(ttfts), statistics.median(tpots), ready_s
+        return out, ready_s
 
     return asyncio.run(run())
 
@@ -326,10 +339,11 @@ def measure_profile(
         host_cache_adapters=int(host_adapters),
     )
     del engine, runner  # the serving measurement below starts its own worker
-    step_overhead = request_overhead = 0.0
+    step_overhead = per_seq = request_overhead = 0.0
     if serving:
         prompt, new = min(16, max_len // 4), min(32, max_len // 4)
-        ttft, tpot, _ = serving_latency(
+        top = cfg.max_batch_size
+        stack, _ = serving_latency(
             model_dir,
             adapters_dir,
             device,
@@ -338,14 +352,27 @@ def measure_profile(
             prompt=prompt,
             new_tokens=new,
             count=warmup + repeats,
+            batches=(1, top) if top > 1 else (1,),
         )
-        model_tpot = bases[0] + per_ctx * (prompt + new // 2) if batches and batches[0] == 1 else 0.0
-        step_overhead = max(0.0, tpot - model_tpot)
+        # What a decode step of b sequences costs by the engine model, each at its mean context.
+        base_at = dict(zip(batches, bases))
+
+        def model_tpot(b: int) -> float:
+            return base_at.get(b, 0.0) + per_ctx * b * (prompt + new // 2)
+
+        ttft, tpot = stack[1]
+        over_one = tpot - model_tpot(1)
+        if top > 1:  # the overhead at a full batch against one sequence: its per-sequence part
+            per_seq = max(0.0, (stack[top][1] - model_tpot(top) - over_one) / (top - 1))
+        step_overhead = max(0.0, over_one - per_seq)
         model_ttft = step_overhead + max(0.0, base0) + (per_prefill + per_ctx) * prompt
         request_overhead = max(0.0, ttft - model_ttft)
+        full = f", {top} at once TPOT {stack[top][1] * 1e3:.2f} ms" if top > 1 else ""
         log(
-            f"serving stack, one request at a time: TTFT {ttft * 1e3:.2f} ms, TPOT {tpot * 1e3:.2f} ms -> "
-            f"step overhead {step_overhead * 1e3:.2f} ms, request overhead {request_overhead * 1e3:.2f} ms"
+            f"serving stack, one request at a time: TTFT {ttft * 1e3:.2f} ms, TPOT {tpot * 1e3:.2f} ms"
+            f"{full} -> "
+            f"step overhead {step_overhead * 1e3:.2f} ms + {per_seq * 1e3:.3f} ms per sequence, "
+            f"request overhead {request_overhead * 1e3:.2f} ms"
         )
     disk_s = statistics.median(disk_loads) if disk_loads else 0.0
     host_s = statistics.median(host_loads) if host_loads else disk_s
@@ -362,6 +389,7 @@ def measure_profile(
         adapter_host_load_s=host_s,
         worker_start_s=start_s,
         step_overhead_s=step_overhead,
+        step_overhead_per_seq_s=per_seq,
         request_overhead_s=request_overhead,
         source=(
             f"lorafleet profile --model {model_dir} --device {device} --dtype {dtype}"

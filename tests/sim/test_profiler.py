@@ -75,3 +75,19 @@ def test_the_shipped_h200_profile_is_a_measured_7b_profile() -> None:
     assert profile.decode_batch[1] == 1 and profile.decode_batch[-1] == 64
     assert 0.001 < profile.decode_base_s[1] < profile.decode_base_s[-1] < 0.05
     assert len(profile.samples) > 100
+
+
+def test_per_sequence_step_overhead_adds_per_decode_sequence_and_round_trips() -> None:
+    import dataclasses
+
+    from lorafleet.sim.profile import parse_profile
+
+    plain = load_profile("cpu-demo")
+    assert plain.step_overhead_per_seq_s == 0.0  # profiles from before the term load unchanged
+    costly = dataclasses.replace(plain, step_overhead_per_seq_s=0.001)
+    assert costly.step_s(4, 0, 100, 2) - plain.step_s(4, 0, 100, 2) == pytest.approx(0.004)
+    assert costly.step_s(0, 32, 32, 1) == pytest.approx(plain.step_s(0, 32, 32, 1))
+    again = parse_profile(costly.to_mapping(), "roundtrip")
+    assert again.step_overhead_per_seq_s == 0.001
+    with pytest.raises(ValueError, match="step_overhead_per_seq_s"):
+        dataclasses.replace(plain, step_overhead_per_seq_s=-1.0)
