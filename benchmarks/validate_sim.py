@@ -159,9 +159,7 @@ def report_text(
     lines += ["busy workers over time:", "", "| t (s) | real | simulated |", "|---:|---:|---:|"]
     busy = busy_over_time(real, result, args.phase_s / 4)
     for t, r, s in busy:
-        lines.append(
-            f"| {t:.0f} | {'-' if math.isnan(r) else f'{r:.2f}'} | {'-' if math.isnan(s) else f'{s:.2f}'} |"
-        )
+        lines.append(f"| {t:.0f} | {_num(r)} | {_num(s)} |")
     phases = by_phase(real, result, [i * args.phase_s for i in range(4)])
     lines += ["", "by phase (arrival time), mean TPOT and TTFT:", "", format_phases(phases)]
     out.update(
