@@ -99,6 +99,7 @@ class Engine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enforce_eager=cfg.enforce_eager,
+            max_graph_tokens=cfg.max_graph_tokens,
         )
         if cfg.lora_side_stream and self.device.type == "cuda":
             self.lora_pool.stream = torch.cuda.Stream(self.device)
