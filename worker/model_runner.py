@@ -40,17 +40,18 @@ def graph_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 
 def graph_token_sizes(max_num_batched_tokens: int, max_graph_tokens: int) -> tuple[int, ...]:
-    """Token-row buckets of the graphs for steps with prefill: 32, 64, 128, 256, then every 128 up
-    to 1,024 and every 256 beyond, up to the smaller of the two limits (always included).
+    """Token-row buckets of the graphs for steps with prefill: 32, 64, 128, 256, then every 128, up
+    to the smaller of the two limits (always included).
 
     Past a few hundred rows a 7B step's GPU time grows with its rows and rivals the eager host time
-    a graph saves, so the padding there is kept under a quarter of the step."""
+    a graph saves (H200: a 1,025-row step without adapters took 24.1 ms eagerly and 26.6 ms as a
+    1,280-row graph), so the padding there stays under 128 rows."""
     top = min(max_num_batched_tokens, max_graph_tokens)
     if top < 1:
         return ()
     sizes = [32, 64, 128, 256]
     while sizes[-1] < top:
-        sizes.append(sizes[-1] + (128 if sizes[-1] < 1024 else 256))
+        sizes.append(sizes[-1] + 128)
     return tuple(sorted({s for s in sizes if s < top} | {top}))
 
 
