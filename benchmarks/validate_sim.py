@@ -33,6 +33,7 @@ from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.profiler import cpu_name
 from lorafleet.sim.simulator import SimRequest
 from lorafleet.sim.validate import (
+    EVENTS,
     TARGETS,
     FleetSetup,
     RealRun,
@@ -40,6 +41,7 @@ from lorafleet.sim.validate import (
     by_phase,
     compare,
     format_comparison,
+    format_events,
     format_phases,
     real_run,
     sim_run,
@@ -57,6 +59,7 @@ def save_real(real: RealRun, path: Path, meta: dict[str, Any]) -> None:
         "tokens_per_s": real.report.tokens_per_s,
         "wall_s": real.report.wall_s,
         "completed": real.report.completed,
+        "events": real.events,
     }
     path.write_text(json.dumps(data))
 
@@ -70,7 +73,7 @@ def load_real(path: Path) -> RealRun:
         workers_over_time=[WorkerSample(**s) for s in data["samples"]],
     )
     records = [RequestRecord(**r) for r in data["records"]]
-    return RealRun(report, records, [SimRequest(**r) for r in data["sent"]])
+    return RealRun(report, records, [SimRequest(**r) for r in data["sent"]], data.get("events", {}))
 
 
 def parse_range(flag: str, spec: str) -> tuple[int, int]:
@@ -162,11 +165,13 @@ def report_text(
         lines.append(f"| {t:.0f} | {_num(r)} | {_num(s)} |")
     phases = by_phase(real, result, [i * args.phase_s for i in range(4)])
     lines += ["", "by phase (arrival time), mean TPOT and TTFT:", "", format_phases(phases)]
+    lines += ["", "fleet events:", "", format_events(real, result)]
     out.update(
         comparison=rows,
         targets_met=met,
         busy_over_time=[{"t_s": t, "real": r, "sim": s} for t, r, s in busy],
         phases=[dataclasses.asdict(p) for p in phases],
+        events={"real": real.events, "sim": {name: getattr(result, name) for name in EVENTS}},
     )
     return "\n".join(lines), out
 

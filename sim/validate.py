@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.sim.profile import LatencyProfile
@@ -45,11 +45,16 @@ class FleetSetup:
     cpu_threads: int | None = None
 
 
+# Fleet events counted on both sides (FleetCounters on the real fleet, SimResult in the simulator).
+EVENTS = ("worker_starts", "workers_released", "migrations", "evictions", "preemptions", "adapter_loads")
+
+
 @dataclass
 class RealRun:
     report: Any  # lorafleet.bench.BenchReport
     records: list[Any]  # lorafleet.bench.RequestRecord, in plan order
     sent: list[SimRequest]  # the same requests, for the simulator
+    events: dict[str, int] = field(default_factory=dict)  # EVENTS, from the fleet's counters at the end
 
 
 def real_run(setup: FleetSetup, plan: list[Any], seed: int = 0) -> RealRun:
@@ -82,10 +87,12 @@ async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
             await client.wait_ready(60.0)
             records: list[Any] = []
             report = await run_bench(client, plan, seed=seed, request_timeout_s=300.0, records_out=records)
+            counters = (await client.status(timeout=10.0)).counters
+            events = {name: int(getattr(counters, name)) for name in EVENTS}
     finally:
         await shutdown_serving(api, drain_timeout_s=30.0)
     sent = [SimRequest(p.at_s, r.adapter, p.prompt_len, p.max_new_tokens) for p, r in zip(plan, records)]
-    return RealRun(report, records, sent)
+    return RealRun(report, records, sent, events)
 
 
 def _engine_options(setup: FleetSetup) -> dict[str, Any]:
@@ -236,4 +243,14 @@ def format_phases(rows: list[PhaseRow]) -> str:
         for real, sim in ((r.tpot_real, r.tpot_sim), (r.ttft_real, r.ttft_sim)):
             cells += [f"{real * 1e3:.2f}", f"{sim * 1e3:.2f}", f"{(sim / real - 1) * 100:+.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_events(real_run: RealRun, result: SimResult) -> str:
+    """Fleet events, real against simulated: how often the fleet grew, shrank and moved work."""
+    if not real_run.events:
+        return "(fleet events: not recorded in this real run)"
+    lines = ["| event | real | simulated |", "|---|---:|---:|"]
+    for name in EVENTS:
+        lines.append(f"| {name} | {real_run.events.get(name, '-')} | {getattr(result, name)} |")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from lorafleet.sim.profile import load_profile
-from lorafleet.sim.validate import FleetSetup, by_phase, compare, real_run, sim_run
+from lorafleet.sim.validate import EVENTS, FleetSetup, by_phase, compare, real_run, sim_run
 from lorafleet.workload import phased_workload
 
 
@@ -31,6 +31,7 @@ def test_small_validation_case(tmp_path) -> None:
     )
     real = real_run(setup, plan)
     assert real.report.completed == len(plan)
+    assert set(real.events) == set(EVENTS) and real.events["worker_starts"] >= 1
     result = sim_run(setup, load_profile("cpu-demo"), real.sent)
     assert all(r.finish is not None for r in result.records)
     rows = compare(real, result)
