@@ -60,6 +60,7 @@ def save_real(real: RealRun, path: Path, meta: dict[str, Any]) -> None:
         "wall_s": real.report.wall_s,
         "completed": real.report.completed,
         "events": real.events,
+        "start_s": real.start_s,
     }
     path.write_text(json.dumps(data))
 
@@ -73,7 +74,8 @@ def load_real(path: Path) -> RealRun:
         workers_over_time=[WorkerSample(**s) for s in data["samples"]],
     )
     records = [RequestRecord(**r) for r in data["records"]]
-    return RealRun(report, records, [SimRequest(**r) for r in data["sent"]], data.get("events", {}))
+    sent = [SimRequest(**r) for r in data["sent"]]
+    return RealRun(report, records, sent, data.get("events", {}), data.get("start_s", []))
 
 
 def parse_range(flag: str, spec: str) -> tuple[int, int]:
@@ -166,6 +168,8 @@ def report_text(
     phases = by_phase(real, result, [i * args.phase_s for i in range(4)])
     lines += ["", "by phase (arrival time), mean TPOT and TTFT:", "", format_phases(phases)]
     lines += ["", "fleet events:", "", format_events(real, result)]
+    starts = ", ".join(f"{x:.2f}" for x in real.start_s) or "none"
+    lines.append(f"\nworker start-up (s): real {starts}; the profile's {profile.worker_start_s:.2f}")
     out.update(
         comparison=rows,
         targets_met=met,

@@ -55,6 +55,9 @@ class RealRun:
     records: list[Any]  # lorafleet.bench.RequestRecord, in plan order
     sent: list[SimRequest]  # the same requests, for the simulator
     events: dict[str, int] = field(default_factory=dict)  # EVENTS, from the fleet's counters at the end
+    # Seconds each worker started during the run took from asked for to active (the profile's
+    # worker_start_s is what the simulator uses), seen by polling the in-process fleet.
+    start_s: list[float] = field(default_factory=list)
 
 
 def real_run(setup: FleetSetup, plan: list[Any], seed: int = 0) -> RealRun:
@@ -86,13 +89,35 @@ async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
         async with AsyncClient(api.address) as client:
             await client.wait_ready(60.0)
             records: list[Any] = []
-            report = await run_bench(client, plan, seed=seed, request_timeout_s=300.0, records_out=records)
+            starts: list[float] = []
+            watcher = asyncio.create_task(_watch_starts(api.servicer.fleet, starts))
+            try:
+                report = await run_bench(
+                    client, plan, seed=seed, request_timeout_s=300.0, records_out=records
+                )
+            finally:
+                watcher.cancel()
             counters = (await client.status(timeout=10.0)).counters
             events = {name: int(getattr(counters, name)) for name in EVENTS}
     finally:
         await shutdown_serving(api, drain_timeout_s=30.0)
     sent = [SimRequest(p.at_s, r.adapter, p.prompt_len, p.max_new_tokens) for p, r in zip(plan, records)]
-    return RealRun(report, records, sent, events)
+    return RealRun(report, records, sent, events, starts)
+
+
+async def _watch_starts(fleet: Any, out: list[float], every_s: float = 0.05) -> None:
+    """Append each worker's start-up seconds (first seen starting -> first seen active) to ``out``."""
+    import time
+
+    asked: dict[str, float] = {}
+    while True:
+        now = time.monotonic()
+        for w in fleet.status().workers:
+            if w.state == "starting":
+                asked.setdefault(w.worker_id, now)
+            elif w.worker_id in asked:
+                out.append(now - asked.pop(w.worker_id))
+        await asyncio.sleep(every_s)
 
 
 def _engine_options(setup: FleetSetup) -> dict[str, Any]:
