@@ -12,7 +12,8 @@ Sweeps (each step timed alone with perf_counter around `Engine.step`, after warm
   becomes the per-step overhead (a fixed part and a part per sequence in the step) and the
   per-request one (Ray actor loop, head, gRPC);
 - worker start-up: a `WorkerActor` in a local Ray, created until `ready()` answers (as the runtime
-  grows the fleet); with `--no-ray-start`, `Engine.from_pretrained` alone.
+  grows the fleet: on the CPU, the second and third beside a running first); with
+  `--no-ray-start`, `Engine.from_pretrained` alone.
 The fit (see `sim/profile.py`) is least squares per sweep; the raw samples go into the file too.
 Imports torch (through the engine): only the `profile` command loads this module.
 """
@@ -129,28 +130,40 @@ class _Runner:
         return out
 
 
-def ray_worker_start_s(model_dir: str, device: str, dtype: str, engine_options: dict[str, Any]) -> float:
+def ray_worker_start_s(
+    model_dir: str, device: str, dtype: str, engine_options: dict[str, Any], *, later: int = 2
+) -> float:
     """Seconds from creating a `WorkerActor` in a running local Ray to its `ready()` answering: what
-    the runtime waits when it grows the fleet (process start, imports, model load)."""
+    the runtime waits when it grows the fleet (process start, imports, model load).
+
+    On the CPU, timed as the fleet grows: a first worker is up (as the fleet's first is, before it
+    serves, while Ray still boots its pool of idle worker processes), then ``later`` more start one at
+    a time; the median of those. On CUDA a second worker would need a second GPU: the first start.
+    """
     import ray
 
     from lorafleet.scheduler.worker_actor import WorkerActor
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    actors: list[Any] = []
     try:
         gpus = 1.0 if device == "cuda" else 0.0
-        t0 = time.perf_counter()
-        actor = (
-            ray.remote(WorkerActor)
-            .options(num_cpus=0, num_gpus=gpus, max_restarts=0)
-            .remote("profile-start", model_dir, device, dtype, dict(engine_options))
-        )
-        ray.get(actor.ready.remote())
-        seconds = time.perf_counter() - t0
-        ray.kill(actor, no_restart=True)
+        seconds: list[float] = []
+        for i in range(1 if device == "cuda" else 1 + later):
+            t0 = time.perf_counter()
+            actor = (
+                ray.remote(WorkerActor)
+                .options(num_cpus=0, num_gpus=gpus, max_restarts=0)
+                .remote(f"profile-start-{i}", model_dir, device, dtype, dict(engine_options))
+            )
+            actors.append(actor)
+            ray.get(actor.ready.remote())
+            seconds.append(time.perf_counter() - t0)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
     finally:
         ray.shutdown()
-    return seconds
+    return statistics.median(seconds[1:] or seconds)
 
 
 def serving_latency(
