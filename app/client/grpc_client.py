@@ -1,7 +1,7 @@
 """Python clients of a lorafleet server: `Client` (blocking) and `AsyncClient` (asyncio).
 
-Both return plain dataclasses (lorafleet.serving.api_types) and raise `ApiError` carrying the gRPC status
-code and the server's message. Leaving a `stream()` early cancels the call, which aborts the
+Both return plain dataclasses (lorafleet.serving.api_types) and raise `ApiError` carrying the gRPC
+status code and the server's message. Leaving a `stream()` early cancels the call, which aborts the
 sequence on its worker.
 
     with Client("127.0.0.1:50051") as client:
