@@ -44,7 +44,7 @@ from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, s
 from fleet_run import RunSpec, Warmup, run_one
 from fleet_settings import Profile, build_parser, engine_dict, machine, settings
 
-from lorafleet.workload import read_azure_trace
+from lorafleet.bench.workload import read_azure_trace
 
 
 class FleetBench:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorafleet.trace_phases import Phase, format_phases, parse_phases
+from lorafleet.bench.trace_phases import Phase, format_phases, parse_phases
 
 
 @dataclass(frozen=True)

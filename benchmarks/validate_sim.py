@@ -28,7 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from lorafleet.bench import RequestRecord, WorkerSample
+from lorafleet.bench.runner import RequestRecord, WorkerSample
+from lorafleet.bench.workload import phased_workload
 from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.profiler import cpu_name
 from lorafleet.sim.simulator import SimRequest
@@ -47,7 +48,6 @@ from lorafleet.sim.validate import (
     sim_run,
 )
 from lorafleet.worker.demo_assets import make_demo
-from lorafleet.workload import phased_workload
 
 
 def save_real(real: RealRun, path: Path, meta: dict[str, Any]) -> None:

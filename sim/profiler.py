@@ -183,9 +183,9 @@ def serving_latency(
     ({b: (median TTFT, median TPOT)}, seconds until the one-worker fleet was ready)."""
     import asyncio
 
-    from lorafleet.client import AsyncClient
+    from lorafleet.client.grpc_client import AsyncClient
     from lorafleet.config import ServeConfig
-    from lorafleet.serve import shutdown_serving, start_serving
+    from lorafleet.serving.serve import shutdown_serving, start_serving
 
     sampling = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
 
