@@ -377,6 +377,9 @@ def measure_profile(
         over_one = tpot - model_tpot(1)
         if top > 1:  # the overhead at a full batch against one sequence: its per-sequence part
             per_seq = max(0.0, (stack[top][1] - model_tpot(top) - over_one) / (top - 1))
+            # One sequence's share cannot exceed the whole overhead at one sequence (the fixed part
+            # is not negative): a noisy full-batch sample must not make one request's steps dearer.
+            per_seq = min(per_seq, max(0.0, over_one))
         step_overhead = max(0.0, over_one - per_seq)
         model_ttft = step_overhead + max(0.0, base0) + (per_prefill + per_ctx) * prompt
         request_overhead = max(0.0, ttft - model_ttft)
