@@ -132,13 +132,14 @@ class _Runner:
 
 def ray_worker_start_s(
     model_dir: str, device: str, dtype: str, engine_options: dict[str, Any], *, later: int = 2
-) -> float:
+) -> list[float]:
     """Seconds from creating a `WorkerActor` in a running local Ray to its `ready()` answering: what
-    the runtime waits when it grows the fleet (process start, imports, model load).
+    the runtime waits when it grows the fleet (process start, imports, model load). Every start timed.
 
     On the CPU, timed as the fleet grows: a first worker is up (as the fleet's first is, before it
     serves, while Ray still boots its pool of idle worker processes), then ``later`` more start one at
-    a time; the median of those. On CUDA a second worker would need a second GPU: the first start.
+    a time (the profile keeps the median of those). On CUDA a second worker would need a second GPU:
+    the first start only.
     """
     import ray
 
@@ -163,7 +164,7 @@ def ray_worker_start_s(
             ray.kill(actor, no_restart=True)
     finally:
         ray.shutdown()
-    return statistics.median(seconds[1:] or seconds)
+    return seconds
 
 
 def serving_latency(
@@ -294,8 +295,9 @@ def measure_profile(
     start_s = time.perf_counter() - t0
     log(f"engine start-up: {start_s:.2f} s")
     if ray_start:
-        start_s = ray_worker_start_s(model_dir, device, dtype, engine_options)
-        log(f"Ray worker start-up: {start_s:.2f} s")
+        starts = ray_worker_start_s(model_dir, device, dtype, engine_options)
+        start_s = statistics.median(starts[1:] or starts)
+        log(f"Ray worker start-up: {start_s:.2f} s (each start: {', '.join(f'{x:.2f}' for x in starts)} s)")
     for d in adapter_dirs:
         engine.add_adapter(d.name, d)
     names = [d.name for d in adapter_dirs]
