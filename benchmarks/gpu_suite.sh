@@ -23,7 +23,7 @@
 # (`lorafleet profile`, through the serving stack, each worker's torch threads fixed by
 # `--engine cpu_threads`), then runs benchmarks/validate_sim.py with the same threads. Results:
 # OUT/sim-validate/{machine.txt, profile.yaml, report.md, result.json, real.json}. The workload
-# shrinks for a dry run: SIMVAL_RATE (quiet req/s, burst 10x; 2.5), SIMVAL_PHASE_S (30),
+# shrinks for a dry run: SIMVAL_RATE (quiet req/s, burst 10x; 3), SIMVAL_PHASE_S (30),
 # SIMVAL_WORKERS (3), SIMVAL_THREADS (torch threads per worker; 2), SIMVAL_REPEATS (profile; 20).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT_DIR STAGE...}
@@ -129,7 +129,7 @@ for stage in "$@"; do
             lf profile --model "$demo" --device cpu --engine max_batch_size=4 --engine "cpu_threads=$threads" \
                 --repeats "${SIMVAL_REPEATS:-20}" --name cpu-validate --out "$sv/profile.yaml" &&
             python3 benchmarks/validate_sim.py --model "$demo" --profile "$sv/profile.yaml" \
-                --cpu-threads "$threads" --workers "${SIMVAL_WORKERS:-3}" --rate "${SIMVAL_RATE:-2.5}" \
+                --cpu-threads "$threads" --workers "${SIMVAL_WORKERS:-3}" --rate "${SIMVAL_RATE:-3}" \
                 --phase-s "${SIMVAL_PHASE_S:-30}" --output-len 16:64 --out "$sv" &&
             uptime | tee -a "$sv/machine.txt" ;;
     *)
