@@ -67,7 +67,7 @@ def real_run(setup: FleetSetup, plan: list[Any], seed: int = 0) -> RealRun:
 
 async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
     from lorafleet.bench.runner import run_bench
-    from lorafleet.client.grpc_client import AsyncClient
+    from lorafleet.client.grpc_client import ApiError, AsyncClient
     from lorafleet.config import ServeConfig
     from lorafleet.serving.serve import shutdown_serving, start_serving
 
@@ -97,8 +97,12 @@ async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
                 )
             finally:
                 watcher.cancel()
-            counters = (await client.status(timeout=10.0)).counters
-            events = {name: int(getattr(counters, name)) for name in EVENTS}
+            events: dict[str, int] = {}
+            try:  # a lost status answer costs the event counts, not the run
+                counters = (await client.status(timeout=10.0)).counters
+                events = {name: int(getattr(counters, name)) for name in EVENTS}
+            except ApiError:
+                pass
     finally:
         await shutdown_serving(api, drain_timeout_s=30.0)
     sent = [SimRequest(p.at_s, r.adapter, p.prompt_len, p.max_new_tokens) for p, r in zip(plan, records)]
