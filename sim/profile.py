@@ -16,6 +16,7 @@ Shipped profiles live in `sim/profiles/NAME.yaml` and are found by name; anythin
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_right
 from collections.abc import Mapping
@@ -73,6 +74,11 @@ class LatencyProfile:
     # built, pickled and sent by the actor while the step thread waits for the GIL): measured through
     # the same fleet with a full batch.
     step_overhead_per_seq_s: float = 0.0
+    # A worker that has been idle answers its next request later (the stack's processes and threads
+    # wake up): (idle seconds, extra seconds) pairs, ascending, measured one request at a time after
+    # each idle gap against back to back; added to the first step after an idle spell, interpolated
+    # (flat past the ends). Empty: none.
+    wake_up_s: tuple[tuple[float, float], ...] = ()
     request_overhead_s: float = 0.0
     source: str = ""  # where it was measured (machine, command, date)
     samples: tuple[tuple[float, ...], ...] = field(default=(), repr=False)  # raw grid, for the record
@@ -98,6 +104,13 @@ class LatencyProfile:
             _check_nonneg(name, getattr(self, name))
         for v in self.decode_base_s:
             _check_nonneg("decode_base_s", v)
+        pairs = tuple((float(idle), float(extra)) for idle, extra in self.wake_up_s)
+        for idle, extra in pairs:
+            _check_nonneg("wake_up_s idle", idle)
+            _check_nonneg("wake_up_s extra", extra)
+        if [i for i, _ in pairs] != sorted({i for i, _ in pairs}):
+            raise ValueError(f"wake_up_s idle times must be ascending and distinct, got {self.wake_up_s}")
+        object.__setattr__(self, "wake_up_s", pairs)
 
     def base(self, decode_seqs: int) -> float:
         value = self._base_memo.get(decode_seqs)
@@ -113,6 +126,16 @@ class LatencyProfile:
         x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
         # Interpolated inside the table, extended linearly outside; never below zero.
         return max(0.0, y0 + (y1 - y0) * (decode_seqs - x0) / (x1 - x0))
+
+    def wake_s(self, idle_s: float) -> float:
+        """Extra seconds of the first step after ``idle_s`` seconds without work."""
+        pairs = self.wake_up_s
+        if not pairs or idle_s <= pairs[0][0]:
+            return pairs[0][1] if pairs else 0.0
+        for (x0, y0), (x1, y1) in itertools.pairwise(pairs):
+            if idle_s <= x1:
+                return y0 + (y1 - y0) * (idle_s - x0) / (x1 - x0)
+        return pairs[-1][1]
 
     def step_s(self, decode_seqs: int, prefill_tokens: int, total_context: int, adapters: int) -> float:
         base = self._base_memo.get(decode_seqs)
@@ -156,6 +179,7 @@ class LatencyProfile:
             "serving": {
                 "step_overhead_s": float(self.step_overhead_s),
                 "step_overhead_per_seq_s": float(self.step_overhead_per_seq_s),
+                "wake_up_s": [[idle, extra] for idle, extra in self.wake_up_s],
                 "request_overhead_s": float(self.request_overhead_s),
             },
             "samples": {
@@ -252,6 +276,7 @@ def parse_profile(raw: Any, where: str) -> LatencyProfile:
             worker_start_s=get(raw, "worker_start_s", ""),
             step_overhead_s=serving.get("step_overhead_s", 0.0),
             step_overhead_per_seq_s=serving.get("step_overhead_per_seq_s", 0.0),
+            wake_up_s=tuple(tuple(pair) for pair in serving.get("wake_up_s") or ()),
             request_overhead_s=serving.get("request_overhead_s", 0.0),
             source=str(raw.get("source", "")),
             samples=tuple(tuple(float(v) for v in r) for r in rows),

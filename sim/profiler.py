@@ -10,7 +10,8 @@ Sweeps (each step timed alone with perf_counter around `Engine.step`, after warm
 - the serving stack: requests through a real one-worker fleet (`start_serving` and a gRPC client),
   one at a time and a full batch at once; what their TPOT and TTFT exceed the engine model by
   becomes the per-step overhead (a fixed part and a part per sequence in the step) and the
-  per-request one (Ray actor loop, head, gRPC);
+  per-request one (Ray actor loop, head, gRPC); single requests after idle pauses of 0.03 to 1 s
+  give how much later a worker that has slept answers (the wake-up table);
 - worker start-up: a `WorkerActor` in a local Ray, created until `ready()` answers (as the runtime
   grows the fleet: on the CPU, the second and third beside a running first); with
   `--no-ray-start`, `Engine.from_pretrained` alone.
@@ -30,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.sim.profile import EngineShape, LatencyProfile
+
+# Idle pauses before single requests through the serving stack (the wake-up table's points).
+WAKE_GAPS_S = (0.03, 0.1, 0.3, 1.0)
 
 Sample = tuple[int, int, int, int, float]  # decode seqs, prefill tokens, total context, adapters, seconds
 
@@ -178,10 +182,13 @@ def serving_latency(
     new_tokens: int,
     count: int,
     batches: tuple[int, ...] = (1,),
-) -> tuple[dict[int, tuple[float, float]], float]:
+    gaps: tuple[float, ...] = (),
+    gap_count: int = 8,
+) -> tuple[dict[int, tuple[float, float]], dict[float, float], float]:
     """Requests through the real stack (`start_serving`: Ray worker, head, gRPC) as a client sees
-    them, `count` rounds of b at once for each b in `batches` (1: one request at a time):
-    ({b: (median TTFT, median TPOT)}, seconds until the one-worker fleet was ready)."""
+    them, `count` rounds of b at once for each b in `batches` (1: one request at a time), then
+    `gap_count` single requests each after an idle pause of g seconds for each g in `gaps`:
+    ({b: (median TTFT, median TPOT)}, {g: median TTFT}, seconds until the fleet was ready)."""
     import asyncio
 
     from lorafleet.client.grpc_client import AsyncClient
@@ -203,7 +210,7 @@ def serving_latency(
             return None
         return first - sent, (last - first) / (tokens - 1)
 
-    async def run() -> tuple[dict[int, tuple[float, float]], float]:
+    async def run() -> tuple[dict[int, tuple[float, float]], dict[float, float], float]:
         config = ServeConfig(
             model=model_dir,
             adapters_dir=adapters_dir,
@@ -218,6 +225,7 @@ def serving_latency(
         api = await start_serving(config)
         ready_s = time.perf_counter() - t0
         out: dict[int, tuple[float, float]] = {}
+        after_gap: dict[float, float] = {}
         try:
             async with AsyncClient(api.address) as client:
                 await client.wait_ready(60.0)
@@ -232,9 +240,19 @@ def serving_latency(
                     if not done:
                         raise RuntimeError(f"no request of batch {b} streamed two tokens through the stack")
                     out[b] = (statistics.median(g[0] for g in done), statistics.median(g[1] for g in done))
+                for gap in gaps:
+                    ttfts = []
+                    for i in range(gap_count):
+                        await asyncio.sleep(gap)
+                        got1 = await one(client, [3 + (7 * j + i) % 250 for j in range(prompt)], adapter)
+                        if got1 is not None:
+                            ttfts.append(got1[0])
+                    if not ttfts:
+                        raise RuntimeError(f"no request after a {gap} s pause streamed two tokens")
+                    after_gap[gap] = statistics.median(ttfts)
         finally:
             await shutdown_serving(api, drain_timeout_s=30.0)
-        return out, ready_s
+        return out, after_gap, ready_s
 
     return asyncio.run(run())
 
@@ -355,10 +373,11 @@ def measure_profile(
     )
     del engine, runner  # the serving measurement below starts its own worker
     step_overhead = per_seq = request_overhead = 0.0
+    wake_up: tuple[tuple[float, float], ...] = ()
     if serving:
         prompt, new = min(16, max_len // 4), min(32, max_len // 4)
         top = cfg.max_batch_size
-        stack, _ = serving_latency(
+        stack, after_gap, _ = serving_latency(
             model_dir,
             adapters_dir,
             device,
@@ -368,6 +387,8 @@ def measure_profile(
             new_tokens=new,
             count=warmup + repeats,
             batches=(1, top) if top > 1 else (1,),
+            gaps=WAKE_GAPS_S,
+            gap_count=max(3, (warmup + repeats) // 2),
         )
         # What a decode step of b sequences costs by the engine model, each at its mean context.
         base_at = dict(zip(batches, bases))
@@ -385,12 +406,15 @@ def measure_profile(
         step_overhead = max(0.0, over_one - per_seq)
         model_ttft = step_overhead + max(0.0, base0) + (per_prefill + per_ctx) * prompt
         request_overhead = max(0.0, ttft - model_ttft)
+        # Back to back the stack never sleeps; after a pause the first token comes later.
+        wake_up = ((0.0, 0.0), *((g, max(0.0, t - ttft)) for g, t in sorted(after_gap.items())))
         full = f", {top} at once TPOT {stack[top][1] * 1e3:.2f} ms" if top > 1 else ""
         log(
             f"serving stack, one request at a time: TTFT {ttft * 1e3:.2f} ms, TPOT {tpot * 1e3:.2f} ms"
             f"{full} -> "
             f"step overhead {step_overhead * 1e3:.2f} ms + {per_seq * 1e3:.3f} ms per sequence, "
-            f"request overhead {request_overhead * 1e3:.2f} ms"
+            f"request overhead {request_overhead * 1e3:.2f} ms; after an idle pause of "
+            + ", ".join(f"{g:g} s +{x * 1e3:.2f} ms" for g, x in wake_up[1:])
         )
     disk_s = statistics.median(disk_loads) if disk_loads else 0.0
     host_s = statistics.median(host_loads) if host_loads else disk_s
@@ -408,6 +432,7 @@ def measure_profile(
         worker_start_s=start_s,
         step_overhead_s=step_overhead,
         step_overhead_per_seq_s=per_seq,
+        wake_up_s=wake_up,
         request_overhead_s=request_overhead,
         source=(
             f"lorafleet profile --model {model_dir} --device {device} --dtype {dtype}"

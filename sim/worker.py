@@ -158,6 +158,8 @@ class SimWorker:
         self.listed = False
         self.inbox_exports: list[SimSeq] = []
         self.idle_since: float | None = None
+        # When it last computed (or was asked for): how long it has slept when new work comes.
+        self.last_step_end = requested_at
         self.busy_s = 0.0
         self.preemptions = 0
         self.adapter_loads = 0
@@ -295,7 +297,8 @@ class SimWorker:
                 prefill += n
             context += computed + n
         self.free_blocks = free
-        load_s = 0.0
+        # Nothing was running: the worker has been idle since its last step, and wakes up first.
+        load_s = 0.0 if running else self.profile.wake_s(now - self.last_step_end)
         if not preempted:
             while waiting and budget > 0 and len(running) < shape.max_batch_size:
                 seq = waiting[0]
@@ -434,6 +437,7 @@ class SimWorker:
         assert phase is not None
         self.phase = None
         self.busy_s += end - phase.start
+        self.last_step_end = end
         k = phase.steps
         bs = self.shape.block_size
         delivered_at = end + self.profile.request_overhead_s

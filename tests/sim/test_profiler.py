@@ -77,17 +77,18 @@ def test_the_shipped_h200_profile_is_a_measured_7b_profile() -> None:
     assert len(profile.samples) > 100
 
 
-def test_per_sequence_step_overhead_adds_per_decode_sequence_and_round_trips() -> None:
+def test_per_sequence_step_overhead_and_wake_up_table_round_trip() -> None:
     import dataclasses
 
     from lorafleet.sim.profile import parse_profile
 
     plain = load_profile("cpu-demo")
     assert plain.step_overhead_per_seq_s == 0.0  # profiles from before the term load unchanged
-    costly = dataclasses.replace(plain, step_overhead_per_seq_s=0.001)
+    costly = dataclasses.replace(plain, step_overhead_per_seq_s=0.001, wake_up_s=((0.0, 0.0), (0.3, 0.004)))
     assert costly.step_s(4, 0, 100, 2) - plain.step_s(4, 0, 100, 2) == pytest.approx(0.004)
     assert costly.step_s(0, 32, 32, 1) == pytest.approx(plain.step_s(0, 32, 32, 1))
     again = parse_profile(costly.to_mapping(), "roundtrip")
-    assert again.step_overhead_per_seq_s == 0.001
+    assert again.step_overhead_per_seq_s == 0.001 and again.wake_up_s == ((0.0, 0.0), (0.3, 0.004))
+    assert plain.wake_up_s == () and plain.wake_s(10.0) == 0.0
     with pytest.raises(ValueError, match="step_overhead_per_seq_s"):
         dataclasses.replace(plain, step_overhead_per_seq_s=-1.0)

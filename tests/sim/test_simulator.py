@@ -142,3 +142,28 @@ def test_the_kept_index_equals_a_rebuild_at_every_pass(tiny_profile: LatencyProf
     cfg = SimConfig(policy="packing", max_gpus=6, idle_release_s=3.0)
     result = Checked(cfg, tiny_profile, _bursty(600, seed=3)).run()
     assert Checked.passes > 100 and result.workers_released > 0 and result.peak_gpus > 2
+
+
+def test_a_worker_that_slept_answers_later_by_the_wake_up_table(tiny_profile: LatencyProfile) -> None:
+    woken = dataclasses.replace(tiny_profile, wake_up_s=((0.0, 0.0), (0.1, 0.002), (1.0, 0.010)))
+    assert [woken.wake_s(x) for x in (0.0, 0.05, 0.1, 0.55, 1.0, 9.0)] == pytest.approx(
+        [0.0, 0.001, 0.002, 0.006, 0.010, 0.010]
+    )
+    # One request after 5 s of idling, a second while the first runs, a third 0.55 s after the
+    # second ended (without wake-ups); one worker, so nothing moves.
+    reqs = [SimRequest(5.0, "a0", 8, 30), SimRequest(5.001, "a0", 8, 30)]
+    config = SimConfig(policy="packing", max_gpus=1)
+    plain = Simulator(config, tiny_profile, reqs).run()
+    later = plain.records[1].finish - tiny_profile.request_overhead_s + 0.55
+    reqs.append(SimRequest(later, "a0", 8, 30))
+    plain = Simulator(config, tiny_profile, reqs).run()
+    slept = Simulator(config, woken, reqs).run()
+    first, second, third = (s.first_token - p.first_token for p, s in zip(plain.records, slept.records))
+    assert first == pytest.approx(0.010)  # idle since the start: past the table's end
+    assert second == pytest.approx(0.010)  # admitted at the step after the woken one: it waited for it
+    # Its worker ended 10 ms later in the woken run, so it slept 0.54 s before this request.
+    assert third == pytest.approx(woken.wake_s(0.54))
+    with pytest.raises(ValueError, match="ascending"):
+        dataclasses.replace(tiny_profile, wake_up_s=((0.5, 0.0), (0.1, 0.0)))
+    with pytest.raises(ValueError, match="wake_up_s extra"):
+        dataclasses.replace(tiny_profile, wake_up_s=((0.0, -1.0),))
