@@ -406,8 +406,13 @@ def measure_profile(
         step_overhead = max(0.0, over_one - per_seq)
         model_ttft = step_overhead + max(0.0, base0) + (per_prefill + per_ctx) * prompt
         request_overhead = max(0.0, ttft - model_ttft)
-        # Back to back the stack never sleeps; after a pause the first token comes later.
-        wake_up = ((0.0, 0.0), *((g, max(0.0, t - ttft)) for g, t in sorted(after_gap.items())))
+        # Back to back the stack never sleeps; after a pause the first token comes later. A longer
+        # sleep is not a shorter wake-up: the table is kept non-decreasing against sampling noise.
+        extra, points = 0.0, [(0.0, 0.0)]
+        for g, t in sorted(after_gap.items()):
+            extra = max(extra, t - ttft)
+            points.append((g, extra))
+        wake_up = tuple(points)
         full = f", {top} at once TPOT {stack[top][1] * 1e3:.2f} ms" if top > 1 else ""
         log(
             f"serving stack, one request at a time: TTFT {ttft * 1e3:.2f} ms, TPOT {tpot * 1e3:.2f} ms"
