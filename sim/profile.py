@@ -6,6 +6,8 @@ Step latency model (seconds), fitted by `lorafleet profile` from grid measuremen
          + per_prefill_token * prefill_tokens + per_context_token * total_context
          + per_adapter * (distinct_adapters - 1)
 
+plus, for a worker's first step after t seconds without work, wake_up(t) (a measured table).
+
 `base` is piecewise linear over the measured decode batch sizes (0 = a prefill-only step), extended
 linearly past the largest one. The context and adapter terms are linear so that a run of decode
 steps whose context grows by one token per sequence per step sums in closed form (the simulator's
