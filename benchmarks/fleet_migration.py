@@ -56,7 +56,7 @@ async def _one(fleet: Fleet, rid: str, prompt: list[int], timeout_s: float) -> d
             now = time.time()
             n += len(delta.new_token_ids)
             # Fleet.generate records (now - produced_at) for the delta it just yielded.
-            events.append((now, n, now - fleet.delivery_latencies[-1]))
+            events.append((now, n, now - fleet.delivery_latencies.latest()))
             if n >= PRE:
                 enough.set()
 

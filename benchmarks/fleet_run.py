@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server import ServeProcess, StatusSample, sample_status
+from fleet_tokens import top_gap
 
 from lorafleet import bench
+from lorafleet.api_types import GenerateChunk
 from lorafleet.client import AsyncClient
 from lorafleet.demo_calibrate import calibrate, wait_idle
 from lorafleet.workload import TraceRow
@@ -41,6 +43,9 @@ class RunSpec:
     tail_s: float  # sampling goes on this long after the plan's last arrival
     sample_every_s: float
     serve_timeout_s: float
+    kill_min_running: int = 1  # the kill waits for a worker holding this many sequences
+    # Send only the plan's requests before this second (the kill run stops at the burst's end).
+    send_until_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,31 +73,52 @@ def length_ranges(rows: list[TraceRow], prompt_cap: int, output_cap: int) -> tup
     return (max(1, round(prompt / 2)), round(1.5 * prompt)), (max(1, round(output / 2)), round(1.5 * output))
 
 
+def choose_victim(sample: StatusSample | None, min_running: int) -> tuple[int, int] | None:
+    """(pid, sequences) of the worker to kill: the one running the most sequences, once it runs at
+    least `min_running` and a second worker is up to take its requests; None while not so."""
+    if sample is None or len(sample.running) < 2:
+        return None
+    running, pid = max(zip(sample.running, sample.pids))
+    if running < min_running or pid <= 0:
+        return None
+    return pid, running
+
+
 async def _kill_in_burst(
     server: ServeProcess,
     samples: list[StatusSample],
     t0: list[float],
     burst: tuple[float, float],
+    min_running: int,
     out: dict[str, Any],
 ) -> None:
-    """SIGKILL the oldest worker once two are busy in the burst (or at its end, whatever runs)."""
+    """SIGKILL the worker holding the most sequences once it holds `min_running` in the burst (by
+    the burst's end, whichever holds any). Its pid comes from the status RPC and must be a worker
+    process of this server: nothing else is ever killed."""
     while not t0:
         await asyncio.sleep(0.05)
+    seen = 0
     while True:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
+        if len(samples) == seen:
+            continue
+        seen = len(samples)
         now = time.monotonic() - t0[0]
-        last = samples[-1] if samples else None
-        both_busy = last is not None and last.busy >= 2
-        if now >= burst[0] and (both_busy or now >= burst[1]):
-            pids = server.worker_pids()
-            if pids:
-                break
-    os.kill(pids[0], signal.SIGKILL)
+        last = samples[-1]
+        if now < burst[0]:
+            continue
+        choice = choose_victim(last, min_running if now < burst[1] else 1)
+        if choice is not None and choice[0] in server.worker_pids():
+            break
+    pid, held = choice
+    os.kill(pid, signal.SIGKILL)
     out.update(
         at_s=time.monotonic() - t0[0],
-        pid=pids[0],
-        workers_at_kill=len(pids),
-        running_at_kill=sum(last.running) if last else 0,
+        pid=pid,
+        victim_running=held,
+        workers_at_kill=len(last.running),
+        running_at_kill=sum(last.running),
+        sample_age_s=time.monotonic() - last.t,
     )
 
 
@@ -155,6 +181,10 @@ async def run_one(
             )
             plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
             burst_start, burst_end, plan_s = burst_of(phases)
+            if spec.send_until_s is not None:
+                # A prefix of the same plan: request i is request i of the full runs.
+                plan = [p for p in plan if p.at_s < spec.send_until_s]
+                plan_s = min(plan_s, spec.send_until_s)
             window_s = plan_s + spec.tail_s
             record.update(phases=phases, burst=[burst_start, burst_end], plan_s=plan_s, window_s=window_s)
             await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline)
@@ -180,7 +210,10 @@ async def _replay(
     t0: list[float] = []
     sampler = asyncio.create_task(sample_status(client, samples, spec.sample_every_s))
     kill: dict[str, Any] = {}
-    killer = asyncio.create_task(_kill_in_burst(server, samples, t0, burst, kill)) if spec.kill else None
+    killer = None
+    if spec.kill:
+        killer = asyncio.create_task(_kill_in_burst(server, samples, t0, burst, spec.kill_min_running, kill))
+    gaps: dict[int, list[float]] = {}
     requests: list[bench.RequestRecord] = []
     report = None
     try:
@@ -194,6 +227,7 @@ async def _replay(
                 allow_aliases=args.aliases,
                 records_out=requests,
                 on_start=lambda: t0.append(time.monotonic()),
+                send=top_gap_sender(client, gaps),
             ),
             max(1.0, deadline - time.monotonic()),
         )
@@ -212,7 +246,7 @@ async def _replay(
     start = t0[0] if t0 else time.monotonic()
     record["samples"] = [{**asdict(s), "t": s.t - start} for s in samples]
     record["kill"] = kill or None
-    record["requests"] = [_request_json(r, start) for r in requests]
+    record["requests"] = [_request_json(r, start, gaps.get(id(r))) for r in requests]
     if report is not None:
         summary = asdict(report)
         for key in ("records", "workers_over_time"):
@@ -222,7 +256,18 @@ async def _replay(
         record["bench"] = _partial_summary(record["requests"])
 
 
-def _request_json(r: bench.RequestRecord, start: float) -> dict[str, Any]:
+def top_gap_sender(client: AsyncClient, gaps: dict[int, list[float]]) -> bench.Send:
+    """`lorafleet bench`'s greedy request, asking also for each token's top two candidates: the gap
+    between their logprobs (per record, by id) is what the decisive-step comparison reads."""
+
+    def keep(record: bench.RequestRecord, chunk: GenerateChunk) -> None:
+        mine = gaps.setdefault(id(record), [])
+        mine.extend(round(top_gap(top), 5) for top in chunk.top_logprobs or ())
+
+    return bench.grpc_sender(client, sampling={"logprobs": True, "top_logprobs": 2}, on_chunk=keep)
+
+
+def _request_json(r: bench.RequestRecord, start: float, gaps: list[float] | None) -> dict[str, Any]:
     def rel(x: float | None) -> float | None:
         return None if x is None else x - start
 
@@ -239,6 +284,8 @@ def _request_json(r: bench.RequestRecord, start: float) -> dict[str, Any]:
         "status": status,
         "error": r.error,
         "token_ids": r.token_ids,
+        # One per token, or None (the sender did not get alternatives for every token).
+        "top_gaps": gaps if gaps is not None and len(gaps) == len(r.token_ids) else None,
     }
 
 
