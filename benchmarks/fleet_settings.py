@@ -38,6 +38,9 @@ class Profile:
     sample_every_s: float
     serve_timeout_s: float
     stop_s: float  # estimate until measured
+    # A later server's start (Triton's cache warm); None: as long as the first one's.
+    restart_s: float | None
+    delivery_s: float  # estimate of the delivery measurement (the in-process engine's load, mostly)
     # QUIET,BURST requests/s; None: sized from the first run's warm-up (--quiet/--burst-factor).
     rates: tuple[float, float] | None
     kill_min_running: int  # the kill waits until a worker holds this many sequences
@@ -68,7 +71,10 @@ PROFILES = {
         tail_s=5.0,
         sample_every_s=0.2,
         serve_timeout_s=300.0,
-        stop_s=10.0,
+        stop_s=3.0,
+        # First H200 run (2026-11-30): 48 s for the first server, 27-29 s for the later ones.
+        restart_s=32.0,
+        delivery_s=25.0,
         # From the engine's measured throughput rather than a warm-up, which on a fresh server
         # still pays Triton compiles and cold adapter loads: one 7B worker at batch 32 serves
         # this slice's ~780-token prompts and ~110-token outputs at well under 22 requests/s
@@ -101,6 +107,8 @@ PROFILES = {
         sample_every_s=0.25,
         serve_timeout_s=180.0,
         stop_s=5.0,
+        restart_s=None,
+        delivery_s=15.0,
         rates=None,  # CPU speed varies too much between machines: sized from the warm-up
         kill_min_running=2,
         decisive_gap=0.05,
