@@ -18,10 +18,10 @@ it measured):
    engine's measured throughput; `--rates`), or with `--rates warmup` (the --smoke default) sized
    from the first warm-up: quiet = --quiet-factor x one worker's capacity, burst = --burst-factor x.
    The phase lengths are shrunk to fit the budget. Every run replays the same plan.
-3. The packing run again, replaying the plan up to the burst's end, with the worker holding the
-   most sequences SIGKILLed once it holds --kill-min-running (chosen from the status RPC): lost
-   requests, and requests whose tokens differ from the run without the kill, raw and by the
-   decisive-step rule (fleet_tokens.py); the same between the runs without a kill is the noise floor.
+3. The packing run again, with the worker holding the most sequences (from the status RPC)
+   SIGKILLed once it holds --kill-min-running in the burst: lost requests, and requests whose
+   tokens differ from the run without the kill, raw and by the decisive-step rule
+   (fleet_tokens.py); the same between the runs without a kill is the noise floor.
 4. One migration between two workers at each --migration-contexts length (fleet_migration.py),
    then on the same two-worker fleet the Ray delivery overhead: inter-token latency through the
    fleet against the engine driven in this process (fleet_delivery.py).
@@ -113,7 +113,7 @@ class FleetBench:
             if i and not self.fits(f"the {policy} run"):
                 continue
             await self.one_run(policy, policy, kill=False)
-        if self.kill and self.phases is not None and self.fits("the kill run", self.kill_run_need()):
+        if self.kill and self.phases is not None and self.fits("the kill run"):
             await self.one_run("packing-kill", "packing", kill=True)
             self.compare_kill()
         if not self.args.no_migration and self.fits("the migration measurement", self.migration_estimate()):
@@ -131,17 +131,9 @@ class FleetBench:
     def plan_s(self) -> float:
         return burst_window(self.phases)[2] if self.phases else 0.0
 
-    def kill_plan_s(self) -> float:
-        """The kill run replays the plan up to the burst's end: the comparison needs no more."""
-        return burst_window(self.phases)[1] if self.phases else 0.0
-
     def run_estimate(self, replay_s: float) -> float:
         c = self.costs
         return (c.serve_start_s + c.warmup_s + replay_s + c.tail_s + c.stop_s) if c else 0.0
-
-    def kill_run_need(self) -> float:
-        full = max(self.later_runs_s) if self.later_runs_s else self.run_estimate(self.plan_s())
-        return full - (self.plan_s() - self.kill_plan_s())
 
     def note(self, text: str) -> None:
         self.log(text)
@@ -185,7 +177,6 @@ class FleetBench:
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,
             kill_min_running=prof.kill_min_running,
-            send_until_s=self.kill_plan_s() if kill else None,
         )
 
     async def one_run(self, name: str, policy: str, kill: bool) -> None:
@@ -209,7 +200,7 @@ class FleetBench:
         self.result["runs"].append(record)
         if self.costs is not None:
             self.costs = replace(self.costs, stop_s=max(self.costs.stop_s, record["serve_stop_s"]))
-        if len(self.result["runs"]) > 1 and not kill:
+        if len(self.result["runs"]) > 1:
             self.later_runs_s.append(time.monotonic() - start)
         self.stage(f"run {name}", start, {"serve_started_s": record["serve_started_s"]})
 
@@ -230,9 +221,7 @@ class FleetBench:
         runs_after = len(self.policies) - 1
         extra = self.migration_estimate()
         phases_s = prof.phases_s
-        if self.kill:
-            # The kill run replays the plan up to the burst's end: that share of a replay.
-            runs_after += (phases_s[0] + phases_s[1]) / sum(phases_s)
+        runs_after += int(self.kill)
         plan_s = replay_seconds(self.left_s(), runs_after, self.costs, extra, 10.0)
         floors = (phases_s[0] / 2, prof.idle_release_s + 10.0)
         seconds = scale_phases(phases_s, plan_s, floors)
@@ -284,13 +273,7 @@ class FleetBench:
         out.update(killed.get("kill") or {"at_s": None, "pid": None, "running_at_kill": 0})
         out["resumed_after_fault"] = fleet_report.counter_delta(killed, "resumed_after_fault")
         out["worker_deaths"] = fleet_report.counter_delta(killed, "worker_deaths")
-        # The noise floor over the same requests as the kill run (its plan is a prefix).
-        n = len(killed["requests"])
-        out["noise_floor"] = [
-            compare_runs(ref, {**runs[p], "requests": runs[p]["requests"][:n]}, tol)
-            for p in self.policies[1:]
-            if p in runs
-        ]
+        out["noise_floor"] = [compare_runs(ref, runs[p], tol) for p in self.policies[1:] if p in runs]
         self.result["kill"] = out
         self.save()
 

@@ -140,11 +140,9 @@ def policy_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for s in summaries:
         ratio = s["gpu_seconds"] / base["gpu_seconds"] if base and base["gpu_seconds"] else None
-        if s["killed"]:
-            ratio = None  # it replays only the plan's start, over a shorter window
         release = s["release_after_burst_s"]
         if s["killed"]:
-            rel = f"– (a worker was killed; replay to {s['window_s']:.0f} s)"
+            rel = "– (a worker was killed)"
         elif s["peak_workers"] < 2:
             rel = "never used 2"
         elif release is None:
@@ -271,8 +269,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     kill = result.get("kill")
     if kill:
         text += (
-            "\nWorker killed mid-burst (packing, replaying the plan to the burst's end; the worker holding "
-            "the most sequences, from the status RPC, SIGKILLed):\n\n" + fleet_tables.kill_table(kill)
+            "\nWorker killed mid-burst (packing; the worker holding the most sequences, from the status RPC, "
+            "SIGKILLed):\n\n" + fleet_tables.kill_table(kill)
         )
         tol = (kill.get("decisive") or {}).get("tolerance", prof.get("decisive_gap", 0.05))
         text += "\nGreedy tokens against the packing run, per request (fleet_tokens.py):\n\n"

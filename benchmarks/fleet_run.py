@@ -44,8 +44,6 @@ class RunSpec:
     sample_every_s: float
     serve_timeout_s: float
     kill_min_running: int = 1  # the kill waits for a worker holding this many sequences
-    # Send only the plan's requests before this second (the kill run stops at the burst's end).
-    send_until_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,16 @@ def length_ranges(rows: list[TraceRow], prompt_cap: int, output_cap: int) -> tup
 
 
 def choose_victim(sample: StatusSample | None, min_running: int) -> tuple[int, int] | None:
-    """(pid, sequences) of the worker to kill: the one running the most sequences, once it runs at
-    least `min_running` and a second worker is up to take its requests; None while not so."""
-    if sample is None or len(sample.running) < 2:
+    """(pid, sequences) of the worker to kill: the active worker running the most sequences, once it
+    runs at least `min_running` and a second active worker can take its requests; else None."""
+    if sample is None:
         return None
-    running, pid = max(zip(sample.running, sample.pids))
+    active = [
+        (n, pid) for n, pid, state in zip(sample.running, sample.pids, sample.states) if state == "active"
+    ]
+    if len(active) < 2:
+        return None
+    running, pid = max(active)
     if running < min_running or pid <= 0:
         return None
     return pid, running
@@ -181,10 +184,6 @@ async def run_one(
             )
             plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
             burst_start, burst_end, plan_s = burst_of(phases)
-            if spec.send_until_s is not None:
-                # A prefix of the same plan: request i is request i of the full runs.
-                plan = [p for p in plan if p.at_s < spec.send_until_s]
-                plan_s = min(plan_s, spec.send_until_s)
             window_s = plan_s + spec.tail_s
             record.update(phases=phases, burst=[burst_start, burst_end], plan_s=plan_s, window_s=window_s)
             await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline)

@@ -46,8 +46,7 @@ def compare_runs(
     """Lost requests in `other`, and requests completed in both whose tokens differ: raw, and by
     the decisive-step rule at `tolerance` (and at each of `sweep`).
 
-    `other` may have replayed a prefix of the reference's plan (the kill run stops sending at the
-    burst's end): request i of one is request i of the other.
+    Request i of one run is request i of the other (the same plan; `other` may hold a prefix).
     """
     ref, oth = reference["requests"], other["requests"]
     if len(oth) > len(ref):
