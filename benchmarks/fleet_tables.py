@@ -22,6 +22,8 @@ def _decisive(cmp: Mapping[str, Any]) -> str:
 def kill_table(kill: Mapping[str, Any]) -> str:
     held = kill.get("victim_running")
     who = f"worker pid {kill['pid']}" + (f", holding {held} sequences" if held is not None else "")
+    if kill.get("pid") is None:
+        who = "nobody: no moment with two active workers and one holding enough sequences"
     head = (
         "| killed | at s | sequences on the fleet | lost requests (target 0) | resumed after fault "
         "| token counts differ |\n|---|---:|---:|---:|---:|---:|\n"
@@ -67,7 +69,7 @@ def sweep_table(kill: Mapping[str, Any]) -> str:
 def delivery_table(delivery: Mapping[str, Any]) -> str:
     fleet, engine = delivery["fleet"], delivery.get("in_process")
     head = (
-        "| path | ITL p50 ms | ITL p99 ms | tokens/s | token produced → caller p50 / p99 ms |\n"
+        "| path | ITL p50 ms | ITL p99 ms | tokens/s of the path | token produced → caller p50 / p99 ms |\n"
         "|---|---:|---:|---:|---|\n"
     )
     dl = fleet["delivery"]
@@ -78,7 +80,7 @@ def delivery_table(delivery: Mapping[str, Any]) -> str:
     ]
     if engine:
         rows.append(
-            f"| the engine in-process (same batches) | {_num(engine['itl']['p50_ms'], 2)} "
+            f"| one engine in-process (the workers' batches in turn) | {_num(engine['itl']['p50_ms'], 2)} "
             f"| {_num(engine['itl']['p99_ms'], 2)} | {_num(engine['tokens_per_s'], 0)} | – |"
         )
     if "added_p50_ms" in delivery:
@@ -91,6 +93,8 @@ def delivery_table(delivery: Mapping[str, Any]) -> str:
 def kill_targets(kill: Mapping[str, Any] | None) -> list[str]:
     if not kill:
         return []
+    if kill.get("pid") is None:
+        return ["- killed worker: no worker was killed (see the kill table): **not shown**"]
     d = kill.get("decisive")
     floor = kill.get("noise_floor") or []
     ok = kill["lost"] == 0 and d is not None and d["differ"] == 0

@@ -331,6 +331,11 @@ def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
     assert "| added by the fleet | +0.50 | +0.50 | | |" in md
     assert "adds under 2 ms p50 over the in-process engine: +0.50 ms" in md
     assert tables.sweep_table({"sweep": []}) == ""
+    nobody = {**kill, "pid": None, "at_s": None, "victim_running": None}
+    assert "| nobody: no moment with two active workers" in tables.kill_table(nobody)
+    assert tables.kill_targets(nobody) == [
+        "- killed worker: no worker was killed (see the kill table): **not shown**"
+    ]
     assert (tmp_path / "fleet.png").stat().st_size > 10_000
 
 
