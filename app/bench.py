@@ -193,7 +193,7 @@ def grpc_sender(
     """Greedy requests over gRPC; `sampling` adds fields (e.g. logprobs), `on_chunk` sees each chunk."""
 
     async def send(record: RequestRecord, prompt: list[int], max_new_tokens: int, timeout_s: float) -> None:
-        await _one_request(client, record, prompt, max_new_tokens, timeout_s, sampling or {}, on_chunk)
+        await _one_request(client, record, prompt, max_new_tokens, timeout_s, sampling, on_chunk)
 
     return send
 
@@ -204,10 +204,10 @@ async def _one_request(
     prompt: list[int],
     max_new_tokens: int,
     timeout_s: float,
-    extra: Mapping[str, Any],
-    on_chunk: OnChunk | None,
+    extra: Mapping[str, Any] | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> None:
-    sampling = {**extra, "max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = {**(extra or {}), "max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
     record.sent_at = time.monotonic()
     finish: FinishReason | None = None
     try:
