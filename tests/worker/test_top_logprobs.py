@@ -86,3 +86,30 @@ def test_engine_streams_alternatives_and_carries_them_across_export(demo) -> Non
     # Without top_logprobs nothing is carried.
     plain = _engine(demo).generate([list(prompt)], sampling=dataclasses.replace(sp, top_logprobs=0))[0]
     assert plain.top_logprobs is None and plain.logprobs is not None
+
+
+@pytest.mark.gpu
+def test_cuda_alternatives_match_cpu_in_the_one_copy_back() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(32, 32000, generator=g) * 1.3
+    params = [
+        SamplingParams(temperature=0.0, logprobs=True, top_logprobs=(2 if i % 3 else 0)) for i in range(32)
+    ]
+    draws = [0] * 32
+    cpu = Sampler(0).launch(logits, params, draws)
+    cpu_tokens, _ = cpu.result()
+    dev_logits = logits.cuda()
+    Sampler(0).launch(dev_logits, params, draws).result()  # warm up (allocator, kernels)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dev = Sampler(0).launch(dev_logits, params, draws)
+        tokens, _ = dev.result()
+    assert tokens == cpu_tokens
+    for a, b in zip(dev.top_logprobs(), cpu.top_logprobs()):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert [t for t, _ in a] == [t for t, _ in b]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
+    names = [e.name for e in prof.events()]
+    assert sum("DtoH" in n for n in names) == 1, names
