@@ -172,7 +172,7 @@ class FleetBench:
             bench_args=bench,
             max_batch_size=prof.max_batch_size,
             warmup_s=prof.warmup_s[0] if first else prof.warmup_s[1],
-            prewarm_s=prof.warmup_s[1] if first else 0.0,
+            prewarm_s=prof.prewarm_s if first else 0.0,
             tail_s=prof.tail_s,
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,

@@ -30,6 +30,9 @@ class Profile:
     phases_s: tuple[float, float, float]
     idle_release_s: float
     warmup_s: tuple[float, float]  # first run (measures capacity), later runs
+    # Untimed, before the first run's warm-up: the first Triton compiles of prefill and mixed
+    # shapes and the adapters' disk loads, which later servers find in Triton's cache.
+    prewarm_s: float
     max_new_tokens: int
     max_prompt_tokens: int
     migration_contexts: tuple[int, ...]
@@ -64,6 +67,7 @@ PROFILES = {
         phases_s=(5.0, 30.0, 25.0),
         idle_release_s=5.0,
         warmup_s=(6.0, 4.0),
+        prewarm_s=12.0,
         max_new_tokens=128,
         max_prompt_tokens=1024,
         migration_contexts=(1024, 4096),
@@ -99,6 +103,7 @@ PROFILES = {
         phases_s=(4.0, 8.0, 13.0),
         idle_release_s=3.0,
         warmup_s=(5.0, 2.0),
+        prewarm_s=2.0,
         max_new_tokens=32,
         max_prompt_tokens=128,
         migration_contexts=(128, 448),
