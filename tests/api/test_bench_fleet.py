@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -364,3 +365,32 @@ def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=needle):
             bf.settings(bf.build_parser().parse_args([*base, *flags]))
+
+
+def test_sim_check_replays_the_plan_in_the_simulator(mods) -> None:
+    settings = mods["fleet_settings"]
+    trace, servegen = settings.TRACES / "azure_llm_2023_conv.csv", settings.TRACES / "servegen_m_large"
+    if not trace.exists() or not servegen.is_dir():
+        pytest.skip("the shared traces are not on this machine")
+    check = importlib.import_module("fleet_sim_check")
+    base = ["--trace", str(trace), "--servegen", str(servegen), "--json"]
+    assert check.main(["--rates", "x", *base]) == 2
+    assert check.window_gpu_seconds([(0.0, 1), (2.0, 2), (5.0, 1)], 6.0) == pytest.approx(2 + 6 + 1)
+    args = argparse.Namespace(
+        rates=(1.0, 6.0),
+        phases_s=(2.0, 6.0, 6.0),
+        profile="h200-llama2-7b",
+        batch=32,
+        max_new_tokens=128,
+        max_prompt_tokens=1024,
+        idle_release_s=5.0,
+        tail_s=5.0,
+        trace=str(trace),
+        servegen=str(servegen),
+        seed=0,
+    )
+    out = check.check(args)
+    assert out["phases"] == "1:2,6:6,1:6" and out["requests"] > 0
+    assert set(out["runs"]) == {"packing", "least_loaded", "round_robin", "one worker"}
+    assert out["runs"]["one worker"]["peak_gpus"] == 1
+    assert out["runs"]["one worker"]["gpu_seconds"] == pytest.approx(out["window_s"])
