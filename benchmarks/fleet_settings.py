@@ -62,9 +62,10 @@ PROFILES = {
         distinct_adapters=4,
         max_batch_size=32,
         engine=("max_loras=32", "max_lora_rank=16", f"host_cache_bytes={12 << 30}"),
-        # A 30 s burst: the second worker takes ~22 s to start on the H200 (sim/profiles), so it
-        # serves the burst's last part and its backlog; 25 s of quiet after it show the release.
-        phases_s=(5.0, 30.0, 25.0),
+        # The second worker takes ~22 s to start on the H200 (sim/profiles), so it serves the
+        # burst's end and its backlog, and the release comes ~20 s after the burst: the quiet after
+        # it must be long enough to show it (fleet_sim_check.py), and the whole fits the budget.
+        phases_s=(3.0, 27.0, 27.0),
         idle_release_s=5.0,
         warmup_s=(6.0, 4.0),
         prewarm_s=12.0,

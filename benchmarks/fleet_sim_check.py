@@ -9,6 +9,7 @@ behind), do the quiet phases fit one, and how many GPU-seconds each policy spend
 window.
 
     python3 benchmarks/fleet_sim_check.py --rates 4,22 --phases-s 10,30,25
+    python3 benchmarks/fleet_sim_check.py --rates 4,22 --prefill-token-s 25e-6 --prefill-alone-s 0.0053
     python3 benchmarks/fleet_sim_check.py --rates 0.6,4 --phases-s 4,8,13 --profile cpu-demo --batch 4 \\
         --max-new-tokens 32 --max-prompt-tokens 128 --idle-release-s 3
 
@@ -68,7 +69,13 @@ def check(args: argparse.Namespace) -> dict:
     b0, b1, plan_s = burst_window(phases)
     profile = load_profile(args.profile)
     engine = dataclasses.replace(profile.engine, max_batch_size=args.batch, max_loras=max(args.batch, 1))
-    profile = dataclasses.replace(profile, engine=engine)
+    changes: dict = {"engine": engine}
+    # Prefill costs from newer engine measurements than the profile's (e.g. graphs for prefill steps).
+    if args.prefill_token_s is not None:
+        changes["per_prefill_token_s"] = args.prefill_token_s
+    if args.prefill_alone_s is not None and profile.decode_batch[0] == 0:
+        changes["decode_base_s"] = (args.prefill_alone_s, *profile.decode_base_s[1:])
+    profile = dataclasses.replace(profile, **changes)
     requests = sim_requests(args, phases, engine.max_model_len)
     window = plan_s + args.tail_s
     out: dict = {"phases": phases, "requests": len(requests), "window_s": window, "runs": {}}
@@ -114,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases-s", default="10,30,25", help="QUIET,BURST,QUIET seconds")
     p.add_argument("--profile", default="h200-llama2-7b", help="shipped profile name or YAML")
     p.add_argument("--batch", type=int, default=32, help="engine max_batch_size (bench_fleet GPU: 32)")
+    p.add_argument("--prefill-token-s", type=float, help="override the profile's seconds per prefill token")
+    p.add_argument(
+        "--prefill-alone-s", type=float, help="override the base seconds of a step with no decode rows"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--idle-release-s", type=float, default=5.0)

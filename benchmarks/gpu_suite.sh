@@ -11,8 +11,9 @@
 #   1) carry .gpuwheels/a:  cp .gpuwheels/a/part_aa /tmp/ray_part_aa && bash benchmarks/gpu_suite.sh $OUT fleet-assets
 #   2) carry .gpuwheels/b:  FLEET_BUDGET_S=515 bash benchmarks/gpu_suite.sh $OUT fleet
 # It runs the three policies, the worker kill, one migration and the Ray delivery overhead (inter-token
-# latency through the fleet against the engine in-process); FLEET_RATES=QUIET,BURST overrides the
-# profile's 4,22 requests/s (benchmarks/fleet_sim_check.py checks a choice in the simulator first).
+# latency through the fleet against the engine in-process); FLEET_RATES=QUIET,BURST and
+# FLEET_PHASES=Q,B,Q (seconds) override the profile's 4,22 requests/s and 3,27,27 s
+# (benchmarks/fleet_sim_check.py checks a choice in the simulator first).
 # fleet-assets makes the 7B model and adapters (about a minute) so that the fleet call spends its
 # budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
 # ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the
@@ -106,7 +107,8 @@ for stage in "$@"; do
         [ -d "$traces" ] || traces=../shared/traces
         fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
             --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
-            --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} ;;
+            --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} \
+            ${FLEET_PHASES:+--phases-s "$FLEET_PHASES"} ;;
     *)
         echo "unknown stage $stage" ;;
     esac >"$out/$stage.log" 2>&1

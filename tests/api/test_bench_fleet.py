@@ -350,7 +350,7 @@ def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
     assert prof.rates is None  # the smoke sizes its rates from the warm-up
     gpu, _ = bf.settings(bf.build_parser().parse_args(base))
     assert gpu.device == "cuda" and gpu.shape == "llama2-7b" and gpu.dtype == "bfloat16"
-    assert gpu.rates == (4.0, 22.0) and gpu.phases_s == (5.0, 30.0, 25.0)
+    assert gpu.rates == (4.0, 22.0) and gpu.phases_s == (3.0, 27.0, 27.0)
     given, _ = bf.settings(bf.build_parser().parse_args([*base, "--rates", "3,18", "--decisive-gap", "0.1"]))
     assert given.rates == (3.0, 18.0) and given.decisive_gap == 0.1
     assert bf.settings(bf.build_parser().parse_args([*base, "--rates", "warmup"]))[0].rates is None
@@ -388,9 +388,14 @@ def test_sim_check_replays_the_plan_in_the_simulator(mods) -> None:
         trace=str(trace),
         servegen=str(servegen),
         seed=0,
+        prefill_token_s=None,
+        prefill_alone_s=None,
     )
     out = check.check(args)
     assert out["phases"] == "1:2,6:6,1:6" and out["requests"] > 0
     assert set(out["runs"]) == {"packing", "least_loaded", "round_robin", "one worker"}
     assert out["runs"]["one worker"]["peak_gpus"] == 1
     assert out["runs"]["one worker"]["gpu_seconds"] == pytest.approx(out["window_s"])
+    # Dearer prefill: the lone worker finishes later.
+    slow = check.check(argparse.Namespace(**{**vars(args), "prefill_token_s": 1e-3}))
+    assert slow["runs"]["one worker"]["last_finish_s"] > out["runs"]["one worker"]["last_finish_s"]
