@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorafleet import __version__
-from lorafleet.auth import API_KEYS_ENV
-from lorafleet.client_flags import add_client_auth_flags, client_kwargs
+from lorafleet.client.flags import add_client_auth_flags, client_kwargs
 from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES
+from lorafleet.serving.auth import API_KEYS_ENV
 
 DEFAULT_SERVER = os.environ.get("LORAFLEET_SERVER", "127.0.0.1:50051")
 EXIT_ERROR = 1
@@ -126,7 +126,8 @@ def _add_serve_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorafleet import bench, demo
+    from lorafleet.bench import runner as bench
+    from lorafleet.demo import runner as demo
 
     parser = argparse.ArgumentParser(
         prog="lorafleet", description="Serve thousands of LoRA adapters of one base model on a small fleet."
@@ -230,7 +231,7 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lorafleet.serve import serve
+    from lorafleet.serving.serve import serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -256,8 +257,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorafleet.api_types import GenerateResult
-    from lorafleet.client import Client
+    from lorafleet.client.grpc_client import Client
+    from lorafleet.serving.api_types import GenerateResult
 
     prompt: Any = args.prompt if args.prompt is not None else args.prompt_ids
     with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
@@ -302,8 +303,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from lorafleet.client import Client
-    from lorafleet.report import format_status
+    from lorafleet.bench.report import format_status
+    from lorafleet.client.grpc_client import Client
 
     with Client(args.server, timeout=args.timeout or 10.0, **client_kwargs(args)) as client:
         status = client.status()
@@ -315,7 +316,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from lorafleet.client import Client
+    from lorafleet.client.grpc_client import Client
 
     with Client(args.server, timeout=args.timeout or 30.0, **client_kwargs(args)) as client:
         if args.action == "list":
@@ -390,7 +391,8 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from lorafleet import bench, demo
+    from lorafleet.bench import runner as bench
+    from lorafleet.demo import runner as demo
     from lorafleet.sim import cli as sim_cli
 
     commands = {
@@ -411,7 +413,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lorafleet.client import ApiError
+    from lorafleet.client.grpc_client import ApiError
     from lorafleet.scheduler.errors import FleetError
 
     try:

@@ -16,7 +16,7 @@ import yaml
 
 # The fleet's own choices and number check: one definition, so serve flags and FleetConfig agree.
 from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES, check_int, check_positive
-from lorafleet.tls import check_server_tls
+from lorafleet.serving.tls import check_server_tls
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, str]:

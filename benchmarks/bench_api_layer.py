@@ -4,7 +4,7 @@
 runs in a child process over a fleet that does no model work: every --step-ms it hands one token
 to each running request through an asyncio queue, as the real fleet runtime does once per decode
 step. This process sends --streams concurrent streams of --tokens tokens through one API at a
-time, the bench's own senders for each (bench.py's gRPC client, bench_http.py's HTTP client), and
+time, the bench's own senders for each (runner.py's gRPC client, http_sender.py's HTTP client), and
 reads the server's CPU seconds (every thread, from getrusage) before and after each round. So the
 figure per token is the API layer alone: the part of the head's CPU that differs between the two
 APIs. The client's CPU per token is printed too.
@@ -26,12 +26,12 @@ import time
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 
-from lorafleet.api_types import ModelView
-from lorafleet.bench import RequestRecord, grpc_sender
-from lorafleet.bench_http import http_sender
-from lorafleet.client import AsyncClient
+from lorafleet.bench.http_sender import http_sender
+from lorafleet.bench.runner import RequestRecord, grpc_sender
+from lorafleet.client.grpc_client import AsyncClient
+from lorafleet.client.sse_client import SseClient
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
-from lorafleet.sse_client import SseClient
+from lorafleet.serving.api_types import ModelView
 from lorafleet.worker.types import FinishReason, Request, TokenDelta
 
 VOCAB = 32000
@@ -103,8 +103,8 @@ def cpu_s() -> float:
 
 
 def server_main(conn: Connection, step_s: float) -> None:
-    from lorafleet.http_api import HttpState
-    from lorafleet.serve import start_api
+    from lorafleet.serving.http_api import HttpState
+    from lorafleet.serving.serve import start_api
 
     async def main() -> None:
         fleet = StepFleet(step_s)

@@ -51,7 +51,7 @@ from fleet_run import RunSpec, Warmup, run_one
 from fleet_settings import Profile, build_parser, engine_dict, machine, settings
 from fleet_tokens import compare_runs
 
-from lorafleet.workload import read_azure_trace
+from lorafleet.bench.workload import read_azure_trace
 
 
 class FleetBench:

@@ -23,9 +23,9 @@ import platform
 import random
 import time
 
+from lorafleet.bench.workload import adapter_indices
 from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.simulator import SimConfig, SimRequest, Simulator
-from lorafleet.workload import adapter_indices
 
 
 def workload(

@@ -3,7 +3,7 @@
 A server process streams --streams completions of --tokens chunks each, shaped like
 `/v1/completions` SSE chunks from lorafleet serve (one chunk per token, then the usage chunk and
 `data: [DONE]`), one chunk to every stream each --step-ms, like a decode step of a full batch. The
-client is the bench's own HTTP sender (bench_http.py: sse_client.py, JSON per chunk, the record's
+client is the bench's own HTTP sender (http_sender.py: sse_client.py, JSON per chunk, the record's
 times); this prints its CPU seconds per token (process time over the run, every thread). `--httpx`
 runs the same reading loop over httpx instead, as the bench did before sse_client.py, for a
 comparison on the same machine.
@@ -23,9 +23,9 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from lorafleet.bench import RequestRecord
-from lorafleet.bench_http import http_sender
-from lorafleet.sse_client import SseClient
+from lorafleet.bench.http_sender import http_sender
+from lorafleet.bench.runner import RequestRecord
+from lorafleet.client.sse_client import SseClient
 
 
 def _chunk(i: int, text: str, finish: str | None) -> bytes:

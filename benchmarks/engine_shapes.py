@@ -27,7 +27,7 @@ from lorafleet.worker.types import Request
 # The benchmarked shapes, from the project's one shape table; the tokens the bench never stops on.
 SHAPES: dict[str, dict] = {
     name: {**MODEL_SHAPES[name].config_dict(), "bos_token_id": 1, "eos_token_ids": (2,)}
-    for name in ("llama2-7b", "llama3-8b")
+    for name in ("tiny", "llama2-7b", "llama3-8b")
 }
 POPULARITIES = ("backbone", "identical", "uniform", "skewed", "distinct")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lorafleet.trace_phases import Phase, format_phases, parse_phases
+from lorafleet.bench.trace_phases import Phase, format_phases, parse_phases
 
 
 @dataclass(frozen=True)

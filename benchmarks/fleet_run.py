@@ -21,11 +21,11 @@ from typing import Any
 from fleet_server import ServeProcess, StatusSample, sample_status
 from fleet_tokens import top_gap
 
-from lorafleet import bench
-from lorafleet.api_types import GenerateChunk
-from lorafleet.client import AsyncClient
-from lorafleet.demo_calibrate import calibrate, wait_idle
-from lorafleet.workload import TraceRow
+from lorafleet.bench import runner as bench
+from lorafleet.bench.workload import TraceRow
+from lorafleet.client.grpc_client import AsyncClient
+from lorafleet.demo.calibrate import calibrate, wait_idle
+from lorafleet.serving.api_types import GenerateChunk
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafleet.client import ApiError, AsyncClient
+from lorafleet.client.grpc_client import ApiError, AsyncClient
 
 READY = re.compile(r"lorafleet: serving .* on (\S+?:\d+)")
 

@@ -30,10 +30,10 @@ from fleet_plan import burst_window, shaped_phases
 from fleet_run import bench_parser
 from fleet_settings import TRACES
 
-from lorafleet import bench
+from lorafleet.bench import runner as bench
+from lorafleet.bench.workload import read_azure_trace
 from lorafleet.sim.profile import load_profile
 from lorafleet.sim.simulator import SimConfig, SimRequest, Simulator
-from lorafleet.workload import read_azure_trace
 
 
 def sim_requests(args: argparse.Namespace, phases: str, max_context: int) -> list[SimRequest]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
-#                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-7b,
+#                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-engine, profile-7b,
 #                                                fleet-assets, fleet
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
@@ -93,6 +93,8 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    profile-engine)  # host profile of eager prefill steps, kernel tables of decode steps (7B shape)
+        (cd benchmarks && python3 profile_engine.py --out "$out/profile-engine") ;;
     profile-7b)  # the simulator's H200 profile of the 7B shape, on fleet-assets' model when it is there
         lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
         model=/tmp/lorafleet-fleetbench/model

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from soak_memory import probe_report, role_report, slope_mb_per_min, tree_rss_by_role
 
-from lorafleet.client import ApiError, AsyncClient
-from lorafleet.demo import default_cache_dir, ensure_demo_assets
+from lorafleet.client.grpc_client import ApiError, AsyncClient
+from lorafleet.demo.runner import default_cache_dir, ensure_demo_assets
 
 # gRPC status (as the client sees it) -> the label the server's request counter uses.
 STATUS_LABELS = {

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from lorafleet.bench import RequestRecord, WorkerSample
+from lorafleet.bench.runner import RequestRecord, WorkerSample
+from lorafleet.bench.workload import phased_workload
 from lorafleet.sim.profile import load_profile
 from lorafleet.sim.simulator import SimRequest
 from lorafleet.sim.validate import (
@@ -30,7 +31,6 @@ from lorafleet.sim.validate import (
     sim_run,
 )
 from lorafleet.worker.demo_assets import make_demo
-from lorafleet.workload import phased_workload
 
 
 def save_real(real: RealRun, path: Path) -> None:

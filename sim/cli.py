@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorafleet.bench.workload import POPULARITIES
 from lorafleet.scheduler.fleet_config import POLICIES
 from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.report import Slo, format_compare, format_summary, summarize, write_requests_csv
@@ -28,7 +29,6 @@ from lorafleet.sim.workloads import (
     servegen_popularity,
     synthetic_rows,
 )
-from lorafleet.workload import POPULARITIES
 
 # The comparison of the study: packing with and without migration, and the spreading baselines.
 COMPARE = (
@@ -157,7 +157,7 @@ def simulate(
 ) -> SimResult:
     bar = None
     if progress:
-        from lorafleet.progress import ProgressBar
+        from lorafleet.bench.progress import ProgressBar
 
         bar = ProgressBar(len(requests), label=config.label)
     on_done = (lambda rec: bar.advance(rec.output_tokens, error=bool(rec.rejected))) if bar else None

@@ -167,9 +167,9 @@ def serving_latency(
     client sees it: (median TTFT, median TPOT, seconds until the one-worker fleet was ready)."""
     import asyncio
 
-    from lorafleet.client import AsyncClient
+    from lorafleet.client.grpc_client import AsyncClient
     from lorafleet.config import ServeConfig
-    from lorafleet.serve import shutdown_serving, start_serving
+    from lorafleet.serving.serve import shutdown_serving, start_serving
 
     async def run() -> tuple[float, float, float]:
         config = ServeConfig(

@@ -43,8 +43,8 @@ class FleetSetup:
 
 @dataclass
 class RealRun:
-    report: Any  # lorafleet.bench.BenchReport
-    records: list[Any]  # lorafleet.bench.RequestRecord, in plan order
+    report: Any  # lorafleet.bench.runner.BenchReport
+    records: list[Any]  # lorafleet.bench.runner.RequestRecord, in plan order
     sent: list[SimRequest]  # the same requests, for the simulator
 
 
@@ -54,10 +54,10 @@ def real_run(setup: FleetSetup, plan: list[Any], seed: int = 0) -> RealRun:
 
 
 async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
-    from lorafleet.bench import run_bench
-    from lorafleet.client import AsyncClient
+    from lorafleet.bench.runner import run_bench
+    from lorafleet.client.grpc_client import AsyncClient
     from lorafleet.config import ServeConfig
-    from lorafleet.serve import shutdown_serving, start_serving
+    from lorafleet.serving.serve import shutdown_serving, start_serving
 
     config = ServeConfig(
         model=setup.model_dir,
@@ -96,7 +96,7 @@ def sim_run(setup: FleetSetup, profile: LatencyProfile, requests: list[SimReques
 
 
 def _q(values: list[float], q: float) -> float:
-    from lorafleet.workload import percentile
+    from lorafleet.bench.workload import percentile
 
     out = percentile(values, q)
     return float("nan") if out is None else out

@@ -1,7 +1,7 @@
 """Simulator workloads: Azure LLM traces, ServeGen tenant folders, generic CSVs, Punica synthetic.
 
 Every loader returns `SimRequest`s sorted by arrival. Trace parsing and Punica popularities are the
-load generator's (`lorafleet.workload`); this module adds what only the simulator needs: the generic
+load generator's (`lorafleet.bench.workload`); this module adds what only the simulator needs: the generic
 CSV, ServeGen tenants, the cosine-rate Poisson process, rate and time scaling, and clamping lengths
 to the profile's context limit.
 
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.bench.workload import AZURE_COLUMNS, POPULARITIES, adapter_indices, read_azure_trace
 from lorafleet.sim.simulator import SimRequest
-from lorafleet.workload import AZURE_COLUMNS, POPULARITIES, adapter_indices, read_azure_trace
 
 GENERIC_COLUMNS = ("timestamp_s", "prompt_tokens", "output_tokens")
 SERVEGEN_WINDOW_S = 600.0  # ServeGen m-large rows are 10-minute windows

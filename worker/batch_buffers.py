@@ -73,6 +73,15 @@ def decode_shape(batch_size: int, width: int) -> PackedShape:
     return PackedShape(batch_size, batch_size, batch_size + 1, batch_size, width)
 
 
+def mixed_shape(rows: int, capacity: PackedShape) -> PackedShape:
+    """The padded shape of a step with prefill rows run as a CUDA graph of ``rows`` token rows.
+
+    Sequences, segments and sampled rows are padded to the buffers' capacity, so one graph per row
+    bucket holds any mix of prefill chunks and decodes that fits it.
+    """
+    return PackedShape(rows, capacity.seqs, capacity.segs, capacity.logits, capacity.width)
+
+
 class BatchBuffers:
     def __init__(self, capacity: PackedShape, device: torch.device) -> None:
         self.capacity = capacity
@@ -83,7 +92,14 @@ class BatchBuffers:
         self._turn = 0
         self.device_buffer = torch.zeros(capacity.numel, dtype=torch.int32, device=device)
 
-    def shape_of(self, plan: BatchPlan, pad_to: int | None, width: int | None) -> PackedShape:
+    def shape_of(
+        self, plan: BatchPlan, pad_to: int | None, width: int | None, pad_rows: int | None = None
+    ) -> PackedShape:
+        if pad_rows is not None:
+            cap = self.capacity
+            if plan.num_tokens > pad_rows or len(plan.logits_indices) > cap.logits:
+                raise ValueError(f"a step of {plan.num_tokens} rows does not pad to {pad_rows} rows")
+            return mixed_shape(pad_rows, cap)
         if pad_to is not None:
             if plan.num_seqs and (not plan.is_decode_only or plan.num_seqs > pad_to):
                 raise ValueError(f"only a decode batch of at most {pad_to} sequences pads to {pad_to}")
@@ -96,13 +112,22 @@ class BatchBuffers:
             width or plan.max_blocks,
         )
 
-    def upload(self, plan: BatchPlan, *, pad_to: int | None = None, width: int | None = None) -> BatchLayout:
-        """Pack ``plan`` (padded to ``pad_to`` decode rows and ``width`` block-table columns) and move it.
+    def upload(
+        self,
+        plan: BatchPlan,
+        *,
+        pad_to: int | None = None,
+        width: int | None = None,
+        pad_rows: int | None = None,
+    ) -> BatchLayout:
+        """Pack ``plan`` and move it: padded to ``pad_to`` decode rows and ``width`` block-table
+        columns, or (``pad_rows``) to that many token rows and the capacity's sequences, segments and
+        sampled rows (``mixed_shape``).
 
         Padding rows read nothing and write nothing: input 0 (not from the device) at position 0,
         KV slot -1, context length 0, in a final LoRA segment of slot -1.
         """
-        shape = self.shape_of(plan, pad_to, width)
+        shape = self.shape_of(plan, pad_to, width, pad_rows)
         cap = self.capacity
         if (
             shape.rows > cap.rows
@@ -130,8 +155,13 @@ class BatchBuffers:
         put("slot_mapping", plan.slot_mapping, -1)
         lo, hi = offs["query_start_loc"]
         host[lo : lo + b + 1] = plan.query_start
-        # Padding sequences have one row each, so the offsets keep counting.
-        host[lo + b + 1 : hi] = np.arange(n + 1, n + 1 + (hi - lo - b - 1), dtype=np.int32)
+        if pad_rows is None:
+            # Padding sequences of a decode graph have one row each, so the offsets keep counting.
+            host[lo + b + 1 : hi] = np.arange(n + 1, n + 1 + (hi - lo - b - 1), dtype=np.int32)
+        else:
+            # Those of a mixed-step graph have none: no kernel touches the padding rows' attention
+            # output, and every later operation is row-wise, so what they compute stays in them.
+            host[lo + b + 1 : hi] = n
         put("seq_lens", list(plan.context_lens), 0)
         num_segs = len(plan.seg_slots)
         lo, hi = offs["lora_seg_indptr"]

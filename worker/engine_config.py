@@ -25,7 +25,10 @@ class EngineConfig:
     host_cache_bytes: int = 4 * _GIB  # host-memory adapter LRU budget
     lora_target_modules: tuple[str, ...] = PROJECTIONS
     seed: int = 0  # the engine generator that unseeded sampled requests draw from
-    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs (debugging)
+    enforce_eager: bool = False  # CUDA: run every step eagerly instead of replaying CUDA graphs (debugging)
+    # CUDA: steps that carry prefill rows replay graphs captured per token-row bucket up to this many
+    # rows (0 = such steps run eagerly); longer steps run eagerly.
+    max_graph_tokens: int = 2048
     # Overlap the host's work for the next step with the device's current one (step() then returns
     # the previous step's tokens). None = on for CUDA, off for the CPU, where nothing would overlap.
     async_scheduling: bool | None = None
@@ -41,6 +44,7 @@ class EngineConfig:
         _check_int("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes, 1)
         _check_int("host_cache_bytes", self.host_cache_bytes, 0)
         _check_int("seed", self.seed, 0)
+        _check_int("max_graph_tokens", self.max_graph_tokens, 0)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if not isinstance(self.lora_side_stream, bool):

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from lorafleet.api_types import ModelView
 from lorafleet.scheduler.errors import (
     AdapterInUseError,
     QueueFullError,
@@ -23,6 +22,7 @@ from lorafleet.scheduler.errors import (
     UnknownAdapterError,
 )
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
+from lorafleet.serving.api_types import ModelView
 from lorafleet.worker.types import FinishReason, Request, TokenDelta
 
 VOCAB = 384
@@ -180,7 +180,7 @@ def loop_thread() -> Iterator[LoopThread]:
 def _serve_fake(
     loop_thread: LoopThread, metrics_port: int | None
 ) -> Iterator[tuple[Any, FakeFleet, LoopThread]]:
-    from lorafleet.serve import start_api
+    from lorafleet.serving.serve import start_api
 
     fleet = FakeFleet()
     model = ModelView(name="fake", vocab_size=VOCAB, max_context_tokens=MAX_CONTEXT)
@@ -217,9 +217,9 @@ class FakeCodec:
 def fake_http_server() -> Iterator[dict[str, Any]]:
     """One gRPC + OpenAI HTTP server (same loop) over a FakeFleet with the demo chat template, per
     module: {"api", "fleet", "lt", "base" (the HTTP base URL)}; /metrics on api.metrics_port."""
-    from lorafleet.chat_template import ChatTemplate
-    from lorafleet.http_api import HttpState
-    from lorafleet.serve import start_api
+    from lorafleet.serving.chat_template import ChatTemplate
+    from lorafleet.serving.http_api import HttpState
+    from lorafleet.serving.serve import start_api
     from lorafleet.worker.demo_assets import DEMO_CHAT_TEMPLATE
 
     lt = LoopThread()
@@ -249,9 +249,9 @@ ADMIN_TOKEN = "admin-token-0123456789ab"
 def auth_server() -> Iterator[dict[str, Any]]:
     """gRPC + HTTP + /metrics over a FakeFleet with auth on (one client and one admin token), per
     module: {"api", "fleet", "lt", "state", "base" (HTTP base URL), "client", "admin" (tokens)}."""
-    from lorafleet.auth import parse_keys
-    from lorafleet.http_api import HttpState
-    from lorafleet.serve import start_api
+    from lorafleet.serving.auth import parse_keys
+    from lorafleet.serving.http_api import HttpState
+    from lorafleet.serving.serve import start_api
 
     keys = parse_keys([f"client {CLIENT_TOKEN}", f"admin {ADMIN_TOKEN}"], "test")
     lt = LoopThread()

@@ -12,11 +12,11 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lorafleet.auth import ADMIN_GRPC_METHODS
-from lorafleet.client import ApiError, Client
+from lorafleet.client.grpc_client import ApiError, Client
+from lorafleet.serving.auth import ADMIN_GRPC_METHODS
 
 DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-# Written out here, not taken from lorafleet.auth, so that dropping one from the code fails a test.
+# Written out here, not taken from lorafleet.serving.auth, so that dropping one from the code fails a test.
 ADMIN_ONLY = {"/lorafleet.v1.LoraFleet/RegisterAdapter", "/lorafleet.v1.LoraFleet/UnregisterAdapter"}
 
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-from lorafleet.http_api import make_app
+from lorafleet.serving.http_api import make_app
 
-# Written out here, not taken from lorafleet.auth, so that dropping one from the code fails a test.
+# Written out here, not taken from lorafleet.serving.auth, so that dropping one from the code fails a test.
 ADMIN_PATHS = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.auth import KeysFileError, Role, bearer_token, load_keys, parse_keys, read_token_file
 from lorafleet.config import ServeConfig
-from lorafleet.security_warnings import is_loopback, security_warnings
+from lorafleet.serving.auth import KeysFileError, Role, bearer_token, load_keys, parse_keys, read_token_file
+from lorafleet.serving.security_warnings import is_loopback, security_warnings
 
 SECRET = "s3cret-value-nobody-may-see"
 

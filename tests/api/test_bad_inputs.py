@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from lorafleet.cli import main
-from lorafleet.client import ApiError, Client
+from lorafleet.client.grpc_client import ApiError, Client
 
 from .conftest import MAX_CONTEXT, VOCAB
 

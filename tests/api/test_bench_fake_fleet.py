@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 
-from lorafleet.api_types import GenerateChunk
-from lorafleet.bench import RequestRecord, _one_request, grpc_sender, run_bench
-from lorafleet.client import AsyncClient
-from lorafleet.progress import ProgressBar
+from lorafleet.bench.progress import ProgressBar
+from lorafleet.bench.runner import RequestRecord, _one_request, grpc_sender, run_bench
+from lorafleet.bench.workload import synthetic_workload
+from lorafleet.client.grpc_client import AsyncClient
+from lorafleet.serving.api_types import GenerateChunk
 from lorafleet.worker.types import FinishReason
-from lorafleet.workload import synthetic_workload
 
 
 def test_bench_registers_aliases_for_distinct_and_removes_them(fake_server) -> None:
@@ -79,8 +79,8 @@ def test_only_streams_ending_in_stop_or_length_count_as_completed() -> None:
 
 
 def test_bench_over_http_accounts_for_every_request_and_error(fake_http_server) -> None:
-    from lorafleet.bench_http import base_url, http_sender
-    from lorafleet.sse_client import SseClient
+    from lorafleet.bench.http_sender import base_url, http_sender
+    from lorafleet.client.sse_client import SseClient
 
     api, fleet = fake_http_server["api"], fake_http_server["fleet"]
     plan = synthetic_workload(

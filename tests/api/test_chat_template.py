@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.chat_template import ChatTemplate, TemplateError
+from lorafleet.serving.chat_template import ChatTemplate, TemplateError
 from lorafleet.worker.demo_assets import DEMO_CHAT_TEMPLATE, ensure_chat_template
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from lorafleet import convert
-from lorafleet.api_types import GenerateChunk, GenerateResult, ModelView, Usage
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
+from lorafleet.serving import convert
+from lorafleet.serving.api_types import GenerateChunk, GenerateResult, ModelView, Usage
 from lorafleet.worker.types import FinishReason, SamplingParams, TokenDelta
 
 

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from lorafleet.client import AsyncClient
-from lorafleet.demo_calibrate import calibrate, wait_idle
+from lorafleet.client.grpc_client import AsyncClient
+from lorafleet.demo.calibrate import calibrate, wait_idle
 
 
 def _calibrate(address: str, seconds: float = 1.0):

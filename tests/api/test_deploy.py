@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from lorafleet.config import ServeConfig
-from lorafleet.metrics import ServerMetrics
+from lorafleet.serving.metrics import ServerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

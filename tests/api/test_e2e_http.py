@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lorafleet.client import Client
+from lorafleet.client.grpc_client import Client
 from lorafleet.worker.types import SamplingParams
 
 openai = pytest.importorskip("openai")
@@ -57,7 +57,7 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _chat_prompt_ids(model_dir: Path) -> list[int]:
-    from lorafleet.chat_template import ChatTemplate
+    from lorafleet.serving.chat_template import ChatTemplate
     from lorafleet.worker.tokenizer import Tokenizer
 
     template = ChatTemplate.from_dir(model_dir)

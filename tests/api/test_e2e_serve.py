@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lorafleet.client import ApiError, Client
+from lorafleet.client.grpc_client import ApiError, Client
 from lorafleet.worker.types import FinishReason, SamplingParams
 
 pytestmark = pytest.mark.slow

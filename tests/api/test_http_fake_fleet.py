@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lorafleet.client import ApiError, Client
+from lorafleet.client.grpc_client import ApiError, Client
 
 # The fake server's model (tests/api/conftest.py, fake_http_server).
 VOCAB = 384

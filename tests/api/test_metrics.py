@@ -8,9 +8,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorafleet.client import ApiError, Client
-from lorafleet.metrics import OTHER, AdapterLabels, ServerMetrics
+from lorafleet.client.grpc_client import ApiError, Client
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
+from lorafleet.serving.metrics import OTHER, AdapterLabels, ServerMetrics
 
 EXPECTED_FAMILIES = {
     "lorafleet_requests": "counter",

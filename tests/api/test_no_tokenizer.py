@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lorafleet.api_types import ModelView
 from lorafleet.cli import main
-from lorafleet.client import ApiError, Client
-from lorafleet.serve import start_api, text_encoder
+from lorafleet.client.grpc_client import ApiError, Client
+from lorafleet.serving.api_types import ModelView
+from lorafleet.serving.serve import start_api, text_encoder
 from lorafleet.worker.demo_assets import make_demo
 
 from .conftest import MAX_CONTEXT, VOCAB, FakeFleet, LoopThread

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lorafleet.client import Client
+from lorafleet.client.grpc_client import Client
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray")

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lorafleet.client import ApiError, AsyncClient, Client
+from lorafleet.client.grpc_client import ApiError, AsyncClient, Client
 from lorafleet.worker.types import FinishReason, SamplingParams
 
 # The fake server's model (tests/api/conftest.py); checked in test_fake_model_limits.

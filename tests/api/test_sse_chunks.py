@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from lorafleet import openai_types as oai
-from lorafleet.sse_chunks import ChunkWriter
+from lorafleet.serving import openai_types as oai
+from lorafleet.serving.sse_chunks import ChunkWriter
 
 TEXTS = ["", " hello", 'quote " and \\ back', "tab\tnew\nline\r\x00\x1f\x7f", "é ü 中文 🙂", "\ud800"]
 

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from lorafleet.bench import RequestRecord
-from lorafleet.bench_http import http_sender
-from lorafleet.sse_client import HttpClientError, Origin, SseClient, _ReplyParser
+from lorafleet.bench.http_sender import http_sender
+from lorafleet.bench.runner import RequestRecord
+from lorafleet.client.sse_client import HttpClientError, Origin, SseClient, _ReplyParser
 
 
 def chunked(*pieces: bytes) -> bytes:

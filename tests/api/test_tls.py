@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 
-from lorafleet.api_types import ModelView
-from lorafleet.client import ApiError, Client
-from lorafleet.tls import channel_credentials, read_pem, server_credentials
+from lorafleet.client.grpc_client import ApiError, Client
+from lorafleet.serving.api_types import ModelView
+from lorafleet.serving.tls import channel_credentials, read_pem, server_credentials
 
 from .conftest import MAX_CONTEXT, VOCAB, FakeFleet, LoopThread, fake_encode
 
@@ -51,7 +51,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _serve(certs: Path, client_ca: bool) -> Iterator[tuple[Any, LoopThread]]:
-    from lorafleet.serve import start_api
+    from lorafleet.serving.serve import start_api
 
     lt = LoopThread()
     tls = server_credentials(

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet import bench
-from lorafleet.client import AsyncClient
-from lorafleet.trace_phases import (
+from lorafleet.bench import runner as bench
+from lorafleet.bench.trace_phases import (
     Phase,
     assign_tenants,
     format_phases,
@@ -20,7 +19,8 @@ from lorafleet.trace_phases import (
     slice_rows,
     tenant_weights,
 )
-from lorafleet.workload import PlannedRequest, TraceRow, synthetic_workload
+from lorafleet.bench.workload import PlannedRequest, TraceRow, synthetic_workload
+from lorafleet.client.grpc_client import AsyncClient
 
 TRACES = Path(__file__).resolve().parents[3] / "shared" / "traces"
 

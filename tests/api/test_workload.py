@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorafleet.bench import RequestRecord, WorkerSample, summarize
-from lorafleet.progress import ProgressBar
-from lorafleet.report import format_bench, workers_timeline
-from lorafleet.workload import (
+from lorafleet.bench.progress import ProgressBar
+from lorafleet.bench.report import format_bench, workers_timeline
+from lorafleet.bench.runner import RequestRecord, WorkerSample, summarize
+from lorafleet.bench.workload import (
     adapter_indices,
     percentile,
     phased_workload,

@@ -103,7 +103,7 @@ def test_make_demo_and_refusal_to_overwrite(tmp_path: Path, capsys) -> None:
     assert main(["make-demo", str(out), "--num-adapters", "2"]) == 0
     assert (out / "config.json").is_file() and (out / "adapters" / "adapter-1").is_dir()
     # The chat template that makes /v1/chat/completions work on the demo, and it renders.
-    from lorafleet.chat_template import ChatTemplate
+    from lorafleet.serving.chat_template import ChatTemplate
 
     template = ChatTemplate.from_dir(out)
     assert template is not None

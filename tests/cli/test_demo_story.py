@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.bench import RequestRecord, WorkerSample
+from lorafleet.bench.runner import RequestRecord, WorkerSample
+from lorafleet.bench.workload import PlannedRequest
 from lorafleet.cli import main
-from lorafleet.demo_calibrate import Calibration
-from lorafleet.demo_config import DemoConfig, add_arguments
-from lorafleet.demo_plot import write_plot
-from lorafleet.demo_report import format_story, format_timeline
-from lorafleet.demo_story import (
+from lorafleet.demo.calibrate import Calibration
+from lorafleet.demo.config import DemoConfig, add_arguments
+from lorafleet.demo.plot import write_plot
+from lorafleet.demo.report import format_story, format_timeline
+from lorafleet.demo.story import (
     Machine,
     check_story,
     demo_phases,
@@ -24,7 +25,6 @@ from lorafleet.demo_story import (
     summarize_phases,
     timeline,
 )
-from lorafleet.workload import PlannedRequest
 
 CFG = DemoConfig(quiet_s=4.0, burst_s=4.0, cooldown_s=8.0, slice_s=1.0)
 CAL = Calibration(2.0, 4, 400.0, 100.0, (380.0, 400.0, 420.0, 400.0), 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lorafleet.client import ApiError, Client
+from lorafleet.client.grpc_client import ApiError, Client
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray")

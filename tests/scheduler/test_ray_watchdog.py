@@ -21,7 +21,7 @@ from lorafleet.scheduler.ray_watchdog import RayWatchdog, gcs_probe  # noqa: E40
 from lorafleet.scheduler.runtime import FleetRuntime  # noqa: E402
 from lorafleet.scheduler.tracked_request import TrackedRequest  # noqa: E402
 from lorafleet.scheduler.worker_record import WorkerRecord  # noqa: E402
-from lorafleet.server import status_for  # noqa: E402
+from lorafleet.serving.server import status_for  # noqa: E402
 from lorafleet.worker.engine_config import EngineConfig  # noqa: E402
 from lorafleet.worker.types import Request, SamplingParams, TokenDelta  # noqa: E402
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from lorafleet.bench.workload import phased_workload
 from lorafleet.sim.profile import load_profile
 from lorafleet.sim.validate import FleetSetup, compare, real_run, sim_run
-from lorafleet.workload import phased_workload
 
 
 @pytest.mark.slow

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lorafleet.worker import Engine, SamplingParams
-from lorafleet.worker.batch_buffers import BatchBuffers, PackedShape, decode_shape
+from lorafleet.worker.batch_buffers import BatchBuffers, PackedShape, decode_shape, mixed_shape
 from lorafleet.worker.batch_builder import BatchPlan, build_batch, plan_batch
 from lorafleet.worker.batching import Scheduler
 from lorafleet.worker.block_allocator import KVBlockAllocator
 from lorafleet.worker.demo_assets import make_demo
-from lorafleet.worker.model_runner import graph_batch_sizes
+from lorafleet.worker.model_runner import graph_batch_sizes, graph_token_sizes
 from lorafleet.worker.sequence import Sequence
 from lorafleet.worker.types import Request
 
@@ -108,6 +108,45 @@ def test_decode_padded_to_a_bucket_reads_and_writes_nothing_in_the_padding() -> 
     assert got.logits_indices.tolist() == list(range(8))
 
 
+def test_a_mixed_step_pads_to_a_row_bucket_and_the_full_sequence_capacity() -> None:
+    """A step with prefill rows, padded as its graph reads it: the real rows and sequences first,
+    then padding rows (no KV slot, no adapter) in no sequence, and empty padding sequences."""
+    _, scheduled = scheduled_mixed()
+    plan = plan_batch(scheduled, 4)
+    n, b = plan.num_tokens, plan.num_seqs
+    assert not plan.is_decode_only and n == 16 and b == 4
+    bufs = BatchBuffers(PackedShape(rows=64, seqs=8, segs=9, logits=8, width=8), torch.device("cpu"))
+    got = bufs.upload(plan, pad_rows=20)
+    assert got.input_ids.shape == (20,)
+    assert got.input_ids.tolist() == plan.input_ids + [0] * 4
+    assert got.slot_mapping.tolist() == plan.slot_mapping + [-1] * 4
+    assert got.positions.tolist() == plan.positions + [0] * 4
+    assert got.query_start_loc.tolist() == list(plan.query_start) + [16] * 4
+    assert got.seq_lens.tolist() == list(plan.context_lens) + [0] * 4
+    assert (got.block_tables[b:] == -1).all() and got.block_tables.shape == (8, 8)
+    segs = len(plan.seg_slots)
+    indptr, slots = got.lora_seg_indptr.tolist(), got.lora_seg_slots.tolist()
+    assert indptr[: segs + 1] == plan.seg_indptr and indptr[segs + 1 :] == [20] * (9 - segs)
+    assert slots[segs:] == [-1] * (9 - segs)
+    # Sampled rows in sample order, padded with row 0 (its logits are computed and ignored).
+    k = len(plan.logits_indices)
+    assert got.logits_indices.tolist() == plan.logits_indices + [0] * (8 - k)
+    # Every step of a bucket lands on the addresses its graph was captured over.
+    placeholder = bufs.layout(mixed_shape(20, bufs.capacity))
+    for name in FIELDS:
+        assert getattr(got, name).data_ptr() == getattr(placeholder, name).data_ptr(), name
+    with pytest.raises(ValueError, match="does not pad to 8 rows"):
+        bufs.upload(plan, pad_rows=8)
+
+
+def test_graph_token_sizes() -> None:
+    assert graph_token_sizes(2048, 2048) == (32, 64, 128, *range(256, 2049, 128))
+    assert graph_token_sizes(8192, 1000)[-3:] == (768, 896, 1000)
+    assert graph_token_sizes(100, 2048) == (32, 64, 100)
+    assert graph_token_sizes(2048, 0) == ()
+    assert graph_token_sizes(2048, 20) == (20,)
+
+
 def test_same_padded_shape_gives_the_same_views() -> None:
     """A captured graph reads fixed addresses: every step of a bucket must land on them."""
     plan = decode_plan()
@@ -170,3 +209,40 @@ def test_padded_decode_layout_gives_the_same_logits(tmp_path) -> None:
     got = model.forward_all_logits(padded, kv, pool)
     assert got.shape[0] == 8
     torch.testing.assert_close(got[:3], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+    reason="Triton interpreter runs only on CPU-only hosts",
+)
+def test_padded_mixed_layout_gives_the_same_logits_and_cache(tmp_path) -> None:
+    """What a mixed-step graph replay computes (prefill chunks and decodes padded to a row bucket and
+    the full sequence capacity, the prefill attention kernel launched for the bucket's widest query)
+    equals the compact step: the same sampled logits, the same KV written."""
+    import dataclasses
+
+    demo = make_demo(tmp_path, num_adapters=2, seed=3)
+    engine = Engine.from_pretrained(demo.model_dir, max_batch_size=8, max_loras=2)
+    engine.model.set_attention_backend("triton")
+    for name, path in demo.adapters.items():
+        engine.add_adapter(name, path)
+    sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.add_request(Request("old", tuple(range(5, 14)), "adapter-1", sp))
+    engine.step()  # its prompt: next step it decodes beside the new prompts
+    for i, adapter in enumerate(["adapter-0", None]):
+        engine.add_request(Request(f"r{i}", tuple(range(5, 12 + 3 * i)), adapter, sp))
+    plan = plan_batch(engine.scheduler.schedule().scheduled, engine.config.block_size)
+    assert not plan.is_decode_only and plan.uses_lora and plan.num_seqs == 3
+    model, kv, pool, bufs = engine.model, engine.kv, engine.lora_pool, engine.runner.buffers
+    before = [t.clone() for t in kv.k + kv.v]
+    want = model(bufs.upload(plan), kv, pool)
+    want_cache = [t.clone() for t in kv.k + kv.v]
+    for t, saved in zip(kv.k + kv.v, before):
+        t.copy_(saved)
+    rows = 32
+    padded = dataclasses.replace(bufs.upload(plan, pad_rows=rows), max_query_len=rows)
+    got = model(padded, kv, pool)
+    assert got.shape[0] == bufs.capacity.logits
+    torch.testing.assert_close(got[: len(plan.logits_indices)], want, rtol=1e-5, atol=1e-5)
+    for t, w in zip(kv.k + kv.v, want_cache):
+        torch.testing.assert_close(t, w, rtol=0, atol=0)

@@ -68,8 +68,11 @@ def test_graph_replay_matches_eager_mode(tmp_path: Path, dtype: str, tol: float)
     demo = make_demo(tmp_path, num_adapters=8, seed=3)
     eager_engine, eager_out, eager_logits = run(demo.model_dir, demo.adapters, dtype, True)
     graph_engine, graph_out, graph_logits = run(demo.model_dir, demo.adapters, dtype, False)
-    assert eager_engine.runner.num_graph_steps == 0
+    assert eager_engine.runner.num_graph_steps == eager_engine.runner.num_mixed_graph_steps == 0
     assert graph_engine.runner.num_graph_steps > 20  # most decode steps replayed a graph
+    # Steps with prompt rows replayed their row bucket's graph (all of them fit 2,048 rows).
+    assert graph_engine.runner.num_mixed_graph_steps >= 2
+    assert graph_engine.runner.num_eager_steps == 0
     assert_same_generation(eager_out, eager_logits, graph_out, graph_logits, tol)
 
 
@@ -115,8 +118,9 @@ def test_lora_on_a_side_stream_matches(tmp_path: Path, dtype: str, tol: float, e
 
 
 def test_padding_rows_leave_the_cache_alone(tmp_path: Path) -> None:
-    """Batches of 3 replay the 4-row graph; a padding row (token 0 at position 0) that wrote a KV
-    slot would overwrite some sequence's first token, so the cache would differ from eager mode's."""
+    """Batches of 3 replay the 4-row graph, and their prompts (6 rows) the 32-row graph; a padding
+    row (token 0 at position 0) that wrote a KV slot would overwrite some sequence's first token, so
+    the cache would differ from eager mode's."""
     demo = make_demo(tmp_path, num_adapters=0, seed=1)
     caches = []
     for eager in (True, False):
@@ -126,6 +130,7 @@ def test_padding_rows_leave_the_cache_alone(tmp_path: Path) -> None:
         sp = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
         engine.generate([[5, 6, 7], [8, 9], [10]], sampling=sp)
         assert (engine.runner.num_graph_steps > 0) != eager
+        assert (engine.runner.num_mixed_graph_steps > 0) != eager
         caches.append(torch.cat([t.flatten() for t in engine.kv.k + engine.kv.v]))
     assert caches[0].abs().sum() > 0
     torch.testing.assert_close(caches[1], caches[0], rtol=1e-4, atol=1e-4)

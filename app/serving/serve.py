@@ -29,19 +29,19 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lorafleet.api_types import ModelView
-from lorafleet.auth import ApiKeys, load_keys
-from lorafleet.auth_grpc import BearerAuthInterceptor
-from lorafleet.chat_template import ChatTemplate
 from lorafleet.config import ServeConfig
-from lorafleet.grpc_decode import DecodeErrorInterceptor
-from lorafleet.http_api import HttpState, make_app
-from lorafleet.metrics import ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2, serving_pb2_grpc
 from lorafleet.scheduler.errors import ClusterLostError
-from lorafleet.security_warnings import security_warnings
-from lorafleet.server import FleetLike, LoraFleetServicer
-from lorafleet.tls import server_credentials
+from lorafleet.serving.api_types import ModelView
+from lorafleet.serving.auth import ApiKeys, load_keys
+from lorafleet.serving.auth_grpc import BearerAuthInterceptor
+from lorafleet.serving.chat_template import ChatTemplate
+from lorafleet.serving.grpc_decode import DecodeErrorInterceptor
+from lorafleet.serving.http_api import HttpState, make_app
+from lorafleet.serving.metrics import ServerMetrics
+from lorafleet.serving.security_warnings import security_warnings
+from lorafleet.serving.server import FleetLike, LoraFleetServicer
+from lorafleet.serving.tls import server_credentials
 from lorafleet.worker import memory_probe
 
 log = logging.getLogger(__name__)

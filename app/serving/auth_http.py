@@ -14,8 +14,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lorafleet import openai_types as oai
-from lorafleet.auth import ADMIN_HTTP_PATHS, ApiKeys, allowed
+from lorafleet.serving import openai_types as oai
+from lorafleet.serving.auth import ADMIN_HTTP_PATHS, ApiKeys, allowed
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token (send `Authorization: Bearer <token>`)"
 FORBIDDEN_MESSAGE = "this endpoint needs an admin token"

@@ -3,7 +3,7 @@
 Each planned request is sent at its arrival time (never waiting for earlier ones), streamed to the
 end, and timed: TTFT = first token - send, TPOT = (last token - first token) / (tokens - 1).
 A poller samples GetClusterStatus to record how many workers were in use over time.
-With `--http URL` the requests go through the OpenAI-compatible HTTP API instead (bench_http.py);
+With `--http URL` the requests go through the OpenAI-compatible HTTP API instead (http_sender.py);
 the control calls stay on gRPC.
 """
 
@@ -22,13 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from lorafleet.api_types import GenerateChunk
-from lorafleet.client import ApiError, AsyncClient
-from lorafleet.client_flags import add_client_auth_flags, client_kwargs
-from lorafleet.progress import ProgressBar
-from lorafleet.trace_phases import assign_tenants, parse_phases, phased_rows, slice_rows, tenant_weights
-from lorafleet.worker.types import FinishReason
-from lorafleet.workload import (
+from lorafleet.bench.progress import ProgressBar
+from lorafleet.bench.trace_phases import assign_tenants, parse_phases, phased_rows, slice_rows, tenant_weights
+from lorafleet.bench.workload import (
     POPULARITIES,
     PlannedRequest,
     TraceRow,
@@ -38,6 +34,10 @@ from lorafleet.workload import (
     synthetic_workload,
     trace_workload,
 )
+from lorafleet.client.flags import add_client_auth_flags, client_kwargs
+from lorafleet.client.grpc_client import ApiError, AsyncClient
+from lorafleet.serving.api_types import GenerateChunk
+from lorafleet.worker.types import FinishReason
 
 ALIAS_PREFIX = "bench-"
 
@@ -451,7 +451,7 @@ def _base_plan(
 
 
 async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
-    from lorafleet.report import format_bench
+    from lorafleet.bench.report import format_bench
 
     rows = read_azure_trace(args.trace) if args.trace else None  # a bad file fails before connecting
     if args.phases is not None:
@@ -465,8 +465,8 @@ async def _bench_main(args: argparse.Namespace, out: TextIO) -> BenchReport:
         status = await client.status(timeout=10.0)
         send = None
         if args.http is not None:
-            from lorafleet.bench_http import base_url, http_sender
-            from lorafleet.sse_client import HttpClientError, SseClient
+            from lorafleet.bench.http_sender import base_url, http_sender
+            from lorafleet.client.sse_client import HttpClientError, SseClient
 
             headers = {"Authorization": f"Bearer {auth['token']}"} if auth["token"] else {}
             http = await stack.enter_async_context(SseClient(base_url(args.http), headers=headers))

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lorafleet.demo_config import DemoConfig
-from lorafleet.demo_config import add_arguments as add_demo_arguments
+from lorafleet.demo.config import DemoConfig
+from lorafleet.demo.config import add_arguments as add_demo_arguments
 
 if TYPE_CHECKING:
-    from lorafleet.bench import BenchReport
-    from lorafleet.demo_calibrate import Calibration
-    from lorafleet.demo_story import Machine, Phase
-    from lorafleet.workload import PlannedRequest
+    from lorafleet.bench.runner import BenchReport
+    from lorafleet.bench.workload import PlannedRequest
+    from lorafleet.demo.calibrate import Calibration
+    from lorafleet.demo.story import Machine, Phase
 
 DEMO_ADAPTERS = 8
 
@@ -71,14 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def run_demo(cfg: DemoConfig) -> int:
-    from lorafleet.bench import WorkerSample, run_bench
-    from lorafleet.client import AsyncClient
+    from lorafleet.bench.progress import ProgressBar
+    from lorafleet.bench.runner import WorkerSample, run_bench
+    from lorafleet.bench.workload import phased_workload
+    from lorafleet.client.grpc_client import AsyncClient
     from lorafleet.config import ServeConfig
-    from lorafleet.demo_calibrate import calibrate, wait_idle
-    from lorafleet.demo_story import Machine, demo_phases, phase_of
-    from lorafleet.progress import ProgressBar
-    from lorafleet.serve import shutdown_serving, start_serving
-    from lorafleet.workload import phased_workload
+    from lorafleet.demo.calibrate import calibrate, wait_idle
+    from lorafleet.demo.story import Machine, demo_phases, phase_of
+    from lorafleet.serving.serve import shutdown_serving, start_serving
 
     started = time.monotonic()
     machine = Machine.here()  # before our own workers add to the load: what others put on it
@@ -186,10 +186,10 @@ def finish(
     wall_s: float,
 ) -> int:
     """Check the story, write the JSON and the PNG, print the report; the exit status."""
-    from lorafleet.demo_plot import write_plot
-    from lorafleet.demo_report import format_phases, format_story, format_timeline, run_summary
-    from lorafleet.demo_story import check_story, quiet_ttft_p50, summarize_phases, timeline
-    from lorafleet.report import format_bench
+    from lorafleet.bench.report import format_bench
+    from lorafleet.demo.plot import write_plot
+    from lorafleet.demo.report import format_phases, format_story, format_timeline, run_summary
+    from lorafleet.demo.story import check_story, quiet_ttft_p50, summarize_phases, timeline
 
     samples = report.workers_over_time
     slices = timeline(samples, phases, cfg.slice_s)

@@ -1,6 +1,6 @@
 """`lorafleet bench --http URL`: the bench's requests through the OpenAI-compatible HTTP API.
 
-The workload, the adapter choice and the report are bench.py's; only the generation calls change:
+The workload, the adapter choice and the report are runner.py's; only the generation calls change:
 each request is a streaming `/v1/completions` call with the same token-id prompt and greedy
 sampling as over gRPC. The control calls (model status, adapter aliases, the worker sampler) stay
 on gRPC (`--server`), so both runs see the same fleet counters.
@@ -18,8 +18,8 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
-from lorafleet.bench import RequestRecord
-from lorafleet.sse_client import HttpClientError, SseClient
+from lorafleet.bench.runner import RequestRecord
+from lorafleet.client.sse_client import HttpClientError, SseClient
 
 # The bench's status names (gRPC's, lower case) for the HTTP answers, as the server's metrics use.
 _STATUS = {

@@ -16,8 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorafleet.client import ApiError, AsyncClient
-from lorafleet.workload import adapter_indices, prompt_token_ids
+from lorafleet.bench.workload import adapter_indices, prompt_token_ids
+from lorafleet.client.grpc_client import ApiError, AsyncClient
 
 WARMUP_SHARE = 0.25  # the first quarter loads adapters and warms caches: not counted
 SLICE_S = 0.5

@@ -22,9 +22,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from lorafleet.auth import ApiKeys
-from lorafleet.auth_http import bearer_wsgi
 from lorafleet.scheduler.status import ClusterStatus
+from lorafleet.serving.auth import ApiKeys
+from lorafleet.serving.auth_http import bearer_wsgi
 
 OTHER = "other"
 BASE = "(base)"  # requests without an adapter; parentheses keep it apart from adapter names

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from lorafleet.auth import ADMIN_GRPC_METHODS, ApiKeys, allowed
+from lorafleet.serving.auth import ADMIN_GRPC_METHODS, ApiKeys, allowed
 
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token (send `authorization: Bearer <token>`)"
 FORBIDDEN_MESSAGE = "this call needs an admin token"

@@ -18,9 +18,6 @@ from typing import Any, Protocol
 
 import grpc
 
-from lorafleet import convert
-from lorafleet.api_types import ModelView, Usage
-from lorafleet.metrics import RequestTracker, ServerMetrics
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.proto.lorafleet.v1 import serving_pb2_grpc
 from lorafleet.scheduler.errors import (
@@ -32,6 +29,9 @@ from lorafleet.scheduler.errors import (
     ShuttingDownError,
     UnknownAdapterError,
 )
+from lorafleet.serving import convert
+from lorafleet.serving.api_types import ModelView, Usage
+from lorafleet.serving.metrics import RequestTracker, ServerMetrics
 from lorafleet.worker.types import FinishReason, Request, TokenDelta
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lorafleet.bench import BenchReport
-    from lorafleet.demo_calibrate import Calibration
-    from lorafleet.demo_config import DemoConfig
-    from lorafleet.demo_story import Check, Machine, Phase, PhaseSummary, Slice
+    from lorafleet.bench.runner import BenchReport
+    from lorafleet.demo.calibrate import Calibration
+    from lorafleet.demo.config import DemoConfig
+    from lorafleet.demo.story import Check, Machine, Phase, PhaseSummary, Slice
 
 JSON_VERSION = 1
 

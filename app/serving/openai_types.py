@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet.validation import FieldError, sampling_params
+from lorafleet.serving.validation import FieldError, sampling_params
 from lorafleet.worker.types import FinishReason, SamplingParams
 
 # OpenAI field -> SamplingParams field (same validation as gRPC; errors use the OpenAI name).

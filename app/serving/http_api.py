@@ -27,16 +27,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.types import Receive, Scope, Send
 
-from lorafleet import openai_types as oai
-from lorafleet.api_types import ModelView
-from lorafleet.auth import ApiKeys
-from lorafleet.auth_http import BearerAuthMiddleware
-from lorafleet.chat_template import ChatTemplate, TemplateError
-from lorafleet.http_streams import ChoiceStreams, ClientGone, HttpError, http_error
-from lorafleet.metrics import RequestTracker, ServerMetrics
-from lorafleet.sse_chunks import ChunkWriter
-from lorafleet.validation import FieldError, build_request, check_prompt_ids, check_stop_token_ids
-from lorafleet.validation import prompt_token_ids as validated_prompt
+from lorafleet.serving import openai_types as oai
+from lorafleet.serving.api_types import ModelView
+from lorafleet.serving.auth import ApiKeys
+from lorafleet.serving.auth_http import BearerAuthMiddleware
+from lorafleet.serving.chat_template import ChatTemplate, TemplateError
+from lorafleet.serving.http_streams import ChoiceStreams, ClientGone, HttpError, http_error
+from lorafleet.serving.metrics import RequestTracker, ServerMetrics
+from lorafleet.serving.sse_chunks import ChunkWriter
+from lorafleet.serving.validation import FieldError, build_request, check_prompt_ids, check_stop_token_ids
+from lorafleet.serving.validation import prompt_token_ids as validated_prompt
 from lorafleet.worker.types import Request, TokenDelta
 
 log = logging.getLogger(__name__)

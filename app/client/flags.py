@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from lorafleet.auth import TOKEN_ENV, read_token_file
+from lorafleet.serving.auth import TOKEN_ENV, read_token_file
 
 
 def add_client_auth_flags(p: argparse.ArgumentParser) -> None:

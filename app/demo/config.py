@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafleet.bench.workload import POPULARITIES
 from lorafleet.scheduler.fleet_config import POLICIES
-from lorafleet.workload import POPULARITIES
 
 
 def _range(text: str) -> tuple[int, int]:

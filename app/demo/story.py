@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lorafleet.workload import PlannedRequest, percentile
+from lorafleet.bench.workload import PlannedRequest, percentile
 
 if TYPE_CHECKING:
-    from lorafleet.bench import RequestRecord, WorkerSample
-    from lorafleet.demo_calibrate import Calibration
-    from lorafleet.demo_config import DemoConfig
+    from lorafleet.bench.runner import RequestRecord, WorkerSample
+    from lorafleet.demo.calibrate import Calibration
+    from lorafleet.demo.config import DemoConfig
 
 QUIET_SPILL_SHARE = 0.1  # the first quiet phase may have more than one worker busy this share of time
 TTFT_QUIET_LIMIT_S = 1.0

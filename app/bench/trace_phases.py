@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.workload import PlannedRequest, TraceRow
+from lorafleet.bench.workload import PlannedRequest, TraceRow
 
 
 @dataclass(frozen=True)

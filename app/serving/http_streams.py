@@ -18,8 +18,6 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from lorafleet import openai_types as oai
-from lorafleet.metrics import RequestTracker, ServerMetrics
 from lorafleet.scheduler.errors import (
     AdapterInUseError,
     InvalidRequestError,
@@ -28,7 +26,9 @@ from lorafleet.scheduler.errors import (
     ShuttingDownError,
     UnknownAdapterError,
 )
-from lorafleet.validation import FieldError
+from lorafleet.serving import openai_types as oai
+from lorafleet.serving.metrics import RequestTracker, ServerMetrics
+from lorafleet.serving.validation import FieldError
 from lorafleet.worker.types import FinishReason, Request, TokenDelta
 
 log = logging.getLogger(__name__)

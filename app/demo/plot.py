@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lorafleet.bench import WorkerSample
-    from lorafleet.demo_story import Phase
+    from lorafleet.bench.runner import WorkerSample
+    from lorafleet.demo.story import Phase
 
 PHASE_COLOURS = {"quiet": "#e8f4e8", "burst": "#fde8d8", "cooldown": "#e8eef8"}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lorafleet.api_types import ClusterView
+from lorafleet.serving.api_types import ClusterView
 
 if TYPE_CHECKING:
-    from lorafleet.bench import BenchReport, WorkerSample
+    from lorafleet.bench.runner import BenchReport, WorkerSample
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -11,10 +11,10 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lorafleet import validation
-from lorafleet.api_types import ClusterView, GenerateChunk, ModelView, Usage
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.scheduler.status import ClusterStatus, FleetCounters, WorkerStatus
+from lorafleet.serving import validation
+from lorafleet.serving.api_types import ClusterView, GenerateChunk, ModelView, Usage
 from lorafleet.worker.types import FinishReason, Request, SamplingParams, TokenDelta
 
 _FINISH_TO_PB = {

@@ -1,7 +1,7 @@
 """Python clients of a lorafleet server: `Client` (blocking) and `AsyncClient` (asyncio).
 
-Both return plain dataclasses (lorafleet.api_types) and raise `ApiError` carrying the gRPC status
-code and the server's message. Leaving a `stream()` early cancels the call, which aborts the
+Both return plain dataclasses (lorafleet.serving.api_types) and raise `ApiError` carrying the gRPC
+status code and the server's message. Leaving a `stream()` early cancels the call, which aborts the
 sequence on its worker.
 
     with Client("127.0.0.1:50051") as client:
@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lorafleet import convert
-from lorafleet.api_types import ClusterView, GenerateChunk, GenerateResult
 from lorafleet.proto.lorafleet.v1 import serving_pb2 as pb
 from lorafleet.proto.lorafleet.v1 import serving_pb2_grpc
+from lorafleet.serving import convert
+from lorafleet.serving.api_types import ClusterView, GenerateChunk, GenerateResult
 from lorafleet.worker.types import SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraFleet"].full_name  # what health checks name
@@ -57,7 +57,7 @@ def _tls(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCrede
     """TLS when any TLS file is given (plain gRPC otherwise)."""
     if ca is None and cert is None and key is None:
         return None
-    from lorafleet.tls import channel_credentials
+    from lorafleet.serving.tls import channel_credentials
 
     return channel_credentials(ca, cert, key)
 
