@@ -216,14 +216,18 @@ class FleetBench:
             capacity, quiet, burst = capacity_rates(
                 warm.tokens_per_s, mean_out, self.args.quiet_factor, self.args.burst_factor
             )
-        restart = prof.restart_s if prof.restart_s is not None else started_s
+        # A later server skips the first's Triton compiles; it is seldom under 0.65x the first's
+        # start (first H200 run: 48 s, then 27-29 s), whatever else a start now pays.
+        restart = max(prof.restart_s, 0.65 * started_s) if prof.restart_s is not None else started_s
         self.costs = RunCosts(restart, prof.warmup_s[1] + 2.0, prof.tail_s, prof.stop_s)
         runs_after = len(self.policies) - 1
         extra = self.migration_estimate()
         phases_s = prof.phases_s
         runs_after += int(self.kill)
         plan_s = replay_seconds(self.left_s(), runs_after, self.costs, extra, 10.0)
-        floors = (phases_s[0] / 2, prof.idle_release_s + 10.0)
+        # The quiet after the burst must still hold the second GPU's release (the GPU-seconds
+        # difference): it gives up at most its room above the profile's floor.
+        floors = (phases_s[0] / 2, max(prof.idle_release_s + 10.0, prof.quiet_after_min_s))
         seconds = scale_phases(phases_s, plan_s, floors)
         if self.kill and seconds[1] < 0.6 * phases_s[1]:
             # The policy comparison comes first: size the replay without the kill run, which then

@@ -30,6 +30,7 @@ class Profile:
     phases_s: tuple[float, float, float]
     idle_release_s: float
     warmup_s: tuple[float, float]  # first run (measures capacity), later runs
+    quiet_after_min_s: float  # the budget shrinks the quiet phase after the burst no further
     # Untimed, before the first run's warm-up: the first Triton compiles of prefill and mixed
     # shapes and the adapters' disk loads, which later servers find in Triton's cache.
     prewarm_s: float
@@ -66,6 +67,7 @@ PROFILES = {
         # burst's end and its backlog, and the release comes ~20 s after the burst: the quiet after
         # it must be long enough to show it (fleet_sim_check.py), and the whole fits the budget.
         phases_s=(3.0, 27.0, 27.0),
+        quiet_after_min_s=25.0,
         idle_release_s=5.0,
         warmup_s=(6.0, 4.0),
         prewarm_s=12.0,
@@ -102,6 +104,7 @@ PROFILES = {
         max_batch_size=4,
         engine=("max_lora_rank=16",),
         phases_s=(4.0, 8.0, 13.0),
+        quiet_after_min_s=13.0,
         idle_release_s=3.0,
         warmup_s=(5.0, 2.0),
         prewarm_s=2.0,
