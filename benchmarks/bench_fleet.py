@@ -11,17 +11,23 @@ it measured):
 1. `lorafleet make-demo [--shape llama2-7b]` writes the model and a few distinct adapters; more
    adapter folders share their weights by hard link (fleet_assets.py) up to --adapters.
 2. For each policy, `lorafleet serve --workers 1 --max-workers 2 --policy P` (its own local Ray),
-   a warm-up closed loop of one full batch (the first run's also measures one worker's token rate),
-   then `lorafleet bench --trace CONV --servegen DIR --phases QUIET,BURST,QUIET` (fleet_run.py).
-   The rates are set from the first warm-up: quiet = --quiet-factor x one worker's capacity, burst =
-   --burst-factor x (more than one worker can serve, so the fleet must grow); the phase lengths are
-   shrunk to fit the budget. Every run replays the same plan, greedy.
-3. The packing run again with the oldest worker SIGKILLed once two are busy in the burst: lost
-   requests, and requests whose tokens differ from the run without the kill (and, as the noise
-   floor, between the runs without a kill).
-4. One migration between two workers at each --migration-contexts length (fleet_migration.py).
+   a warm-up closed loop of one full batch (the first run's also measures one worker's token rate,
+   after an untimed pass that pays the compiles and adapter loads), then `lorafleet bench --trace
+   CONV --servegen DIR --phases QUIET,BURST,QUIET` (fleet_run.py), every request greedy and asking
+   for its tokens' top-2 logprobs. The rates are the profile's (GPU: 4 and 22 requests/s, from the
+   engine's measured throughput; `--rates`), or with `--rates warmup` (the --smoke default) sized
+   from the first warm-up: quiet = --quiet-factor x one worker's capacity, burst = --burst-factor x.
+   The phase lengths are shrunk to fit the budget. Every run replays the same plan.
+3. The packing run again, with the worker holding the most sequences (from the status RPC)
+   SIGKILLed once it holds --kill-min-running in the burst: lost requests, and requests whose
+   tokens differ from the run without the kill, raw and by the decisive-step rule
+   (fleet_tokens.py); the same between the runs without a kill is the noise floor.
+4. One migration between two workers at each --migration-contexts length (fleet_migration.py),
+   then on the same two-worker fleet the Ray delivery overhead: inter-token latency through the
+   fleet against the engine driven in this process (fleet_delivery.py).
 Outputs in --out: fleet.json (settings, machine, every run's samples and requests, summaries),
 fleet.md (the tables), fleet.png (GPUs in use over time per run with the request rate), logs.txt.
+`benchmarks/fleet_sim_check.py` replays a plan in the simulator first, to choose the rates.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from fleet_assets import make_assets
 from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, scale_phases, shaped_phases
 from fleet_run import RunSpec, Warmup, run_one
 from fleet_settings import Profile, build_parser, engine_dict, machine, settings
+from fleet_tokens import compare_runs
 
 from lorafleet.bench.workload import read_azure_trace
 
@@ -51,7 +58,6 @@ class FleetBench:
     def __init__(self, prof: Profile, extra: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         self.prof, self.args, self.out = prof, args, out
         self.policies: list[str] = extra["policies"]
-        self.rates: tuple[float, ...] | None = extra["rates"]
         self.kill = not args.no_kill
         self.begin = time.monotonic()
         self.work = Path(args.work_dir)
@@ -107,23 +113,27 @@ class FleetBench:
             if i and not self.fits(f"the {policy} run"):
                 continue
             await self.one_run(policy, policy, kill=False)
-        if not self.args.no_migration and self.fits("the migration measurement", self.migration_estimate()):
-            await self.migration()
         if self.kill and self.phases is not None and self.fits("the kill run"):
             await self.one_run("packing-kill", "packing", kill=True)
             self.compare_kill()
+        if not self.args.no_migration and self.fits("the migration measurement", self.migration_estimate()):
+            await self.migration_and_delivery()
         self.finish()
 
     def fits(self, what: str, need: float | None = None) -> bool:
         if need is None:  # a run: as long as the longest one after the first, or the estimate
-            c = self.costs
-            plan_s = burst_window(self.phases)[2] if self.phases else 0.0
-            need = (c.serve_start_s + c.warmup_s + plan_s + c.tail_s + c.stop_s) if c else 0.0
-            need = max(self.later_runs_s) if self.later_runs_s else need
+            need = max(self.later_runs_s) if self.later_runs_s else self.run_estimate(self.plan_s())
         if self.left_s() >= need:
             return True
         self.note(f"skipped {what}: {self.left_s():.0f} s of the budget left, about {need:.0f} s needed")
         return False
+
+    def plan_s(self) -> float:
+        return burst_window(self.phases)[2] if self.phases else 0.0
+
+    def run_estimate(self, replay_s: float) -> float:
+        c = self.costs
+        return (c.serve_start_s + c.warmup_s + replay_s + c.tail_s + c.stop_s) if c else 0.0
 
     def note(self, text: str) -> None:
         self.log(text)
@@ -162,10 +172,11 @@ class FleetBench:
             bench_args=bench,
             max_batch_size=prof.max_batch_size,
             warmup_s=prof.warmup_s[0] if first else prof.warmup_s[1],
-            prewarm_s=prof.warmup_s[1] if first else 0.0,
+            prewarm_s=prof.prewarm_s if first else 0.0,
             tail_s=prof.tail_s,
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,
+            kill_min_running=prof.kill_min_running,
         )
 
     async def one_run(self, name: str, policy: str, kill: bool) -> None:
@@ -194,28 +205,38 @@ class FleetBench:
         self.stage(f"run {name}", start, {"serve_started_s": record["serve_started_s"]})
 
     def choose_phases(self, warm: Warmup, started_s: float) -> str:
-        """Rates from one worker's capacity, phase lengths from the budget (see the module doc)."""
+        """The profile's rates (or the warm-up's), phase lengths from the budget (module doc)."""
         prof = self.prof
         outputs = [max(1, min(r.generated_tokens, prof.max_new_tokens)) for r in self.rows[:2000]]
         mean_out = statistics.fmean(outputs)
-        capacity, quiet, burst = capacity_rates(
-            warm.tokens_per_s, mean_out, self.args.quiet_factor, self.args.burst_factor
-        )
-        if self.rates is not None:
-            quiet, burst = self.rates
-        self.costs = RunCosts(started_s, prof.warmup_s[1] + 2.0, prof.tail_s, prof.stop_s)
+        capacity = warm.tokens_per_s / mean_out if warm.tokens_per_s > 0 else None
+        if prof.rates is not None:
+            quiet, burst = prof.rates
+        else:
+            capacity, quiet, burst = capacity_rates(
+                warm.tokens_per_s, mean_out, self.args.quiet_factor, self.args.burst_factor
+            )
+        # A later server skips the first's Triton compiles; it is seldom under 0.65x the first's
+        # start (first H200 run: 48 s, then 27-29 s), whatever else a start now pays.
+        restart = max(prof.restart_s, 0.65 * started_s) if prof.restart_s is not None else started_s
+        self.costs = RunCosts(restart, prof.warmup_s[1] + 2.0, prof.tail_s, prof.stop_s)
         runs_after = len(self.policies) - 1
-        mig = self.migration_estimate()
-        plan_s = replay_seconds(self.left_s(), runs_after + int(self.kill), self.costs, mig, 10.0)
-        short = scale_phases(prof.phases_s, plan_s, (prof.phases_s[0] / 2, prof.idle_release_s + 10.0))
-        if self.kill and short[1] < 0.6 * prof.phases_s[1]:
+        extra = self.migration_estimate()
+        phases_s = prof.phases_s
+        runs_after += int(self.kill)
+        plan_s = replay_seconds(self.left_s(), runs_after, self.costs, extra, 10.0)
+        # The quiet after the burst must still hold the second GPU's release (the GPU-seconds
+        # difference): it gives up at most its room above the profile's floor.
+        floors = (phases_s[0] / 2, max(prof.idle_release_s + 10.0, prof.quiet_after_min_s))
+        seconds = scale_phases(phases_s, plan_s, floors)
+        if self.kill and seconds[1] < 0.6 * phases_s[1]:
             # The policy comparison comes first: size the replay without the kill run, which then
-            # runs last only if the budget still has room for it.
-            plan_s = replay_seconds(self.left_s(), runs_after, self.costs, mig, 10.0)
+            # runs only if the budget still has room for it.
+            plan_s = replay_seconds(self.left_s(), len(self.policies) - 1, self.costs, extra, 10.0)
             self.note(
                 f"budget: the replay is sized without the kill run ({plan_s:.0f} s); it runs if time is left"
             )
-        seconds = scale_phases(prof.phases_s, plan_s, (prof.phases_s[0] / 2, prof.idle_release_s + 10.0))
+            seconds = scale_phases(phases_s, plan_s, floors)
         if min(seconds) < 1.0:
             self.note(f"budget: only {plan_s:.0f} s per replay; phases of at least 1 s each instead")
             seconds = tuple(max(1.0, x) for x in seconds)
@@ -225,62 +246,113 @@ class FleetBench:
             "warmup_spread": warm.spread,
             "mean_output_tokens": mean_out,
             "one_worker_requests_per_s": capacity,
-            "rates_given": self.rates is not None,
+            "rates_given": prof.rates is not None,
+            "rates": [quiet, burst],
             "plan_s_budget": plan_s,
             "phases": self.phases,
         }
-        self.log(
-            f"one worker: {warm.tokens_per_s:.0f} tokens/s = {capacity:.2f} requests/s; phases {self.phases}"
-        )
+        per_worker = f"{capacity:.2f} requests/s" if capacity else "no figure"
+        self.log(f"one worker: {warm.tokens_per_s:.0f} tokens/s = {per_worker}; phases {self.phases}")
         self.save()
         return self.phases
 
     def migration_estimate(self) -> float:
+        """The migration fleet's start and moves, and the delivery measurement after them."""
         if self.args.no_migration:
             return 0.0
-        start = self.costs.serve_start_s if self.costs else 60.0
+        c = self.costs
+        start = c.serve_start_s if c else 60.0
         per = 1.5 if self.prof.device == "cuda" else 3.0
-        return start + 15.0 + per * len(self.prof.migration_contexts) * (2 + self.args.migration_repeats)
+        moves = len(self.prof.migration_contexts) * (2 + self.args.migration_repeats)
+        delivery = 0.0 if self.args.no_delivery else self.prof.delivery_s
+        return 0.5 * start + 5.0 + per * moves + delivery
 
     def compare_kill(self) -> None:
         runs = {r["name"]: r for r in self.result["runs"]}
         ref, killed = runs.get("packing"), runs.get("packing-kill")
         if ref is None or killed is None:
             return
-        out = fleet_report.compare_tokens(ref, killed)
+        tol = self.prof.decisive_gap
+        out = compare_runs(ref, killed, tol)
         out.update(killed.get("kill") or {"at_s": None, "pid": None, "running_at_kill": 0})
         out["resumed_after_fault"] = fleet_report.counter_delta(killed, "resumed_after_fault")
         out["worker_deaths"] = fleet_report.counter_delta(killed, "worker_deaths")
-        out["noise_floor"] = [
-            fleet_report.compare_tokens(ref, runs[p]) for p in self.policies[1:] if p in runs
-        ]
+        out["noise_floor"] = [compare_runs(ref, runs[p], tol) for p in self.policies[1:] if p in runs]
         self.result["kill"] = out
         self.save()
 
-    async def migration(self) -> None:
-        from fleet_migration import measure_migrations
+    async def migration_and_delivery(self) -> None:
+        from fleet_delivery import in_process, summary, through_fleet
+        from fleet_migration import measure_migrations, start_pair
 
         start = time.monotonic()
         self.log("migration: an in-process fleet of two workers")
+        prof, adapter = self.prof, str(self.assets.adapters_dir / "adapter-0")
+        engine = engine_dict(prof)
         try:
-            self.result["migration"] = await asyncio.wait_for(
-                measure_migrations(
-                    model_dir=str(self.assets.model_dir),
-                    adapter_dir=str(self.assets.adapters_dir / "adapter-0"),
-                    device=self.prof.device,
-                    dtype=self.prof.dtype,
-                    engine=engine_dict(self.prof),
-                    contexts=list(self.prof.migration_contexts),
-                    warmups=2,
-                    repeats=self.args.migration_repeats,
-                    seed=self.args.seed,
+            fleet, started_s = await asyncio.wait_for(
+                start_pair(
+                    model_dir=str(self.assets.model_dir), device=prof.device, dtype=prof.dtype, engine=engine
                 ),
                 max(10.0, self.left_s()),
             )
         except Exception as exc:
-            self.note(f"migration measurement failed: {type(exc).__name__}: {exc}")
+            self.note(f"migration fleet failed to start: {type(exc).__name__}: {exc}")
             return
-        self.stage("migration", start)
+        fleet_side = None
+        try:
+            try:
+                mig = await asyncio.wait_for(
+                    measure_migrations(
+                        fleet,
+                        adapter_dir=adapter,
+                        contexts=list(prof.migration_contexts),
+                        warmups=2,
+                        repeats=self.args.migration_repeats,
+                        seed=self.args.seed,
+                    ),
+                    max(10.0, self.left_s()),
+                )
+                self.result["migration"] = {**mig, "fleet_start_s": started_s}
+                self.stage("migration", start)
+            except Exception as exc:
+                self.note(f"migration measurement failed: {type(exc).__name__}: {exc}")
+            if not self.args.no_delivery and self.left_s() > prof.delivery_s:
+                begin = time.monotonic()
+                try:
+                    fleet_side = await asyncio.wait_for(
+                        through_fleet(fleet, adapter, prof.delivery_requests, prof.delivery_new_tokens),
+                        max(10.0, self.left_s()),
+                    )
+                    self.result["delivery"] = summary(fleet_side, None)
+                    self.stage("delivery through the fleet", begin)
+                except Exception as exc:
+                    self.note(f"delivery measurement through the fleet failed: {type(exc).__name__}: {exc}")
+        finally:
+            await fleet.shutdown(drain=False)
+        if fleet_side is None:
+            return
+        # No deadline can cut a model load short: start it only with its whole estimate left.
+        if not self.fits("the in-process side of the delivery measurement", prof.delivery_s):
+            return
+        begin = time.monotonic()
+        try:
+            engine_side = await asyncio.to_thread(
+                in_process,
+                model_dir=str(self.assets.model_dir),
+                adapter_dir=adapter,
+                device=prof.device,
+                dtype=prof.dtype,
+                engine=engine,
+                n=prof.delivery_requests,
+                new_tokens=prof.delivery_new_tokens,
+                shards=fleet_side["shards"],
+            )
+        except Exception as exc:
+            self.note(f"delivery measurement in-process failed: {type(exc).__name__}: {exc}")
+            return
+        self.result["delivery"] = summary(fleet_side, engine_side)
+        self.stage("delivery in-process", begin)
 
     def finish(self) -> None:
         logs = sorted(self.work.glob("*.log"))

@@ -56,7 +56,7 @@ async def _one(fleet: Fleet, rid: str, prompt: list[int], timeout_s: float) -> d
             now = time.time()
             n += len(delta.new_token_ids)
             # Fleet.generate records (now - produced_at) for the delta it just yielded.
-            events.append((now, n, now - fleet.delivery_latencies[-1]))
+            events.append((now, n, now - fleet.delivery_latencies.latest()))
             if n >= PRE:
                 enough.set()
 
@@ -95,21 +95,11 @@ async def _one(fleet: Fleet, rid: str, prompt: list[int], timeout_s: float) -> d
     }
 
 
-async def measure_migrations(
-    *,
-    model_dir: str,
-    adapter_dir: str,
-    device: str,
-    dtype: str,
-    engine: dict[str, Any],
-    contexts: list[int],
-    warmups: int,
-    repeats: int,
-    seed: int = 0,
-    timeout_s: float = 120.0,
-) -> dict[str, Any]:
-    model = ModelConfig.from_dir(model_dir)
-    limit = min(model.max_position_embeddings, int(engine.get("max_model_len") or 1 << 30))
+async def start_pair(
+    *, model_dir: str, device: str, dtype: str, engine: dict[str, Any], timeout_s: float = 120.0
+) -> tuple[Fleet, float]:
+    """An in-process fleet of exactly two active workers (the consolidation loop and the release of
+    idle workers slowed to once an hour, so nothing moves by itself), and its start time."""
     config = FleetConfig(
         model_dir=model_dir,
         device=device,
@@ -128,41 +118,56 @@ async def measure_migrations(
             if time.monotonic() - begin > timeout_s * 5:
                 raise TimeoutError("the two workers of the migration fleet did not start")
             await asyncio.sleep(0.1)
-        started_s = time.monotonic() - begin
-        fleet.register_adapter(ADAPTER, adapter_dir, confined=False)
-        rng = random.Random(seed)
-        results = []
-        for want in contexts:
-            # The context at the move is prompt + PRE (+ what the source made meanwhile); a few more
-            # tokens must still fit the model (the sequence stops at its context limit).
-            context = min(want, limit - HEADROOM)
-            runs = []
-            for k in range(warmups + repeats):
-                for attempt in range(ATTEMPTS):
-                    prompt = [rng.randrange(3, model.vocab_size) for _ in range(context - PRE)]
-                    try:
-                        run = await _one(fleet, f"mig-{want}-{k}-{attempt}", prompt, timeout_s)
-                        break
-                    except FinishedOnSource:
-                        if attempt == ATTEMPTS - 1:
-                            raise
-                run["warmup"] = k < warmups
-                runs.append(run)
-            timed = [r for r in runs if not r["warmup"]]
-            results.append(
-                {
-                    "context_tokens_asked": want,
-                    "context_tokens": statistics.median(r["context_tokens"] for r in timed),
-                    "export_ms_p50": statistics.median(r["export_ms"] for r in timed),
-                    "first_token_ms_p50": statistics.median(r["first_token_ms"] for r in timed),
-                    "at_head_ms_p50": statistics.median(r["at_head_ms"] for r in timed),
-                    "runs": runs,
-                }
-            )
-        return {
-            "path": "runtime: FleetRuntime._move between two WorkerActors of an in-process Fleet",
-            "fleet_start_s": started_s,
-            "contexts": results,
-        }
-    finally:
+    except BaseException:
         await fleet.shutdown(drain=False)
+        raise
+    return fleet, time.monotonic() - begin
+
+
+async def measure_migrations(
+    fleet: Fleet,
+    *,
+    adapter_dir: str,
+    contexts: list[int],
+    warmups: int,
+    repeats: int,
+    seed: int = 0,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """One migration at a time on `start_pair`'s fleet, `warmups` + `repeats` per context length."""
+    model = ModelConfig.from_dir(fleet.config.model_dir)
+    limit = min(model.max_position_embeddings, int(fleet.config.engine.get("max_model_len") or 1 << 30))
+    fleet.register_adapter(ADAPTER, adapter_dir, confined=False)
+    rng = random.Random(seed)
+    results = []
+    for want in contexts:
+        # The context at the move is prompt + PRE (+ what the source made meanwhile); a few more
+        # tokens must still fit the model (the sequence stops at its context limit).
+        context = min(want, limit - HEADROOM)
+        runs = []
+        for k in range(warmups + repeats):
+            for attempt in range(ATTEMPTS):
+                prompt = [rng.randrange(3, model.vocab_size) for _ in range(context - PRE)]
+                try:
+                    run = await _one(fleet, f"mig-{want}-{k}-{attempt}", prompt, timeout_s)
+                    break
+                except FinishedOnSource:
+                    if attempt == ATTEMPTS - 1:
+                        raise
+            run["warmup"] = k < warmups
+            runs.append(run)
+        timed = [r for r in runs if not r["warmup"]]
+        results.append(
+            {
+                "context_tokens_asked": want,
+                "context_tokens": statistics.median(r["context_tokens"] for r in timed),
+                "export_ms_p50": statistics.median(r["export_ms"] for r in timed),
+                "first_token_ms_p50": statistics.median(r["first_token_ms"] for r in timed),
+                "at_head_ms_p50": statistics.median(r["at_head_ms"] for r in timed),
+                "runs": runs,
+            }
+        )
+    return {
+        "path": "runtime: FleetRuntime._move between two WorkerActors of an in-process Fleet",
+        "contexts": results,
+    }

@@ -4,6 +4,7 @@ capacity, and the phase lengths from what is left of the time budget. Pure funct
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lorafleet.bench.trace_phases import Phase, format_phases, parse_phases
@@ -13,20 +14,23 @@ from lorafleet.bench.trace_phases import Phase, format_phases, parse_phases
 class RunCosts:
     """Seconds a run costs besides its replay, as measured on the first run (or estimated)."""
 
-    serve_start_s: float  # spawn to ready: Ray, the first worker's load and graph capture
+    serve_start_s: float  # spawn to ready of a later run: Ray, the worker's load and graph capture
     warmup_s: float  # the warm-up closed loop of later runs, plus waiting for the fleet to idle
     tail_s: float  # sampling after the plan's last arrival
     stop_s: float  # drain and stop of the server
 
 
 def replay_seconds(
-    left_s: float, runs_after: int, costs: RunCosts, migration_s: float, reserve_s: float
+    left_s: float, runs_after: float, costs: RunCosts, extra_s: float, reserve_s: float
 ) -> float:
     """Plan seconds per run such that the current run (its server is up and warm) and `runs_after`
-    more runs, the migration measurement and a reserve fit in `left_s` seconds."""
+    more runs, the measurements after them (`extra_s`) and a reserve fit in `left_s` seconds.
+    `runs_after` may be fractional: a run that replays only part of the plan counts its part of
+    the replay (its start, warm-up, tail and stop in full)."""
+    whole = math.ceil(runs_after)
     fixed = costs.tail_s + costs.stop_s
-    fixed += runs_after * (costs.serve_start_s + costs.warmup_s + costs.tail_s + costs.stop_s)
-    return (left_s - migration_s - reserve_s - fixed) / (1 + runs_after)
+    fixed += whole * (costs.serve_start_s + costs.warmup_s + costs.tail_s + costs.stop_s)
+    return (left_s - extra_s - reserve_s - fixed) / (1 + runs_after)
 
 
 def scale_phases(

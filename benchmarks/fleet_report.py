@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fleet_tables
+
 Run = Mapping[str, Any]
 
 
@@ -117,30 +119,6 @@ def summarize(run: Run, burst_end: float, idle_release_s: float) -> dict[str, An
     }
 
 
-def compare_tokens(reference: Run, other: Run) -> dict[str, Any]:
-    """Requests of one plan in two runs: lost in `other`, and completed in both with other tokens."""
-    ref, oth = reference["requests"], other["requests"]
-    if len(ref) != len(oth):
-        raise ValueError(f"the runs replayed different plans ({len(ref)} and {len(oth)} requests)")
-    lost = [i for i, r in enumerate(oth) if r["status"] != "ok"]
-    both = [i for i in range(len(ref)) if ref[i]["status"] == "ok" and oth[i]["status"] == "ok"]
-    differ = [i for i in both if ref[i]["token_ids"] != oth[i]["token_ids"]]
-    first_diff = []
-    for i in differ[:5]:
-        a, b = ref[i]["token_ids"], oth[i]["token_ids"]
-        at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        first_diff.append({"request": i, "position": at, "tokens": len(a)})
-    return {
-        "reference": reference["name"],
-        "other": other["name"],
-        "lost": len(lost),
-        "lost_requests": lost[:20],
-        "compared": len(both),
-        "differ": len(differ),
-        "first_differences": first_diff,
-    }
-
-
 # ---------------------------------------------------------------------- markdown
 
 
@@ -197,18 +175,6 @@ def migration_table(migration: Mapping[str, Any]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def kill_table(kill: Mapping[str, Any]) -> str:
-    floor = kill.get("noise_floor") or []
-    floor_text = ", ".join(f"{f['other']}: {f['differ']}/{f['compared']}" for f in floor) or "–"
-    return (
-        "| killed | at s | lost requests (target 0) | tokens differ from the run without the kill "
-        "| resumed after fault | differ between runs without a kill |\n|---|---:|---:|---:|---:|---|\n"
-        f"| worker pid {kill['pid']} ({kill['running_at_kill']} sequences on the fleet) "
-        f"| {_num(kill['at_s'])} | {kill['lost']} | {kill['differ']} of {kill['compared']} "
-        f"| {kill['resumed_after_fault']} | {floor_text} |\n"
-    )
-
-
 def targets(result: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]]) -> list[str]:
     """Issue 12's targets, each with what this run measured."""
     lines = []
@@ -252,13 +218,8 @@ def targets(result: Mapping[str, Any], summaries: Sequence[Mapping[str, Any]]) -
                 f"- migration of a 1,024-token sequence under 50 ms (export to first token on the target): "
                 f"{ms:.1f} ms: **{'met' if ms < 50 else 'not met'}**"
             )
-    kill = result.get("kill")
-    if kill:
-        ok = kill["lost"] == 0 and kill["differ"] == 0
-        lines.append(
-            f"- killed worker: {kill['lost']} lost, {kill['differ']} of {kill['compared']} requests with "
-            f"other tokens than the run without the kill: **{'met' if ok else 'not met'}**"
-        )
+    lines += fleet_tables.kill_targets(result.get("kill"))
+    lines += fleet_tables.delivery_targets(result.get("delivery"))
     return lines
 
 
@@ -285,23 +246,47 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         out.append(
             f"- workload: `{r0['bench_command']}`: {len(r0['requests'])} requests ({clamped} "
             f"with lengths clamped), {used} adapters used; burst from {r0['burst'][0]:.0f} to "
-            f"{r0['burst'][1]:.0f} s; GPU-seconds over [0, {r0['window_s']:.0f} s]"
+            f"{r0['burst'][1]:.0f} s; GPU-seconds over [0, {r0['window_s']:.0f} s]; every request also "
+            "asks for its tokens' top-2 logprobs (`top_logprobs=2`, for the token comparison)"
         )
     sizing = result.get("sizing")
     if sizing:
-        out.append(
-            f"- one worker measured {sizing['warmup_tokens_per_s']:,.0f} tokens/s in the warm-up (a full "
-            f"batch of trace-like lengths) = {sizing['one_worker_requests_per_s']:.2f} requests/s of "
+        rates = sizing.get("rates")
+        per = sizing["one_worker_requests_per_s"]
+        measured = (
+            f"one worker measured {sizing['warmup_tokens_per_s']:,.0f} tokens/s in the warm-up (a full batch "
+            f"of trace-like lengths, after an untimed pass) = {per:.2f} requests/s of "
             f"{sizing['mean_output_tokens']:.0f} tokens"
+            if per
+            else "the warm-up gave no token rate"
         )
+        if sizing.get("rates_given") and rates:
+            out.append(f"- rates given: quiet {rates[0]:g}, burst {rates[1]:g} requests/s; {measured}")
+        else:
+            out.append(f"- rates sized from the warm-up: {measured}")
     summaries = [summarize(r, r["burst"][1], prof["idle_release_s"]) for r in runs if "burst" in r]
     text = "\n".join(out) + "\n\n" + policy_table(summaries) if summaries else "\n".join(out) + "\n"
-    if result.get("kill"):
-        text += "\nWorker killed mid-burst (packing, the oldest worker's process SIGKILLed):\n\n"
-        text += kill_table(result["kill"])
+    kill = result.get("kill")
+    if kill:
+        text += (
+            "\nWorker killed mid-burst (packing; the worker holding the most sequences, from the status RPC, "
+            "SIGKILLed):\n\n" + fleet_tables.kill_table(kill)
+        )
+        tol = (kill.get("decisive") or {}).get("tolerance", prof.get("decisive_gap", 0.05))
+        text += "\nGreedy tokens against the packing run, per request (fleet_tokens.py):\n\n"
+        text += fleet_tables.comparison_table(kill, tol)
+        sweep = fleet_tables.sweep_table(kill)
+        if sweep:
+            text += "\nThe same at other near-tie tolerances:\n\n" + sweep
     if result.get("migration"):
         mig = result["migration"]
         text += f"\nOne migration ({mig['path']}; medians of the timed runs):\n\n" + migration_table(mig)
+    if result.get("delivery"):
+        text += (
+            "\nToken delivery through Ray against the engine in-process (fleet_delivery.py; "
+            "inter-token latency as the caller sees it):\n\n"
+            + fleet_tables.delivery_table(result["delivery"])
+        )
     lines = targets(result, summaries)
     if lines:
         text += "\nTargets:\n" + "\n".join(lines) + "\n"

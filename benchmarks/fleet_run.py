@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from fleet_server import ServeProcess, StatusSample, sample_status
+from fleet_tokens import top_gap
 
 from lorafleet.bench import runner as bench
 from lorafleet.bench.workload import TraceRow
 from lorafleet.client.grpc_client import AsyncClient
 from lorafleet.demo.calibrate import calibrate, wait_idle
+from lorafleet.serving.api_types import GenerateChunk
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class RunSpec:
     tail_s: float  # sampling goes on this long after the plan's last arrival
     sample_every_s: float
     serve_timeout_s: float
+    kill_min_running: int = 1  # the kill waits for a worker holding this many sequences
 
 
 @dataclass(frozen=True)
@@ -68,31 +71,57 @@ def length_ranges(rows: list[TraceRow], prompt_cap: int, output_cap: int) -> tup
     return (max(1, round(prompt / 2)), round(1.5 * prompt)), (max(1, round(output / 2)), round(1.5 * output))
 
 
+def choose_victim(sample: StatusSample | None, min_running: int) -> tuple[int, int] | None:
+    """(pid, sequences) of the worker to kill: the active worker running the most sequences, once it
+    runs at least `min_running` and a second active worker can take its requests; else None."""
+    if sample is None:
+        return None
+    active = [
+        (n, pid) for n, pid, state in zip(sample.running, sample.pids, sample.states) if state == "active"
+    ]
+    if len(active) < 2:
+        return None
+    running, pid = max(active)
+    if running < min_running or pid <= 0:
+        return None
+    return pid, running
+
+
 async def _kill_in_burst(
     server: ServeProcess,
     samples: list[StatusSample],
     t0: list[float],
     burst: tuple[float, float],
+    min_running: int,
     out: dict[str, Any],
 ) -> None:
-    """SIGKILL the oldest worker once two are busy in the burst (or at its end, whatever runs)."""
+    """SIGKILL the worker holding the most sequences once it holds `min_running` in the burst (by
+    the burst's end, whichever holds any). Its pid comes from the status RPC and must be a worker
+    process of this server: nothing else is ever killed."""
     while not t0:
         await asyncio.sleep(0.05)
+    seen = 0
     while True:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
+        if len(samples) == seen:
+            continue
+        seen = len(samples)
         now = time.monotonic() - t0[0]
-        last = samples[-1] if samples else None
-        both_busy = last is not None and last.busy >= 2
-        if now >= burst[0] and (both_busy or now >= burst[1]):
-            pids = server.worker_pids()
-            if pids:
-                break
-    os.kill(pids[0], signal.SIGKILL)
+        last = samples[-1]
+        if now < burst[0]:
+            continue
+        choice = choose_victim(last, min_running if now < burst[1] else 1)
+        if choice is not None and choice[0] in server.worker_pids():
+            break
+    pid, held = choice
+    os.kill(pid, signal.SIGKILL)
     out.update(
         at_s=time.monotonic() - t0[0],
-        pid=pids[0],
-        workers_at_kill=len(pids),
-        running_at_kill=sum(last.running) if last else 0,
+        pid=pid,
+        victim_running=held,
+        workers_at_kill=len(last.running),
+        running_at_kill=sum(last.running),
+        sample_age_s=time.monotonic() - last.t,
     )
 
 
@@ -180,7 +209,10 @@ async def _replay(
     t0: list[float] = []
     sampler = asyncio.create_task(sample_status(client, samples, spec.sample_every_s))
     kill: dict[str, Any] = {}
-    killer = asyncio.create_task(_kill_in_burst(server, samples, t0, burst, kill)) if spec.kill else None
+    killer = None
+    if spec.kill:
+        killer = asyncio.create_task(_kill_in_burst(server, samples, t0, burst, spec.kill_min_running, kill))
+    gaps: dict[int, list[float]] = {}
     requests: list[bench.RequestRecord] = []
     report = None
     try:
@@ -194,6 +226,7 @@ async def _replay(
                 allow_aliases=args.aliases,
                 records_out=requests,
                 on_start=lambda: t0.append(time.monotonic()),
+                send=top_gap_sender(client, gaps),
             ),
             max(1.0, deadline - time.monotonic()),
         )
@@ -212,7 +245,7 @@ async def _replay(
     start = t0[0] if t0 else time.monotonic()
     record["samples"] = [{**asdict(s), "t": s.t - start} for s in samples]
     record["kill"] = kill or None
-    record["requests"] = [_request_json(r, start) for r in requests]
+    record["requests"] = [_request_json(r, start, gaps.get(id(r))) for r in requests]
     if report is not None:
         summary = asdict(report)
         for key in ("records", "workers_over_time"):
@@ -222,7 +255,18 @@ async def _replay(
         record["bench"] = _partial_summary(record["requests"])
 
 
-def _request_json(r: bench.RequestRecord, start: float) -> dict[str, Any]:
+def top_gap_sender(client: AsyncClient, gaps: dict[int, list[float]]) -> bench.Send:
+    """`lorafleet bench`'s greedy request, asking also for each token's top two candidates: the gap
+    between their logprobs (per record, by id) is what the decisive-step comparison reads."""
+
+    def keep(record: bench.RequestRecord, chunk: GenerateChunk) -> None:
+        mine = gaps.setdefault(id(record), [])
+        mine.extend(round(top_gap(top), 5) for top in chunk.top_logprobs or ())
+
+    return bench.grpc_sender(client, sampling={"logprobs": True, "top_logprobs": 2}, on_chunk=keep)
+
+
+def _request_json(r: bench.RequestRecord, start: float, gaps: list[float] | None) -> dict[str, Any]:
     def rel(x: float | None) -> float | None:
         return None if x is None else x - start
 
@@ -239,6 +283,8 @@ def _request_json(r: bench.RequestRecord, start: float) -> dict[str, Any]:
         "status": status,
         "error": r.error,
         "token_ids": r.token_ids,
+        # One per token, or None (the sender did not get alternatives for every token).
+        "top_gaps": gaps if gaps is not None and len(gaps) == len(r.token_ids) else None,
     }
 
 

@@ -28,6 +28,8 @@ class StatusSample:
     active: int
     busy: int  # workers running at least one sequence
     running: tuple[int, ...]  # sequences per live worker
+    pids: tuple[int, ...]  # each live worker's process (0 while starting), in the order of `running`
+    states: tuple[str, ...]  # each live worker's state, same order
     queue_len: int
     migrations: int
     workers_released: int
@@ -157,6 +159,8 @@ async def sample_status(client: AsyncClient, out: list[StatusSample], every_s: f
                     active=sum(1 for w in live if w.state == "active"),
                     busy=sum(1 for w in live if w.num_running > 0),
                     running=tuple(w.num_running for w in live),
+                    pids=tuple(w.pid for w in live),
+                    states=tuple(w.state for w in live),
                     queue_len=st.queue_len,
                     migrations=c.migrations,
                     workers_released=c.workers_released,

@@ -30,6 +30,10 @@ class Profile:
     phases_s: tuple[float, float, float]
     idle_release_s: float
     warmup_s: tuple[float, float]  # first run (measures capacity), later runs
+    quiet_after_min_s: float  # the budget shrinks the quiet phase after the burst no further
+    # Untimed, before the first run's warm-up: the first Triton compiles of prefill and mixed
+    # shapes and the adapters' disk loads, which later servers find in Triton's cache.
+    prewarm_s: float
     max_new_tokens: int
     max_prompt_tokens: int
     migration_contexts: tuple[int, ...]
@@ -38,6 +42,15 @@ class Profile:
     sample_every_s: float
     serve_timeout_s: float
     stop_s: float  # estimate until measured
+    # A later server's start (Triton's cache warm); None: as long as the first one's.
+    restart_s: float | None
+    delivery_s: float  # estimate of the delivery measurement (the in-process engine's load, mostly)
+    # QUIET,BURST requests/s; None: sized from the first run's warm-up (--quiet/--burst-factor).
+    rates: tuple[float, float] | None
+    kill_min_running: int  # the kill waits until a worker holds this many sequences
+    decisive_gap: float  # nats: a top-2 logprob gap below this is a near-tie (fleet_tokens.py)
+    delivery_requests: int  # Ray delivery overhead: requests, and tokens each (fleet_delivery.py)
+    delivery_new_tokens: int
 
 
 PROFILES = {
@@ -50,9 +63,14 @@ PROFILES = {
         distinct_adapters=4,
         max_batch_size=32,
         engine=("max_loras=32", "max_lora_rank=16", f"host_cache_bytes={12 << 30}"),
-        phases_s=(10.0, 30.0, 25.0),
+        # The second worker takes ~22 s to start on the H200 (sim/profiles), so it serves the
+        # burst's end and its backlog, and the release comes ~20 s after the burst: the quiet after
+        # it must be long enough to show it (fleet_sim_check.py), and the whole fits the budget.
+        phases_s=(3.0, 27.0, 27.0),
+        quiet_after_min_s=25.0,
         idle_release_s=5.0,
-        warmup_s=(10.0, 4.0),
+        warmup_s=(6.0, 4.0),
+        prewarm_s=12.0,
         max_new_tokens=128,
         max_prompt_tokens=1024,
         migration_contexts=(1024, 4096),
@@ -60,7 +78,22 @@ PROFILES = {
         tail_s=5.0,
         sample_every_s=0.2,
         serve_timeout_s=300.0,
-        stop_s=10.0,
+        stop_s=3.0,
+        # First H200 run (2026-11-30): 48 s for the first server, 27-29 s for the later ones.
+        restart_s=32.0,
+        delivery_s=25.0,
+        # From the engine's measured throughput rather than a warm-up, which on a fresh server
+        # still pays Triton compiles and cold adapter loads: one 7B worker at batch 32 serves
+        # this slice's ~780-token prompts and ~110-token outputs at well under 22 requests/s
+        # (fleet_sim_check.py on the H200 profile: one worker alone falls ~10 s behind in the
+        # burst), and 4 requests/s keep it under a third busy.
+        rates=(4.0, 22.0),
+        kill_min_running=8,
+        # Two bf16 ulps of a logit near 4-8 (where a random 7B's top logits lie) are 0.06; the
+        # engine's GPU parity test calls a step decisive above a 0.05 gap.
+        decisive_gap=0.05,
+        delivery_requests=32,
+        delivery_new_tokens=128,
     ),
     # CPU smoke: the tiny demo (512-token context), batch 4 as in `lorafleet demo`.
     "smoke": Profile(
@@ -71,8 +104,10 @@ PROFILES = {
         max_batch_size=4,
         engine=("max_lora_rank=16",),
         phases_s=(4.0, 8.0, 13.0),
+        quiet_after_min_s=13.0,
         idle_release_s=3.0,
         warmup_s=(5.0, 2.0),
+        prewarm_s=2.0,
         max_new_tokens=32,
         max_prompt_tokens=128,
         migration_contexts=(128, 448),
@@ -81,6 +116,13 @@ PROFILES = {
         sample_every_s=0.25,
         serve_timeout_s=180.0,
         stop_s=5.0,
+        restart_s=None,
+        delivery_s=15.0,
+        rates=None,  # CPU speed varies too much between machines: sized from the warm-up
+        kill_min_running=2,
+        decisive_gap=0.05,
+        delivery_requests=8,
+        delivery_new_tokens=32,
     ),
 }
 
@@ -107,7 +149,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--phases-s", help="QUIET,BURST,QUIET seconds before the budget shrinks them")
     p.add_argument("--quiet-factor", type=float, default=0.3, help="quiet rate / one worker's capacity")
     p.add_argument("--burst-factor", type=float, default=1.6, help="burst rate / one worker's capacity")
-    p.add_argument("--rates", help="QUIET,BURST requests/s instead of sizing them from the warm-up")
+    p.add_argument(
+        "--rates",
+        help="QUIET,BURST requests/s (GPU default 4,22), or 'warmup' to size them from the first "
+        "run's warm-up (the --smoke default)",
+    )
+    p.add_argument("--decisive-gap", type=float, help="near-tie tolerance in nats (default 0.05)")
+    p.add_argument("--kill-min-running", type=int, help="kill once a worker holds this many (8 GPU, 2 smoke)")
+    p.add_argument("--no-delivery", action="store_true", help="skip the Ray delivery overhead measurement")
     p.add_argument("--idle-release-s", type=float, help="serve --idle-release-s (default 5 GPU, 3 smoke)")
     p.add_argument("--max-batch-size", type=int, help="engine max_batch_size (default 32 GPU, 4 smoke)")
     p.add_argument("--no-kill", action="store_true", help="skip the worker-kill run")
@@ -138,17 +187,30 @@ def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         changes["phases_s"] = _floats(args.phases_s, 3, "--phases-s")
     if args.migration_contexts:
         changes["migration_contexts"] = tuple(int(x) for x in _floats(args.migration_contexts, None, "ctx"))
-    prof = replace(prof, **changes)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if not policies or policies[0] != "packing" or len(set(policies)) != len(policies):
         raise ValueError(
             f"--policies must start with packing and name each policy once, got {args.policies!r}"
         )
-    rates = _floats(args.rates, 2, "--rates") if args.rates else None
+    if args.rates == "warmup":
+        changes["rates"] = None
+    elif args.rates:
+        changes["rates"] = _floats(args.rates, 2, "--rates")
+        if not changes["rates"][0] < changes["rates"][1]:
+            raise ValueError(f"--rates takes QUIET,BURST with QUIET < BURST, got {args.rates!r}")
+    if args.decisive_gap is not None:
+        if not args.decisive_gap > 0:
+            raise ValueError(f"--decisive-gap must be > 0, got {args.decisive_gap}")
+        changes["decisive_gap"] = args.decisive_gap
+    if args.kill_min_running is not None:
+        if args.kill_min_running < 1:
+            raise ValueError(f"--kill-min-running must be >= 1, got {args.kill_min_running}")
+        changes["kill_min_running"] = args.kill_min_running
+    prof = replace(prof, **changes)
     for path, what in ((args.trace, "--trace"), (args.servegen, "--servegen")):
         if not args.assets_only and not Path(path).exists():
             raise ValueError(f"{what} {path} does not exist")
-    return prof, {"policies": policies, "rates": rates}
+    return prof, {"policies": policies}
 
 
 def _floats(text: str, count: int | None, flag: str) -> tuple[float, ...]:

@@ -5,11 +5,15 @@
 #                                                fleet-assets, fleet, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
-# fleet (two GPUs, issue 12; about 9 minutes with the default FLEET_BUDGET_S=520) needs Ray, which
-# the GPU image lacks. On your machine, in the checkout: `bash ../shared/gpu/ray-wheels.sh && bash
-# benchmarks/fleet_gpu_prep.sh`; then two calls on the same nvidia-h200-x2 machine, back to back:
+# fleet (two GPUs, issue 12; FLEET_BUDGET_S seconds, default 520, plus ~12 s of setup) needs Ray,
+# which the GPU image lacks. On your machine, in the checkout: `bash ../shared/gpu/ray-wheels.sh &&
+# bash benchmarks/fleet_gpu_prep.sh`; then two calls on the same nvidia-h200-x2 machine, back to back:
 #   1) carry .gpuwheels/a:  cp .gpuwheels/a/part_aa /tmp/ray_part_aa && bash benchmarks/gpu_suite.sh $OUT fleet-assets
-#   2) carry .gpuwheels/b:  bash benchmarks/gpu_suite.sh $OUT fleet
+#   2) carry .gpuwheels/b:  FLEET_BUDGET_S=515 bash benchmarks/gpu_suite.sh $OUT fleet
+# It runs the three policies, the worker kill, one migration and the Ray delivery overhead (inter-token
+# latency through the fleet against the engine in-process); FLEET_RATES=QUIET,BURST and
+# FLEET_PHASES=Q,B,Q (seconds) override the profile's 4,22 requests/s and 3,27,27 s
+# (benchmarks/fleet_sim_check.py checks a choice in the simulator first).
 # fleet-assets makes the 7B model and adapters (about a minute) so that the fleet call spends its
 # budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
 # ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the
@@ -116,7 +120,8 @@ for stage in "$@"; do
         [ -d "$traces" ] || traces=../shared/traces
         fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
             --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
-            --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} ;;
+            --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} \
+            ${FLEET_PHASES:+--phases-s "$FLEET_PHASES"} ;;
     sim-validate)
         lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
         sv=$out/sim-validate demo=/tmp/lf-simval-demo threads=${SIMVAL_THREADS:-2}

@@ -272,6 +272,7 @@ class Fleet:
                     total_kv_blocks=info.total_kv_blocks if info else 0,
                     resident_adapters=tuple(stats.resident_adapters) if stats else (),
                     last_error=w.last_error,
+                    pid=info.pid if info else 0,
                 )
             )
         c = rt.counters

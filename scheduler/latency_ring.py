@@ -28,6 +28,12 @@ class LatencyRing:
         self._next = (self._next + 1) % len(self._values)
         self._size = min(self._size + 1, len(self._values))
 
+    def latest(self) -> float:
+        """The newest sample (IndexError when empty): what the last delivery took."""
+        if not self._size:
+            raise IndexError("the ring is empty")
+        return self._values[(self._next - 1) % len(self._values)]
+
     def clear(self) -> None:
         self._next = self._size = 0
 

@@ -15,6 +15,7 @@ class WorkerStatus:
     total_kv_blocks: int
     resident_adapters: tuple[str, ...]
     last_error: str | None = None  # why its last start attempt failed, if it did
+    pid: int = 0  # its process id on its node (0 until started); e.g. to find it to kill in a test
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from lorafleet.worker.types import FinishReason, Request, SequenceState, TokenDelta
+from lorafleet.worker.types import FinishReason, Request, SequenceState, TokenDelta, TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class TrackedRequest:
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
     migrating: bool = False  # an export from its owner is in flight
     abort_requested: bool = False
     finished: bool = False
@@ -58,6 +59,10 @@ class TrackedRequest:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(delta.new_logprobs)
+        if delta.new_top_logprobs is not None:
+            if self.top_logprobs is None:
+                self.top_logprobs = []
+            self.top_logprobs.extend(delta.new_top_logprobs)
         if delta.finish_reason is not None:
             self.finished = True
         self.stream.put_nowait((delta, produced_at))
@@ -84,6 +89,7 @@ class TrackedRequest:
             output_token_ids=tuple(self.tokens),
             output_logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
             output_text="".join(self.text),
+            output_top_logprobs=tuple(self.top_logprobs) if self.top_logprobs is not None else None,
         )
 
     def catch_up(self, state: SequenceState) -> TokenDelta | None:
@@ -100,10 +106,12 @@ class TrackedRequest:
             return None
         text = "".join(self.text)
         lps = state.output_logprobs[have:] if state.output_logprobs is not None else None
+        tops = state.output_top_logprobs[have:] if state.output_top_logprobs is not None else None
         return TokenDelta(
             self.request_id,
             tuple(state.output_token_ids[have:]),
             state.output_text[len(text) :] if state.output_text.startswith(text) else "",
             tuple(lps) if lps is not None else None,
             num_prompt_tokens=len(self.request.prompt_token_ids),
+            new_top_logprobs=tuple(tops) if tops is not None else None,
         )

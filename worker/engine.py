@@ -273,11 +273,14 @@ class Engine:
             self._validate(state.request, len(state.output_token_ids))
             if any(not 0 <= t < vocab for t in state.output_token_ids):
                 raise ValueError(f"request {rid}: output token outside the vocabulary")
-            lps = state.output_logprobs
-            if lps is not None and len(lps) != len(state.output_token_ids):
-                raise ValueError(
-                    f"request {rid}: {len(lps)} output logprobs for {len(state.output_token_ids)} tokens"
-                )
+            for what, values in (
+                ("output logprobs", state.output_logprobs),
+                ("output top logprobs", state.output_top_logprobs),
+            ):
+                if values is not None and len(values) != len(state.output_token_ids):
+                    raise ValueError(
+                        f"request {rid}: {len(values)} {what} for {len(state.output_token_ids)} tokens"
+                    )
         for state in states:
             seq = Sequence(state.request, next(self._arrivals))
             self.stop_checker.restore(seq, state)
@@ -347,12 +350,17 @@ class Engine:
                 rows.append((seq, i))
         seqs = [seq for seq, _ in rows]
         sent = [seq.delivered_len for seq in seqs]
+        tops = step.sampled.top_logprobs()
+        if tops is not None:
+            for seq, i in rows:
+                seq.add_top_logprobs(tops[i])
         reasons = self.stop_checker.append_tokens(
             [(seq, tokens[i], logprobs[i] if logprobs else None) for seq, i in rows]
         )
         deltas = []
         for seq, reason, delivered in zip(seqs, reasons, sent):
             new_tokens, new_logprobs = seq.take_pending()
+            new_tops = seq.take_pending_top_logprobs()
             if reason is not None:
                 self._finish(seq)
             deltas.append(
@@ -363,6 +371,7 @@ class Engine:
                     tuple(new_logprobs) if new_logprobs is not None else None,
                     reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
+                    new_top_logprobs=tuple(new_tops) if new_tops is not None else None,
                 )
             )
         return deltas
@@ -472,6 +481,9 @@ class Engine:
         logprobs = None
         if request.sampling.logprobs:
             logprobs = tuple(lp for d in deltas for lp in (d.new_logprobs or ()))
+        tops = None
+        if request.sampling.top_logprobs:
+            tops = tuple(top for d in deltas for top in (d.new_top_logprobs or ()))
         return GenerationOutput(
             request.request_id,
             request.prompt_token_ids,
@@ -480,4 +492,5 @@ class Engine:
             final.finish_reason,
             logprobs,
             final.error,
+            tops,
         )

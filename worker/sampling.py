@@ -7,10 +7,10 @@ after export/import or preemption. Unseeded requests share the engine's generato
 
 Host traffic per step is one host-to-device copy (every sampled row's parameters and uniform,
 packed by ``Sampler.pack`` into one float64 tensor, pinned when the logits are on CUDA) and one
-device-to-host copy (the tokens, and the logprobs if any request wants them, packed into one
-float64 tensor), followed by one ``tolist``. ``launch`` queues all of it and returns at once, so
-the engine can prepare its next step while the device works; ``result`` waits for the copy. An
-all-greedy step without logprobs copies nothing in and runs argmax only.
+device-to-host copy (the tokens, and the logprobs and top alternatives if any request wants them,
+packed into one float64 tensor), followed by one ``tolist``. ``launch`` queues all of it and returns
+at once, so the engine can prepare its next step while the device works; ``result`` waits for the
+copy. An all-greedy step without logprobs copies nothing in and runs argmax only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorafleet.worker.types import SamplingParams
+from lorafleet.worker.types import SamplingParams, TopLogprobs
 
 _MASK64 = (1 << 64) - 1
 
@@ -83,10 +83,18 @@ class Sampler:
         tokens = self.sample_tensors(logits, self.pack(params, draw_indices, logits.device))
         if not any(p.logprobs for p in params):
             return SampledTokens(tokens, _start_to_host(tokens), False)
-        both = torch.empty((2, n), dtype=torch.float64, device=logits.device)
-        both[0] = tokens  # exact: token ids are far below 2**53
-        both[1] = chosen_logprobs(logits, tokens)
-        return SampledTokens(tokens, _start_to_host(both), True)
+        # One k for the whole step (the largest asked for); each row keeps its own request's share.
+        k = min(max(p.top_logprobs for p in params), logits.shape[1])
+        packed = torch.empty((2 + 2 * k, n), dtype=torch.float64, device=logits.device)
+        packed[0] = tokens  # exact: token ids are far below 2**53
+        logprobs = torch.log_softmax(logits, dim=-1)
+        packed[1] = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        if k:
+            values, ids = logprobs.topk(k, dim=-1)
+            packed[2 : 2 + k] = ids.T
+            packed[2 + k :] = values.T
+        tops = [p.top_logprobs for p in params] if k else None
+        return SampledTokens(tokens, _start_to_host(packed), True, tops)
 
     def pack(
         self, params: Sequence[SamplingParams], draw_indices: Sequence[int], device: torch.device | str
@@ -200,10 +208,13 @@ class SampledTokens:
         device_tokens: torch.Tensor,
         pending: tuple[torch.Tensor, torch.cuda.Event | None] | None,
         with_logprobs: bool,
+        top_counts: list[int] | None = None,
     ) -> None:
         self.device_tokens = device_tokens  # int64 [N], in sample order
         self._pending = pending
         self._with_logprobs = with_logprobs
+        self._top_counts = top_counts  # per row: alternatives its request asked for
+        self._tops: list[TopLogprobs | None] | None = None
 
     def result(self) -> tuple[list[int], list[float] | None]:
         """Tokens (and logprobs when any row asked for them); waits for the copy to the host."""
@@ -214,8 +225,21 @@ class SampledTokens:
             event.synchronize()
         if not self._with_logprobs:
             return host.tolist(), None
-        tokens, logprobs = host.tolist()
+        rows = host.tolist()
+        tokens, logprobs = rows[0], rows[1]
+        if self._top_counts is not None:
+            k = (len(rows) - 2) // 2
+            ids, values = rows[2 : 2 + k], rows[2 + k :]
+            self._tops = [
+                tuple((int(ids[j][i]), values[j][i]) for j in range(count)) if count else None
+                for i, count in enumerate(self._top_counts)
+            ]
         return [int(t) for t in tokens], logprobs
+
+    def top_logprobs(self) -> list[TopLogprobs | None] | None:
+        """After ``result()``: per row, its request's top_logprobs alternatives (best first), or
+        None for a row that asked for none; None when no row of the step asked."""
+        return self._tops
 
 
 def _start_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from lorafleet.worker.types import FinishReason, Request, SequenceState
+from lorafleet.worker.types import FinishReason, Request, SequenceState, TopLogprobs
 
 _DETOKENIZE_CONTEXT = 6
 
@@ -22,6 +22,7 @@ class Sequence:
     arrival_index: int  # engine-wide admission order: FCFS, and "newest" for preemption
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] | None = None
+    output_top_logprobs: list[TopLogprobs] | None = None
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in this sequence's blocks
     block_table: list[int] = field(default_factory=list)
@@ -37,6 +38,7 @@ class Sequence:
     # Output produced since the caller last collected it (one engine step).
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[float] = field(default_factory=list)
+    pending_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     # Overlapped stepping: tokens sampled on the device whose values the host has not read yet (at
     # most one between steps), and the newest one's row among its step's sampled rows, from which
     # the next step's forward takes it as input on the device.
@@ -46,6 +48,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.request.sampling.logprobs and self.output_logprobs is None:
             self.output_logprobs = []
+        if self.request.sampling.top_logprobs and self.output_top_logprobs is None:
+            self.output_top_logprobs = []
         n = len(self.request.prompt_token_ids)
         if self.read_offset == 0:
             self.read_offset = n
@@ -106,6 +110,19 @@ class Sequence:
         self.lora_slot = -1
         self.status = SeqStatus.WAITING
 
+    def add_top_logprobs(self, top: TopLogprobs | None) -> None:
+        """Record the alternatives of the token just appended (kept only if the request asked)."""
+        if self.output_top_logprobs is not None:
+            entry = top if top is not None else ()
+            self.output_top_logprobs.append(entry)
+            self.pending_top_logprobs.append(entry)
+
+    def take_pending_top_logprobs(self) -> list[TopLogprobs] | None:
+        if self.output_top_logprobs is None:
+            return None
+        tops, self.pending_top_logprobs = self.pending_top_logprobs, []
+        return tops
+
     def take_pending(self) -> tuple[list[int], list[float] | None]:
         tokens, self.pending_token_ids = self.pending_token_ids, []
         logprobs: list[float] | None = None
@@ -120,4 +137,7 @@ class Sequence:
             output_token_ids=tuple(self.output_token_ids),
             output_logprobs=tuple(self.output_logprobs) if self.output_logprobs is not None else None,
             output_text=self.text[: self.delivered_len],
+            output_top_logprobs=(
+                tuple(self.output_top_logprobs) if self.output_top_logprobs is not None else None
+            ),
         )

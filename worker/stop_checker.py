@@ -77,6 +77,8 @@ class StopChecker:
         seq.delivered_len = len(state.output_text)
         if state.output_logprobs is not None:
             seq.output_logprobs = list(state.output_logprobs)
+        if state.output_top_logprobs is not None:
+            seq.output_top_logprobs = list(state.output_top_logprobs)
 
     def _detokenize(self, seqs: list[Sequence]) -> None:
         """Extend each sequence's text by what its newest tokens complete (held back while the

@@ -10,6 +10,12 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+# The most alternatives a request may ask for per token (OpenAI's limit for top_logprobs).
+MAX_TOP_LOGPROBS = 20
+
+# One token's most likely alternatives, best first: (token id, logprob) pairs.
+TopLogprobs = tuple[tuple[int, float], ...]
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -35,6 +41,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    # With logprobs: also the top_logprobs most likely tokens of each step and their logprobs (the
+    # unmodified distribution's, like logprobs), e.g. to see where a greedy choice was a near-tie.
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -51,6 +60,13 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(str(s) for s in self.stop))
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        top = self.top_logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs (the chosen tokens' logprobs) set too")
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +105,7 @@ class SequenceState:
     output_logprobs: tuple[float, ...] | None = None
     # Text already delivered to the caller, so stop strings spanning the migration still match.
     output_text: str = ""
+    output_top_logprobs: tuple[TopLogprobs, ...] | None = None  # with sampling.top_logprobs
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,7 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
+    new_top_logprobs: tuple[TopLogprobs, ...] | None = None  # one per new token, with top_logprobs
 
     @property
     def finished(self) -> bool:
@@ -119,6 +137,7 @@ class GenerationOutput:
     finish_reason: FinishReason
     logprobs: tuple[float, ...] | None = None
     error: str | None = None
+    top_logprobs: tuple[TopLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)

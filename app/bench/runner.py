@@ -17,10 +17,10 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from lorafleet.bench.progress import ProgressBar
 from lorafleet.bench.trace_phases import assign_tenants, parse_phases, phased_rows, slice_rows, tenant_weights
@@ -36,6 +36,7 @@ from lorafleet.bench.workload import (
 )
 from lorafleet.client.flags import add_client_auth_flags, client_kwargs
 from lorafleet.client.grpc_client import ApiError, AsyncClient
+from lorafleet.serving.api_types import GenerateChunk
 from lorafleet.worker.types import FinishReason
 
 ALIAS_PREFIX = "bench-"
@@ -182,9 +183,17 @@ async def _resolve_adapters(
 Send = Callable[[RequestRecord, list[int], int, float], Awaitable[None]]
 
 
-def grpc_sender(client: AsyncClient) -> Send:
+# Sees every chunk a request's stream delivers (e.g. to keep its logprobs).
+OnChunk = Callable[[RequestRecord, GenerateChunk], None]
+
+
+def grpc_sender(
+    client: AsyncClient, *, sampling: Mapping[str, Any] | None = None, on_chunk: OnChunk | None = None
+) -> Send:
+    """Greedy requests over gRPC; `sampling` adds fields (e.g. logprobs), `on_chunk` sees each chunk."""
+
     async def send(record: RequestRecord, prompt: list[int], max_new_tokens: int, timeout_s: float) -> None:
-        await _one_request(client, record, prompt, max_new_tokens, timeout_s)
+        await _one_request(client, record, prompt, max_new_tokens, timeout_s, sampling, on_chunk)
 
     return send
 
@@ -195,8 +204,10 @@ async def _one_request(
     prompt: list[int],
     max_new_tokens: int,
     timeout_s: float,
+    extra: Mapping[str, Any] | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> None:
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = {**(extra or {}), "max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
     record.sent_at = time.monotonic()
     finish: FinishReason | None = None
     try:
@@ -210,6 +221,8 @@ async def _one_request(
                 record.last_token_at = now
                 record.tokens += len(chunk.token_ids)
                 record.token_ids.extend(chunk.token_ids)
+            if on_chunk is not None:
+                on_chunk(record, chunk)
             finish = chunk.finish_reason
         # Only a stream that ends with STOP or LENGTH is a completed request.
         if finish is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorafleet.scheduler.status import FleetCounters, WorkerStatus
-from lorafleet.worker.types import FinishReason
+from lorafleet.worker.types import FinishReason, TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class GenerateChunk:
     logprobs: tuple[float, ...] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    top_logprobs: tuple[TopLogprobs, ...] | None = None  # one per token, with top_logprobs
 
     @property
     def finished(self) -> bool:
@@ -42,12 +43,14 @@ class GenerateResult:
     finish_reason: FinishReason
     usage: Usage
     logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[TopLogprobs, ...] | None = None
 
     @classmethod
     def from_chunks(cls, chunks: list[GenerateChunk]) -> GenerateResult:
         if not chunks or chunks[-1].finish_reason is None or chunks[-1].usage is None:
             raise ValueError("the stream ended without its final message (finish reason and usage)")
         with_logprobs = [c.logprobs for c in chunks if c.logprobs is not None]
+        with_tops = [c.top_logprobs for c in chunks if c.top_logprobs is not None]
         return cls(
             request_id=chunks[-1].request_id,
             token_ids=tuple(t for c in chunks for t in c.token_ids),
@@ -55,6 +58,7 @@ class GenerateResult:
             finish_reason=chunks[-1].finish_reason,
             usage=chunks[-1].usage,
             logprobs=tuple(lp for lps in with_logprobs for lp in lps) if with_logprobs else None,
+            top_logprobs=tuple(t for tops in with_tops for t in tops) if with_tops else None,
         )
 
 

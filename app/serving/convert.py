@@ -24,7 +24,7 @@ _FINISH_TO_PB = {
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 _OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
-_PLAIN_SAMPLING = ("stop_token_ids", "stop", "ignore_eos", "logprobs")
+_PLAIN_SAMPLING = ("stop_token_ids", "stop", "ignore_eos", "logprobs", "top_logprobs")
 
 
 # ------------------------------------------------------------------ sampling
@@ -37,6 +37,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     values["stop"] = tuple(msg.stop)
     values["ignore_eos"] = msg.ignore_eos
     values["logprobs"] = msg.logprobs
+    values["top_logprobs"] = msg.top_logprobs
     return validation.sampling_params(values)
 
 
@@ -130,6 +131,8 @@ def delta_to_proto(delta: TokenDelta, usage: Usage | None = None) -> pb.Generate
     )
     if delta.new_logprobs is not None:
         msg.logprobs.extend(delta.new_logprobs)
+    for top in delta.new_top_logprobs or ():
+        msg.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
     if delta.finish_reason is not None:
         if delta.finish_reason not in _FINISH_TO_PB:
             raise ValueError(f"finish reason {delta.finish_reason} has no protobuf value")
@@ -165,6 +168,9 @@ def chunk_from_proto(msg: pb.GenerateResponse, *, want_logprobs: bool = False) -
         logprobs=tuple(msg.logprobs) if (want_logprobs or msg.logprobs) else None,
         finish_reason=finish,
         usage=usage,
+        top_logprobs=(
+            tuple(tuple(zip(t.token_ids, t.logprobs)) for t in msg.top_logprobs) if msg.top_logprobs else None
+        ),
     )
 
 
@@ -203,6 +209,7 @@ def status_to_proto(status: ClusterStatus, model: ModelView) -> pb.ClusterStatus
                 total_kv_blocks=w.total_kv_blocks,
                 resident_adapters=sorted(w.resident_adapters),
                 last_error=w.last_error or "",
+                pid=w.pid,
             )
         )
     return msg
@@ -221,6 +228,7 @@ def cluster_from_proto(msg: pb.ClusterStatus) -> ClusterView:
                 total_kv_blocks=w.total_kv_blocks,
                 resident_adapters=tuple(w.resident_adapters),
                 last_error=w.last_error or None,
+                pid=w.pid,
             )
             for w in msg.workers
         ),

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lorafleet.worker.types import Request, SamplingParams
+from lorafleet.worker.types import MAX_TOP_LOGPROBS, Request, SamplingParams
 
 # SamplingParams fields an API may set; anything else is a caller's typo, not something to ignore.
 SAMPLING_FIELDS = (
@@ -25,6 +25,7 @@ SAMPLING_FIELDS = (
     "stop",
     "ignore_eos",
     "logprobs",
+    "top_logprobs",
 )
 
 
@@ -73,6 +74,12 @@ def sampling_params(values: Mapping[str, Any], names: Mapping[str, str] | None =
     for key in ("ignore_eos", "logprobs"):
         if key in v and not isinstance(v[key], bool):
             raise fail(key, f"must be true or false, got {v[key]!r}")
+    if "top_logprobs" in v:
+        top = v["top_logprobs"]
+        if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise fail("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
+        if top and not v.get("logprobs"):
+            raise fail("top_logprobs", "needs logprobs set to true")
     if "stop_token_ids" in v:
         ids = v["stop_token_ids"]
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(_is_int(t) for t in ids):

@@ -6,7 +6,7 @@ import asyncio
 import io
 
 from lorafleet.bench.progress import ProgressBar
-from lorafleet.bench.runner import RequestRecord, _one_request, run_bench
+from lorafleet.bench.runner import RequestRecord, _one_request, grpc_sender, run_bench
 from lorafleet.bench.workload import synthetic_workload
 from lorafleet.client.grpc_client import AsyncClient
 from lorafleet.serving.api_types import GenerateChunk
@@ -122,3 +122,36 @@ def test_bench_cli_says_when_the_http_api_is_unreachable(fake_server, capsys) ->
     assert f"cannot reach the HTTP API at http://127.0.0.1:{closed}" in capsys.readouterr().err
     assert main([*args, "--http", "127.0.0.1:8000"]) == 1
     assert "--http must be a URL" in capsys.readouterr().err
+
+
+def test_grpc_sender_adds_sampling_fields_and_shows_each_chunk() -> None:
+    class RecordingClient:
+        def __init__(self) -> None:
+            self.sampling: dict | None = None
+
+        async def stream(self, prompt, *, adapter, sampling, timeout):
+            self.sampling = sampling
+            top = ((7, -0.5), (3, -0.75))
+            yield GenerateChunk("r", (7,), "a", (-0.5,), top_logprobs=(top,))
+            yield GenerateChunk("r", (), "", finish_reason=FinishReason.LENGTH)
+
+    client = RecordingClient()
+    seen: list[tuple[RequestRecord, GenerateChunk]] = []
+    send = grpc_sender(
+        client,  # type: ignore[arg-type]
+        sampling={"logprobs": True, "top_logprobs": 2, "temperature": 0.7},
+        on_chunk=lambda rec, chunk: seen.append((rec, chunk)),
+    )
+    record = RequestRecord(adapter="a", prompt_len=2, sent_at=0.0)
+    asyncio.run(send(record, [1, 2], 3, 5.0))
+    # The extras are added; the bench's own greedy fields win over them.
+    assert client.sampling == {
+        "logprobs": True,
+        "top_logprobs": 2,
+        "temperature": 0.0,
+        "max_new_tokens": 3,
+        "ignore_eos": True,
+    }
+    assert [c.token_ids for r, c in seen] == [(7,), ()] and all(r is record for r, _ in seen)
+    assert seen[0][1].top_logprobs == (((7, -0.5), (3, -0.75)),)
+    assert (record.status, record.token_ids) == ("ok", [7])

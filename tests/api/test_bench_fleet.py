@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -16,19 +17,33 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def mods(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
-    names = ("fleet_plan", "fleet_report", "fleet_assets", "fleet_settings", "bench_fleet")
+    names = (
+        "fleet_plan",
+        "fleet_report",
+        "fleet_assets",
+        "fleet_settings",
+        "fleet_tokens",
+        "fleet_tables",
+        "fleet_run",
+        "fleet_delivery",
+        "bench_fleet",
+    )
     yield {n: importlib.import_module(n) for n in names}
-    for n in (*names, "fleet_run", "fleet_server"):
+    for n in (*names, "fleet_server", "fleet_migration", "fleet_sim_check"):
         sys.modules.pop(n, None)
 
 
 def test_phase_sizing_fits_the_budget(mods) -> None:
     plan = mods["fleet_plan"]
     costs = plan.RunCosts(serve_start_s=30.0, warmup_s=6.0, tail_s=5.0, stop_s=10.0)
-    per = plan.replay_seconds(500.0, runs_after=3, costs=costs, migration_s=40.0, reserve_s=10.0)
+    per = plan.replay_seconds(500.0, runs_after=3, costs=costs, extra_s=40.0, reserve_s=10.0)
     # The current run (replay + tail + stop) and three more (start + warm-up + replay + tail + stop).
     spent = (per + 15.0) + 3 * (30.0 + 6.0 + per + 15.0) + 40.0 + 10.0
     assert spent == pytest.approx(500.0)
+    # A last run replaying half the plan pays its fixed costs in full and half a replay.
+    part = plan.replay_seconds(500.0, runs_after=2.5, costs=costs, extra_s=40.0, reserve_s=10.0)
+    spent = (part + 15.0) + 2 * (30.0 + 6.0 + part + 15.0) + (30.0 + 6.0 + part / 2 + 15.0) + 50.0
+    assert spent == pytest.approx(500.0) and part > per
     floors = (5.0, 15.0)
     assert plan.scale_phases((10.0, 30.0, 25.0), 150.0, floors) == (10.0, 30.0, 25.0)  # never stretched
     # Quiet phases give up their room above the floors first, in proportion ...
@@ -152,28 +167,121 @@ def test_gpu_seconds_release_and_counters(mods) -> None:
     assert not rep.summarize(stuck, 10.0, 3.0)["release_met"]
 
 
-def test_token_comparison_counts_lost_and_different(mods) -> None:
-    rep = mods["fleet_report"]
-    ref = fake_run("packing", [], [request(0, 1, [1, 2, 3]), request(1, 2, [4, 5]), request(2, 3, [6])])
+def test_token_comparison_raw_and_decisive(mods) -> None:
+    tok = mods["fleet_tokens"]
+    ref = fake_run("packing", [], [request(0, 1, [1, 2, 3]), request(1, 2, [4, 5]), request(2, 3, [6, 7])])
+    # Request 0: decided everywhere (gaps 1.0); request 2: a near-tie at its second token.
+    for r, gaps in zip(ref["requests"], ([1.0, 1.0, 1.0], [1.0, 1.0], [0.5, 0.02])):
+        r["top_gaps"] = gaps
     other = fake_run(
-        "packing-kill", [], [request(0, 1, [1, 9, 3]), request(1, None, [4], "internal"), request(2, 3, [6])]
+        "packing-kill",
+        [],
+        [request(0, 1, [1, 9, 3]), request(1, None, [4], "internal"), request(2, 3, [6, 8])],
     )
-    out = rep.compare_tokens(ref, other)
-    assert (out["lost"], out["compared"], out["differ"]) == (1, 2, 1)
-    assert out["first_differences"] == [{"request": 0, "position": 1, "tokens": 3}]
+    out = tok.compare_runs(ref, other, tolerance=0.05, sweep=(0.01, 0.6))
+    assert (out["lost"], out["compared"], out["differ"], out["length_differs"]) == (1, 2, 2, 0)
+    # Request 0 differs at a decided step; request 2 only at its near-tie, which is not compared.
+    assert out["decisive"] == {"tolerance": 0.05, "differ": 1, "requests": [0], "tokens_compared": 4}
+    assert [(s["tolerance"], s["differ"], s["tokens_compared"]) for s in out["sweep"]] == [
+        (0.01, 2, 5),  # below every gap: everything is compared, both differ
+        (0.6, 1, 3),  # request 2 is a near-tie from its first token: only request 0 is compared
+    ]
+    assert out["first_differences"][0] == {"request": 0, "position": 1, "tokens": 3, "reference_gap": 1.0}
+    # A prefix of the plan (the kill run stops at the burst's end) compares its own requests.
+    assert tok.compare_runs(ref, {**other, "requests": other["requests"][:1]}, 0.05)["compared"] == 1
+    # Without gaps there is no decisive figure, only the raw one.
+    bare = fake_run("x", [], [request(0, 1, [1, 2, 3])])
+    assert tok.compare_runs(bare, bare, 0.05)["decisive"] is None
     with pytest.raises(ValueError, match="different plans"):
-        rep.compare_tokens(ref, fake_run("x", [], []))
+        tok.compare_runs(fake_run("x", [], []), ref, 0.05)
+    with pytest.raises(ValueError, match="prompts or adapters"):
+        tok.compare_runs(ref, fake_run("y", [], [request(0, 1, [1], "ok") | {"adapter": "other"}]), 0.05)
+    assert tok.first_near_tie([0.3, 0.04, 0.01], 0.05) == 1 and tok.first_near_tie(None, 0.05) is None
+    assert tok.top_gap(((3, -0.5), (9, -0.75))) == 0.25 and tok.top_gap(((3, -0.5),)) == float("inf")
+
+
+def test_the_kill_picks_the_worker_holding_the_most_sequences(mods) -> None:
+    run = mods["fleet_run"]
+    server = importlib.import_module("fleet_server")
+
+    def status(running: tuple[int, ...], pids: tuple[int, ...], states: tuple[str, ...] = ()):
+        counters = dict.fromkeys(
+            ("migrations", "workers_released", "worker_deaths", "resumed_after_fault", "requests_completed"),
+            0,
+        )
+        return server.StatusSample(
+            t=0.0,
+            alive=len(running),
+            active=len(running),
+            busy=sum(1 for r in running if r),
+            running=running,
+            pids=pids,
+            states=states or ("active",) * len(running),
+            queue_len=0,
+            requests_failed=0,
+            tokens_generated=0,
+            **counters,
+        )
+
+    assert run.choose_victim(status((3, 11), (100, 200)), 8) == (200, 11)
+    assert run.choose_victim(status((3, 5), (100, 200)), 8) is None  # nobody holds enough yet
+    assert run.choose_victim(status((12,), (100,)), 8) is None  # no second worker to resume on
+    assert run.choose_victim(status((0, 9), (100, 0)), 8) is None  # the busy one has no pid yet
+    # The other worker still starting cannot take the requests yet.
+    assert run.choose_victim(status((12, 0), (100, 0), ("active", "starting")), 8) is None
+    assert run.choose_victim(None, 1) is None
+
+
+def test_delivery_gaps_and_summary(mods) -> None:
+    dl = mods["fleet_delivery"]
+    # Deltas at 1.0 s (1 token), 1.5 s (3 tokens: two arrive together with the first), 2.0 s (1).
+    assert dl.gaps([(1.0, 1), (1.5, 3), (1.5, 0), (2.0, 1)]) == [0.5, 0.0, 0.0, 0.5]
+    p = dl.percentiles([0.001, 0.002, 0.003])
+    assert p["p50_ms"] == pytest.approx(2.0) and p["n"] == 3
+    assert dl.percentiles([])["p50_ms"] is None
+    fleet_side = {
+        "itl": dl.percentiles([0.012] * 9),
+        "delivery": dl.percentiles([0.001]),
+        "shards": [[0], [1]],
+    }
+    engine_side = {"itl": dl.percentiles([0.0105] * 9), "tokens_per_s": 1.0}
+    out = dl.summary(fleet_side, engine_side)
+    assert out["added_p50_ms"] == pytest.approx(1.5) and out["met"]
+    assert "added_p50_ms" not in dl.summary(fleet_side, None)
+    reqs = dl.workload(4, 5, "x")
+    assert [r.adapter for r in reqs] == [dl.ADAPTER, None, dl.ADAPTER, None]
+    assert all(len(r.prompt_token_ids) == 8 and r.sampling.max_new_tokens == 5 for r in reqs)
 
 
 def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    rep, bf = mods["fleet_report"], mods["bench_fleet"]
+    bf = mods["bench_fleet"]
     samples = [sample(0.0, 1), sample(6.0, 2, 2), sample(16.0, 1, 1)]
     reqs = [request(1.0, 2.0, [1, 2]), request(6.0, 12.0, [3, 4, 5])]
     runs = [fake_run("packing", samples, reqs), fake_run("least_loaded", [sample(0.0, 2, 1)], reqs)]
     kill_run = fake_run("packing-kill", samples, reqs)
-    kill_run["kill"] = {"at_s": 7.0, "pid": 123, "workers_at_kill": 2, "running_at_kill": 5}
+    kill_run["kill"] = {
+        "at_s": 7.0,
+        "pid": 123,
+        "victim_running": 4,
+        "workers_at_kill": 2,
+        "running_at_kill": 5,
+    }
     runs.append(kill_run)
+    for run in runs:
+        for r in run["requests"]:
+            r["top_gaps"] = [1.0] * len(r["token_ids"])
+    tok, tables = mods["fleet_tokens"], mods["fleet_tables"]
+    kill = {**tok.compare_runs(runs[0], kill_run, 0.05), **kill_run["kill"], "resumed_after_fault": 2}
+    kill["noise_floor"] = [tok.compare_runs(runs[0], runs[1], 0.05)]
+    dl = mods["fleet_delivery"]
+    fleet_side = {
+        "itl": dl.percentiles([0.011, 0.012]),
+        "delivery": dl.percentiles([0.0008]),
+        "tokens_per_s": 900.0,
+        "shards": [[0, 2], [1, 3]],
+    }
+    delivery = dl.summary(fleet_side, {"itl": dl.percentiles([0.0105, 0.0115]), "tokens_per_s": 950.0})
     result = {
         "command": "python3 benchmarks/bench_fleet.py --smoke",
         "machine": {"host": "h", "cpus": 2, "gpus": [], "python": "3.12", "date_utc": "2026-11-30 10:00"},
@@ -182,7 +290,18 @@ def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
         "profile": dict(vars(mods["fleet_settings"].PROFILES["smoke"])),
         "stages": {"assets": {"seconds": 1.0, "info": {"num_adapters": 100}}},
         "runs": runs,
-        "kill": {**rep.compare_tokens(runs[0], kill_run), **kill_run["kill"], "resumed_after_fault": 2},
+        "kill": kill,
+        "delivery": delivery,
+        "sizing": {
+            "warmup_tokens_per_s": 300.0,
+            "warmup_spread": 0.1,
+            "mean_output_tokens": 30.0,
+            "one_worker_requests_per_s": 10.0,
+            "rates_given": True,
+            "rates": [4.0, 22.0],
+            "plan_s_budget": 60.0,
+            "phases": "4:5,22:30,4:25",
+        },
         "migration": {
             "path": "runtime",
             "contexts": [
@@ -204,7 +323,20 @@ def test_render_writes_tables_and_picture(mods, tmp_path: Path) -> None:
     assert "| packing | 30.0 | 1.00x |" in md and "| least_loaded | 40.0 | 1.33x |" in md
     assert "packing vs least_loaded: least_loaded used 1.33x packing's GPU-seconds" in md
     assert "| 1,024 | 3.0 | 40.0 | 41.0 | 1 |" in md and "**met**" in md
-    assert "0 lost, 0 of 2 requests with other tokens" in md and "- a note" in md
+    assert "- a note" in md and "rates given: quiet 4, burst 22 requests/s" in md
+    assert "| worker pid 123, holding 4 sequences | 7.0 | 5 | 0 | 2 | 0 |" in md
+    assert "| packing-kill (the kill run) | 2 | 0 | 0 of 2 (5 tokens compared) |" in md
+    assert "| least_loaded (no kill: noise floor) | 2 | 0 | 0 of 2 (5 tokens compared) |" in md
+    assert "killed worker (4 sequences on it): 0 lost, 0 of 2 differ before their first near-tie" in md
+    assert "| 0.05 | 0 / 5 | 0 / 5 |" in md
+    assert "| added by the fleet | +0.50 | +0.50 | | |" in md
+    assert "adds under 2 ms p50 over the in-process engine: +0.50 ms" in md
+    assert tables.sweep_table({"sweep": []}) == ""
+    nobody = {**kill, "pid": None, "at_s": None, "victim_running": None}
+    assert "| nobody: no moment with two active workers" in tables.kill_table(nobody)
+    assert tables.kill_targets(nobody) == [
+        "- killed worker: no worker was killed (see the kill table): **not shown**"
+    ]
     assert (tmp_path / "fleet.png").stat().st_size > 10_000
 
 
@@ -215,13 +347,55 @@ def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
     base = ["--out", str(tmp_path), "--trace", str(trace), "--servegen", str(tmp_path)]
     prof, extra = bf.settings(bf.build_parser().parse_args([*base, "--smoke", "--phases-s", "2,4,6"]))
     assert prof.device == "cpu" and prof.phases_s == (2.0, 4.0, 6.0) and extra["policies"][0] == "packing"
+    assert prof.rates is None  # the smoke sizes its rates from the warm-up
     gpu, _ = bf.settings(bf.build_parser().parse_args(base))
     assert gpu.device == "cuda" and gpu.shape == "llama2-7b" and gpu.dtype == "bfloat16"
+    assert gpu.rates == (4.0, 22.0) and gpu.phases_s == (3.0, 27.0, 27.0)
+    given, _ = bf.settings(bf.build_parser().parse_args([*base, "--rates", "3,18", "--decisive-gap", "0.1"]))
+    assert given.rates == (3.0, 18.0) and given.decisive_gap == 0.1
+    assert bf.settings(bf.build_parser().parse_args([*base, "--rates", "warmup"]))[0].rates is None
     for flags, needle in [
         (["--policies", "least_loaded,packing"], "start with packing"),
         (["--phases-s", "1,2"], "3 numbers"),
         (["--rates", "1,x"], "comma-separated"),
+        (["--rates", "5,2"], "QUIET < BURST"),
+        (["--decisive-gap", "0"], "decisive-gap"),
+        (["--kill-min-running", "0"], "kill-min-running"),
         (["--servegen", str(tmp_path / "none")], "does not exist"),
     ]:
         with pytest.raises(ValueError, match=needle):
             bf.settings(bf.build_parser().parse_args([*base, *flags]))
+
+
+def test_sim_check_replays_the_plan_in_the_simulator(mods) -> None:
+    settings = mods["fleet_settings"]
+    trace, servegen = settings.TRACES / "azure_llm_2023_conv.csv", settings.TRACES / "servegen_m_large"
+    if not trace.exists() or not servegen.is_dir():
+        pytest.skip("the shared traces are not on this machine")
+    check = importlib.import_module("fleet_sim_check")
+    base = ["--trace", str(trace), "--servegen", str(servegen), "--json"]
+    assert check.main(["--rates", "x", *base]) == 2
+    assert check.window_gpu_seconds([(0.0, 1), (2.0, 2), (5.0, 1)], 6.0) == pytest.approx(2 + 6 + 1)
+    args = argparse.Namespace(
+        rates=(1.0, 6.0),
+        phases_s=(2.0, 6.0, 6.0),
+        profile="h200-llama2-7b",
+        batch=32,
+        max_new_tokens=128,
+        max_prompt_tokens=1024,
+        idle_release_s=5.0,
+        tail_s=5.0,
+        trace=str(trace),
+        servegen=str(servegen),
+        seed=0,
+        prefill_token_s=None,
+        prefill_alone_s=None,
+    )
+    out = check.check(args)
+    assert out["phases"] == "1:2,6:6,1:6" and out["requests"] > 0
+    assert set(out["runs"]) == {"packing", "least_loaded", "round_robin", "one worker"}
+    assert out["runs"]["one worker"]["peak_gpus"] == 1
+    assert out["runs"]["one worker"]["gpu_seconds"] == pytest.approx(out["window_s"])
+    # Dearer prefill: the lone worker finishes later.
+    slow = check.check(argparse.Namespace(**{**vars(args), "prefill_token_s": 1e-3}))
+    assert slow["runs"]["one worker"]["last_finish_s"] > out["runs"]["one worker"]["last_finish_s"]

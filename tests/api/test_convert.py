@@ -34,6 +34,7 @@ def test_sampling_round_trip() -> None:
         stop=("x",),
         ignore_eos=True,
         logprobs=True,
+        top_logprobs=4,
     )
     assert convert.sampling_from_proto(convert.sampling_to_proto(params)) == params
     unseeded = dataclasses.replace(params, seed=None)
@@ -71,6 +72,12 @@ def test_mapping_sampling_is_passed_unvalidated_and_unknown_keys_fail() -> None:
             pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(stop_token_ids=[-4])),
             {},
             "stop_token_ids",
+        ),
+        (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(top_logprobs=2)), {}, "needs logprobs"),
+        (
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(logprobs=True, top_logprobs=21)),
+            {},
+            "top_logprobs must be an integer in [0, 20]",
         ),
     ],
 )
@@ -116,6 +123,30 @@ def test_delta_and_chunk_round_trip() -> None:
         convert.delta_to_proto(TokenDelta("r", (), finish_reason=FinishReason.ERROR, error="x"))
 
 
+def test_top_logprobs_round_trip() -> None:
+    tops = (((5, -0.25), (9, -1.5)), ((6, -0.5), (2, -0.75)))
+    delta = TokenDelta("r", (5, 6), new_logprobs=(-0.25, -0.5), new_top_logprobs=tops)
+    chunk = convert.chunk_from_proto(convert.delta_to_proto(delta))
+    assert chunk.top_logprobs == tops and chunk.logprobs == (-0.25, -0.5)
+    plain = convert.chunk_from_proto(convert.delta_to_proto(TokenDelta("r", (1,), new_logprobs=(-1.0,))))
+    assert plain.top_logprobs is None
+    usage = Usage(1, 3, 0.1, 0.2)
+    final = convert.chunk_from_proto(
+        convert.delta_to_proto(
+            TokenDelta(
+                "r",
+                (7,),
+                new_logprobs=(-2.0,),
+                new_top_logprobs=(((7, -2.0),),),
+                finish_reason=FinishReason.LENGTH,
+            ),
+            usage,
+        )
+    )
+    result = GenerateResult.from_chunks([chunk, final])
+    assert result.top_logprobs == (*tops, ((7, -2.0),))
+
+
 def test_proto_counters_mirror_fleet_counters() -> None:
     proto_fields = [f.name for f in pb.ClusterCounters.DESCRIPTOR.fields]
     assert proto_fields == [f.name for f in dataclasses.fields(FleetCounters)]
@@ -127,7 +158,7 @@ def test_status_round_trip() -> None:
     counters = FleetCounters(**{f.name: i + 1 for i, f in enumerate(dataclasses.fields(FleetCounters))})
     counters = dataclasses.replace(counters, adapter_load_seconds_sum=1.5)
     workers = (
-        WorkerStatus("w0", "active", 2, 8, 10, 20, ("b", "a")),
+        WorkerStatus("w0", "active", 2, 8, 10, 20, ("b", "a"), pid=4242),
         WorkerStatus("w1", "starting", 0, 0, 0, 0, (), last_error="no GPU"),
     )
     model = ModelView("tiny", 384, 512)
@@ -137,6 +168,7 @@ def test_status_round_trip() -> None:
     assert view.queue_len == 3
     assert view.workers[0].resident_adapters == ("a", "b")
     assert view.workers[1].last_error == "no GPU" and view.workers[0].last_error is None
+    assert (view.workers[0].pid, view.workers[1].pid) == (4242, 0)
     assert view.free_kv_blocks == 10 and view.total_kv_blocks == 20 and view.num_busy_workers == 1
 
 

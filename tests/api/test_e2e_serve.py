@@ -144,6 +144,22 @@ def test_concurrent_client_generations_equal_offline_greedy(server, offline) -> 
     assert status.workers_in("active") == 2
 
 
+def test_top_logprobs_and_worker_pids_through_the_fleet(server, offline) -> None:
+    (prompt, adapter), expected = JOBS[0], offline["jobs"][0]
+    sampling = {**_greedy(), "logprobs": True, "top_logprobs": 2}
+    with Client(server["address"], timeout=120) as client:
+        result = client.generate(list(prompt), adapter=adapter, sampling=sampling)
+        status = client.status()
+    assert result.token_ids == expected
+    assert result.top_logprobs is not None and len(result.top_logprobs) == len(expected)
+    for token, logprob, top in zip(result.token_ids, result.logprobs, result.top_logprobs):
+        assert len(top) == 2 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-5
+        assert top[1][1] <= top[0][1]
+    # The status names each worker's process, so a test or an operator can find it.
+    pids = [w.pid for w in status.workers if w.state == "active"]
+    assert len(pids) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
 def test_cli_generate_json_equals_offline_greedy(server, offline) -> None:
     def run_cli(prompt_ids: tuple[int, ...], adapter: str | None) -> dict:
         cmd = [sys.executable, "-m", "lorafleet.cli", "generate", "--server", server["address"]]

@@ -184,3 +184,19 @@ def test_api_registrations_are_confined_to_the_adapter_roots(demo, tmp_path) -> 
     fleet.register_adapter("ops", str(outside), confined=False)
     with pytest.raises(ValueError, match="registering adapters through the API is off"):
         fleet_with(()).register_adapter("h", str(inside))
+
+
+def test_alternatives_survive_the_resume_state_and_catch_up() -> None:
+    async def main():
+        sampling = SamplingParams(max_new_tokens=10, logprobs=True, top_logprobs=2)
+        tr = TrackedRequest(Request("r", (1, 2, 3), None, sampling))
+        top7, top8 = ((7, -0.1), (4, -2.0)), ((8, -0.2), (1, -3.0))
+        tr.deliver(TokenDelta("r", (7,), "a", (-0.1,), new_top_logprobs=(top7,)), 1.0)
+        assert tr.resume_state().output_top_logprobs == (top7,)
+        exported = SequenceState(tr.request, (7, 8), (-0.1, -0.2), "ab", output_top_logprobs=(top7, top8))
+        missing = tr.catch_up(exported)
+        assert missing is not None and missing.new_top_logprobs == (top8,)
+        tr.deliver(missing, 2.0)
+        assert tr.top_logprobs == [top7, top8]
+
+    asyncio.run(main())

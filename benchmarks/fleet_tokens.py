@@ -1,0 +1,97 @@
+"""Comparing the greedy tokens of two runs of one plan, raw and by the decisive-step rule.
+
+bf16 arithmetic depends on the batch a sequence shares (other kernels' splits and tile shapes, the
+recompute of a resumed sequence's KV cache as a prefill instead of step by step), so two runs of
+the same plan can pick different argmax tokens wherever the top two candidates are nearly tied;
+after one such flip the rest of the sequence follows another path. Counting those as "different
+outputs" measures bf16, not the fleet. The decisive-step rule compares a request's tokens only up
+to its first near-tie in the reference run: step k is a near-tie when the reference's top-1 and
+top-2 logprobs differ by less than `tolerance` nats; tokens 0..k-1 must be equal, and token k
+onwards is not compared. A request "differs" only if its tokens differ before its first near-tie.
+The gaps come from the API (`top_logprobs=2` on every request of every run).
+
+Run records are bench_fleet.py's: `requests[i]` holds `status`, `token_ids` and `top_gaps` (the
+top-1 minus top-2 logprob per generated token, or None when the run did not ask for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Run = Mapping[str, Any]
+
+# The tolerances the report sweeps, besides the one it judges by.
+SWEEP = (0.01, 0.05, 0.1, 0.25)
+
+
+def first_near_tie(gaps: Sequence[float] | None, tolerance: float) -> int | None:
+    """Index of the first step whose top-2 gap is below `tolerance`; None when there is none (or
+    no gaps: then the whole sequence is compared)."""
+    if gaps is None:
+        return None
+    return next((k for k, gap in enumerate(gaps) if gap < tolerance), None)
+
+
+def decisive_prefix(reference: Mapping[str, Any], tolerance: float) -> int:
+    """How many leading tokens of `reference` are decided by more than `tolerance`."""
+    tokens = reference["token_ids"]
+    k = first_near_tie(reference.get("top_gaps"), tolerance)
+    return len(tokens) if k is None else min(k, len(tokens))
+
+
+def compare_runs(
+    reference: Run, other: Run, tolerance: float, sweep: Sequence[float] = SWEEP
+) -> dict[str, Any]:
+    """Lost requests in `other`, and requests completed in both whose tokens differ: raw, and by
+    the decisive-step rule at `tolerance` (and at each of `sweep`).
+
+    Request i of one run is request i of the other (the same plan; `other` may hold a prefix).
+    """
+    ref, oth = reference["requests"], other["requests"]
+    if len(oth) > len(ref):
+        raise ValueError(f"the runs replayed different plans ({len(ref)} and {len(oth)} requests)")
+    if any(a["prompt_len"] != b["prompt_len"] or a["adapter"] != b["adapter"] for a, b in zip(ref, oth)):
+        raise ValueError("the runs replayed different plans (prompts or adapters differ)")
+    lost = [i for i, r in enumerate(oth) if r["status"] != "ok"]
+    both = [i for i in range(len(oth)) if ref[i]["status"] == "ok" and oth[i]["status"] == "ok"]
+    raw = [i for i in both if ref[i]["token_ids"] != oth[i]["token_ids"]]
+    lengths = [i for i in both if len(ref[i]["token_ids"]) != len(oth[i]["token_ids"])]
+    have_gaps = all(ref[i].get("top_gaps") is not None for i in both)
+
+    def decisive(tol: float) -> dict[str, Any]:
+        differ, compared = [], 0
+        for i in both:
+            n = decisive_prefix(ref[i], tol)
+            compared += n
+            if ref[i]["token_ids"][:n] != oth[i]["token_ids"][:n]:
+                differ.append(i)
+        return {"tolerance": tol, "differ": len(differ), "requests": differ[:20], "tokens_compared": compared}
+
+    first = []
+    for i in raw[:5]:
+        a, b = ref[i]["token_ids"], oth[i]["token_ids"]
+        at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        gaps = ref[i].get("top_gaps")
+        gap = gaps[at] if gaps is not None and at < len(gaps) else None
+        first.append({"request": i, "position": at, "tokens": len(a), "reference_gap": gap})
+    return {
+        "reference": reference["name"],
+        "other": other["name"],
+        "lost": len(lost),
+        "lost_requests": lost[:20],
+        "compared": len(both),
+        "tokens": sum(len(ref[i]["token_ids"]) for i in both),
+        "differ": len(raw),
+        "length_differs": len(lengths),
+        "first_differences": first,
+        "decisive": decisive(tolerance) if have_gaps else None,
+        "sweep": [decisive(t) for t in sweep] if have_gaps else [],
+    }
+
+
+def top_gap(top: Sequence[tuple[int, float]]) -> float:
+    """Top-1 minus top-2 logprob of one step's alternatives (best first); inf with one candidate."""
+    if len(top) < 2:
+        return float("inf")
+    return top[0][1] - top[1][1]
