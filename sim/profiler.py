@@ -306,7 +306,10 @@ def measure_profile(
             import torch
 
             torch.cuda.empty_cache()
-        log(f"host-cache reloads: median {statistics.median(host_loads) * 1e3:.2f} ms")
+        if host_loads:
+            log(f"host-cache reloads: median {statistics.median(host_loads) * 1e3:.2f} ms")
+        else:  # e.g. both adapters name the same files, so the cache never reloaded one
+            log("host-cache reloads: none measured; the profile uses the disk load time")
 
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype, **engine_options)
