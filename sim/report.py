@@ -93,6 +93,7 @@ def summarize(result: SimResult, slo: Slo) -> dict[str, Any]:
             "requeued_migrations": result.requeued_migrations,
             "preemptions": result.preemptions,
             "adapter_loads": result.adapter_loads,
+            "adapter_disk_loads": result.adapter_disk_loads,
             "worker_starts": result.worker_starts,
             "workers_released": result.workers_released,
             "sim_wall_s": result.sim_wall_s,

@@ -102,10 +102,11 @@ class SimResult:
     evictions: int
     requeued_migrations: int
     preemptions: int
-    adapter_loads: int
+    adapter_loads: int  # GPU slot fills (from the host cache or disk)
     worker_starts: int
     workers_released: int
     gpus_over_time: list[tuple[float, int]] = field(default_factory=list)  # (t, live) at each change
+    adapter_disk_loads: int = 0  # of adapter_loads, those read from disk
     busy_over_time: list[tuple[float, int, int]] = field(default_factory=list)  # (t, live, busy) changes
     sim_wall_s: float = 0.0
 
@@ -253,6 +254,7 @@ class Simulator:
             requeued_migrations=self.counters["requeued_migrations"],
             preemptions=sum(w.preemptions for w in self._all()),
             adapter_loads=sum(w.adapter_loads for w in self._all()),
+            adapter_disk_loads=sum(w.adapter_disk_loads for w in self._all()),
             worker_starts=self.counters["worker_starts"],
             workers_released=self.counters["workers_released"],
             gpus_over_time=self.gpus_over_time,

@@ -46,7 +46,18 @@ class FleetSetup:
 
 
 # Fleet events counted on both sides (FleetCounters on the real fleet, SimResult in the simulator).
-EVENTS = ("worker_starts", "workers_released", "migrations", "evictions", "preemptions", "adapter_loads")
+EVENTS = (
+    "worker_starts",
+    "workers_released",
+    "migrations",
+    "evictions",
+    "preemptions",
+    "adapter_loads",
+    "adapter_disk_loads",
+)
+# The fleet counter behind each event where the names differ: the simulator's adapter_loads are GPU
+# slot fills (the engines' adapter-cache misses), its disk loads the engines' reads from disk.
+REAL_COUNTERS = {"adapter_loads": "adapter_cache_misses", "adapter_disk_loads": "adapter_loads"}
 
 
 @dataclass
@@ -100,7 +111,7 @@ async def _real_run(setup: FleetSetup, plan: list[Any], seed: int) -> RealRun:
             events: dict[str, int] = {}
             try:  # a lost status answer costs the event counts, not the run
                 counters = (await client.status(timeout=10.0)).counters
-                events = {name: int(getattr(counters, name)) for name in EVENTS}
+                events = {name: int(getattr(counters, REAL_COUNTERS.get(name, name))) for name in EVENTS}
             except ApiError:
                 pass
     finally:

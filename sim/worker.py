@@ -162,7 +162,8 @@ class SimWorker:
         self.last_step_end = requested_at
         self.busy_s = 0.0
         self.preemptions = 0
-        self.adapter_loads = 0
+        self.adapter_loads = 0  # GPU slot fills, from the host cache or from disk
+        self.adapter_disk_loads = 0
         self._next_index = 0
         self._snap: WorkerSnapshot | None = None
         self._snap_version = -1
@@ -233,6 +234,7 @@ class SimWorker:
         if adapter in self.host:
             self.host.move_to_end(adapter)
             return self.profile.adapter_host_load_s
+        self.adapter_disk_loads += 1
         if self.shape.host_cache_adapters > 0:
             self.host[adapter] = None
             if len(self.host) > self.shape.host_cache_adapters:
