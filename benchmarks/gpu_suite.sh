@@ -107,7 +107,9 @@ for stage in "$@"; do
     profile-engine)  # host profile of eager prefill steps, kernel tables of decode steps (7B shape)
         (cd benchmarks && python3 profile_engine.py --out "$out/profile-engine") ;;
     profile-7b)  # the simulator's H200 profile of the 7B shape, on fleet-assets' model when it is there
+        # (carry .gpuwheels/a: the CLI imports grpc_health, which the image lacks)
         lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
+        site_wheels .gpuwheels/a
         model=/tmp/lorafleet-fleetbench/model
         [ -f "$model/config.json" ] || { model=/tmp/lf-7b && lf make-demo --shape llama2-7b --device cuda \
             --num-adapters 8 --overwrite "$model"; } &&
