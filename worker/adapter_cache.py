@@ -90,6 +90,8 @@ class AdapterCache:
         self._pins: dict[str, int] = {}
         self._slot_lru: OrderedDict[str, None] = OrderedDict()  # resident and unpinned, oldest first
         self._pending: dict[str, _PendingUpload] = {}
+        # Uploads whose slot was taken again before their timing events completed: still timed.
+        self._evicted_pending: list[_PendingUpload] = []
         self.hits = 0
         self.misses = 0
         self.loads = 0
@@ -319,6 +321,7 @@ class AdapterCache:
             "failed": len(self._failed),
             "pins": len(self._pins),
             "pending_uploads": len(self._pending),
+            "evicted_pending_uploads": len(self._evicted_pending),
         }
 
     def take_load_seconds(self) -> tuple[float, ...]:
@@ -333,11 +336,15 @@ class AdapterCache:
                 return slot
         if not self._slot_lru:
             raise RuntimeError(f"all {self.pool.n_slots} LoRA slots are pinned by running sequences")
-        self._collect()  # record the victim's upload time before forgetting its pending entry
         victim, _ = self._slot_lru.popitem(last=False)
         slot = self._slot_of.pop(victim)
         self._owner[slot] = None
-        self._pending.pop(victim, None)
+        # With overlapped stepping the host can evict an adapter whose upload the device has not
+        # finished yet (the next upload into the slot is queued behind it on the same stream); its
+        # time is still recorded once its events complete.
+        victim_upload = self._pending.pop(victim, None)
+        if victim_upload is not None:
+            self._evicted_pending.append(victim_upload)
         return slot
 
     def _upload(self, name: str, slot: int, packed: PackedAdapter) -> None:
@@ -363,8 +370,18 @@ class AdapterCache:
 
     def _collect(self) -> None:
         for name in [n for n, p in self._pending.items() if p.done.query()]:
-            p = self._pending.pop(name)
-            self._load_seconds.append(p.host_seconds + p.start.elapsed_time(p.done) / 1000.0)
+            self._record(self._pending.pop(name))
+        if self._evicted_pending:
+            still = []
+            for p in self._evicted_pending:
+                if p.done.query():
+                    self._record(p)
+                else:
+                    still.append(p)
+            self._evicted_pending = still
+
+    def _record(self, p: _PendingUpload) -> None:
+        self._load_seconds.append(p.host_seconds + p.start.elapsed_time(p.done) / 1000.0)
 
     def _drop(self, name: str) -> None:
         packed = self._host.pop(name, None)

@@ -129,3 +129,25 @@ def test_background_load_on_cuda_runs_off_the_main_thread(demo, config, monkeypa
     torch.cuda.synchronize()
     assert all(torch.equal(r, f) for r, f in zip(pool_state(ref), pool_state(pool)))
     cache.close()
+
+
+def test_an_upload_evicted_before_it_finished_is_still_timed(demo, config) -> None:
+    """With overlapped stepping the host may evict an adapter whose upload is still queued on the
+    device; the upload's time must still be reported (the profiler's reload sweep relies on it)."""
+    pool = make_pool(config, n_slots=1)
+    cache = AdapterCache(config, pool, host_cache_bytes=1 << 30, dtype=torch.bfloat16)
+    for name, path in demo.adapters.items():
+        cache.register(name, path)
+    cache.acquire("adapter-1")
+    cache.release("adapter-1")
+    cache.take_load_seconds()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the uploads below queue behind this on the side stream
+    cache.acquire("adapter-3")  # a host-cache miss: a disk read, then an upload
+    cache.release("adapter-3")
+    cache.acquire("adapter-1")  # evicts adapter-3 while its upload still waits for the sleep
+    cache.release("adapter-1")
+    torch.cuda.synchronize()
+    assert len(cache.take_load_seconds()) == 2
+    assert cache.bookkeeping_sizes()["evicted_pending_uploads"] == 0
+    cache.close()
