@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-blocks", type=int, default=None, help="KV cache blocks per worker (default: the profile's)"
     )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="sequences per worker step (default and most: the profile's, whose step table ends there)",
+    )
     p.add_argument("--out", required=True, help="folder for requests.csv, summary.json and the plots")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last line")
     p.add_argument("--compare", action="store_true", help="run every policy on the workload; one table")
@@ -175,6 +181,15 @@ def run_cli(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     if args.kv_blocks is not None:  # the same worker with another KV capacity (another GPU memory)
         engine = dataclasses.replace(profile.engine, num_kv_blocks=args.kv_blocks)
+        profile = dataclasses.replace(profile, engine=engine)
+    if args.max_batch_size is not None:  # the same worker run with a lower batch limit
+        most = profile.engine.max_batch_size
+        if not 1 <= args.max_batch_size <= most:
+            raise ValueError(
+                f"--max-batch-size must be in [1, {most}] (the profile {profile.name!r} measured steps "
+                f"up to {most} sequences), got {args.max_batch_size}"
+            )
+        engine = dataclasses.replace(profile.engine, max_batch_size=args.max_batch_size)
         profile = dataclasses.replace(profile, engine=engine)
     slo = Slo(args.slo_ttft_s, args.slo_tpot_s)
     runs = [(args.policy, not args.no_migration)]

@@ -65,6 +65,8 @@ def test_compare_prints_one_table_over_every_policy(tmp_path: Path, capsys: pyte
         (["--max-gpus", "0"], "max_gpus"),
         (["--popularity", "zipf"], "--popularity"),
         (["--rate-scale", "-1"], "rate_scale"),
+        (["--max-batch-size", "5"], "--max-batch-size must be in [1, 4]"),
+        (["--max-batch-size", "0"], "--max-batch-size must be in [1, 4]"),
     ],
 )
 def test_bad_input_is_one_error_line(
@@ -87,3 +89,15 @@ def test_bad_trace_row_names_file_row_and_column(tmp_path: Path, capsys: pytest.
     argv = ["sim", "--trace", str(bad), "--profile", PROFILE, "--max-gpus", "2", "--out", str(tmp_path / "o")]
     assert main(argv) == 1
     assert f"lorafleet: error: {bad}: row 3, column output_tokens: negative length" in capsys.readouterr().err
+
+
+def test_a_lower_batch_limit_caps_each_worker(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--max-batch-size 1 runs one sequence per worker step: with one GPU the requests queue, so
+    the mean TTFT grows against the profile's batch of 4."""
+    ttft = {}
+    for limit in ("4", "1"):
+        argv = ["sim", "--trace", str(_trace(tmp_path, 60)), "--profile", PROFILE, "--max-gpus", "1"]
+        argv += ["--out", str(tmp_path / limit), "--json", "--quiet", "--no-plots", "--max-batch-size", limit]
+        assert main(argv) == 0
+        ttft[limit] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ttft_mean_s"]
+    assert ttft["1"] > ttft["4"]
