@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from proc_tree import stat_fields, subtree
+
 from lorafleet.sim.profiler import cpu_name
 
 APIS = ("grpc", "http")
@@ -68,25 +70,9 @@ class Run:
 
 def tree_cpu_s(root: int) -> dict[int, float]:
     """CPU seconds (user + system) of `root` and every process below it, by pid (Linux /proc)."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == pid and p not in tree]
-        tree.update(children)
-        frontier += children
-    return {pid: cpu[pid] for pid in tree if pid in cpu}
+    stats = stat_fields()
+    tree = subtree(root, stats)
+    return {pid: (int(stats[pid][11]) + int(stats[pid][12])) / CLK_TCK for pid in tree if pid in stats}
 
 
 def cpu_delta(before: dict[int, float], after: dict[int, float], head: int) -> tuple[float, float]:

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proc_tree import cmdline, stat_fields, subtree
+
 from lorafleet.client.grpc_client import ApiError, AsyncClient
 
 READY = re.compile(r"lorafleet: serving .* on (\S+?:\d+)")
@@ -114,31 +116,12 @@ class ServeProcess:
 
 def _descendants(root: int, needle: str) -> list[tuple[int, int]]:
     """(pid, start time in clock ticks) of processes below `root` whose command line holds `needle`."""
-    parents: dict[int, int] = {}
-    starts: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-        starts[int(entry.name)] = int(fields[19])
-    tree, frontier = set(), [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == pid and p not in tree]
-        tree.update(children)
-        frontier += children
+    stats = stat_fields()
     found = []
-    for pid in tree:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if needle in cmdline:
-            found.append((pid, starts[pid]))
+    for pid in subtree(root, stats) - {root}:
+        cmd = cmdline(pid)
+        if cmd is not None and needle in cmd:
+            found.append((pid, int(stats[pid][19])))
     return found
 
 

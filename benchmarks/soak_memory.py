@@ -13,6 +13,8 @@ import re
 import tracemalloc
 from pathlib import Path
 
+from proc_tree import cmdline, stat_fields, subtree
+
 ROLES = ("server", "workers", "gcs", "raylet", "ray_other")
 
 
@@ -30,32 +32,17 @@ def _role(pid: int, root: int, cmdline: str) -> str:
 
 def tree_rss_by_role(root: int) -> dict[str, float]:
     """Resident MB of ``root`` and every process below it (Linux /proc), summed per role."""
-    parents: dict[int, int] = {}
-    rss: dict[int, float] = {}
-    cmds: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    by_role = dict.fromkeys(ROLES, 0.0)
+    for pid in subtree(root, stat_fields()):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (entry / "status").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
+        cmd = cmdline(pid)
+        if cmd is None:
+            continue
         match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        rss[pid] = int(match.group(1)) / 1024 if match else 0.0
-        cmds[pid] = cmd
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == pid and p not in tree]
-        tree.update(children)
-        frontier += children
-    by_role = dict.fromkeys(ROLES, 0.0)
-    for pid in tree:
-        by_role[_role(pid, root, cmds.get(pid, ""))] += rss.get(pid, 0.0)
+        by_role[_role(pid, root, cmd)] += int(match.group(1)) / 1024 if match else 0.0
     return by_role
 
 

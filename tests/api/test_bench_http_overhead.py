@@ -20,10 +20,12 @@ def bench() -> Iterator[Any]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    sys.path.insert(0, str(BENCH.parent))  # it imports its sibling proc_tree by name
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
+        sys.path.remove(str(BENCH.parent))
         del sys.modules[spec.name]
 
 
