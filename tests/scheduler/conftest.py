@@ -178,3 +178,25 @@ def ray_nodes() -> Iterator[tuple[Callable[[str], RayNode], dict[str, str]]]:
         for node in reversed(made):
             node.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+class Collector:
+    """Consumes one stream, checking that tokens only grow and nothing follows the final delta."""
+
+    def __init__(self, fleet, request) -> None:
+        self.tokens: list[int] = []
+        self.done = False
+        self.task = asyncio.ensure_future(self._run(fleet, request))
+
+    async def _run(self, fleet, request) -> None:
+        async for delta in fleet.generate(request):
+            assert not self.done
+            self.tokens.extend(delta.new_token_ids)
+            self.done = delta.finish_reason is not None
+        assert self.done
+
+
+@pytest.fixture
+def collector() -> type[Collector]:
+    """`collector(fleet, request)` starts consuming the request's stream (see `Collector`)."""
+    return Collector

@@ -14,22 +14,6 @@ from lorafleet.worker.types import Request, SamplingParams  # noqa: E402
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-class Collector:
-    """Consumes one stream, checking that tokens only grow and nothing follows the final delta."""
-
-    def __init__(self, fleet: Fleet, request: Request) -> None:
-        self.tokens: list[int] = []
-        self.done = False
-        self.task = asyncio.ensure_future(self._run(fleet, request))
-
-    async def _run(self, fleet: Fleet, request: Request) -> None:
-        async for delta in fleet.generate(request):
-            assert not self.done
-            self.tokens.extend(delta.new_token_ids)
-            self.done = delta.finish_reason is not None
-        assert self.done
-
-
 def make_requests(prefix: str, names: list[str], lengths: list[int]) -> tuple[list[Request], list, list]:
     prompts = [[7 + 3 * i, 11, 2 + i, 19][: 3 + i % 2] for i in range(len(lengths))]
     adapters = [[*names, None][i % (len(names) + 1)] for i in range(len(lengths))]
@@ -41,7 +25,7 @@ def make_requests(prefix: str, names: list[str], lengths: list[int]) -> tuple[li
 
 
 def test_consolidation_migrates_and_releases_with_outputs_unchanged(
-    fleet_config, offline, register_all, run_async, wait_for
+    fleet_config, offline, register_all, run_async, wait_for, collector
 ):
     config = fleet_config(
         min_workers=3,
@@ -58,7 +42,7 @@ def test_consolidation_migrates_and_releases_with_outputs_unchanged(
             # Packing at batch 2 spreads these over the three workers, one long and one short each.
             lengths = [440, 16, 440, 16, 440, 16]
             requests, prompts, adapters = make_requests("c", names, lengths)
-            collectors = [Collector(fleet, r) for r in requests]
+            collectors = [collector(fleet, r) for r in requests]
             await wait_for(lambda: sum(w.num_running for w in fleet.status().workers) == 6)
             assert sorted(w.num_running for w in fleet.status().workers) == [2, 2, 2]
             fleet.set_worker_bounds(min_workers=1)  # now an idle worker may be released
@@ -79,7 +63,7 @@ def test_consolidation_migrates_and_releases_with_outputs_unchanged(
 
 
 def test_killed_worker_requests_resume_elsewhere_with_outputs_unchanged(
-    fleet_config, offline, register_all, run_async, wait_for
+    fleet_config, offline, register_all, run_async, wait_for, collector
 ):
     async def main():
         fleet = await Fleet.start(fleet_config(min_workers=2, max_workers=2, engine={"max_batch_size": 4}))
@@ -87,7 +71,7 @@ def test_killed_worker_requests_resume_elsewhere_with_outputs_unchanged(
             names = register_all(fleet)
             lengths = [300, 250, 280, 200, 260, 240]
             requests, prompts, adapters = make_requests("f", names, lengths)
-            collectors = [Collector(fleet, r) for r in requests]
+            collectors = [collector(fleet, r) for r in requests]
             await wait_for(lambda: all(len(c.tokens) >= 3 for c in collectors))
             runtime = fleet._runtime
             victim = max(runtime.live_workers(), key=lambda w: len(w.assigned))
@@ -108,7 +92,7 @@ def test_killed_worker_requests_resume_elsewhere_with_outputs_unchanged(
 
 
 def test_kv_pressure_evicts_and_replaces_with_outputs_unchanged(
-    fleet_config, offline, register_all, run_async, wait_for
+    fleet_config, offline, register_all, run_async, wait_for, collector
 ):
     # 14 blocks of 16 tokens per worker: three 184-token sequences packed on one worker outgrow it.
     config = fleet_config(
@@ -125,7 +109,7 @@ def test_kv_pressure_evicts_and_replaces_with_outputs_unchanged(
             names = register_all(fleet)
             lengths = [180, 180, 180]
             requests, prompts, adapters = make_requests("k", names, lengths)
-            collectors = [Collector(fleet, r) for r in requests]
+            collectors = [collector(fleet, r) for r in requests]
             await wait_for(lambda: sum(w.num_running for w in fleet.status().workers) == 3)
             assert sorted(w.num_running for w in fleet.status().workers) == [0, 3]  # packed
             await asyncio.gather(*(c.task for c in collectors))

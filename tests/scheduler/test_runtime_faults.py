@@ -50,22 +50,6 @@ def marks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         ray.shutdown()
 
 
-class Collector:
-    """Consumes one stream; tokens only grow, and nothing follows the final delta."""
-
-    def __init__(self, fleet: Fleet, request: Request) -> None:
-        self.tokens: list[int] = []
-        self.done = False
-        self.task = asyncio.ensure_future(self._run(fleet, request))
-
-    async def _run(self, fleet: Fleet, request: Request) -> None:
-        async for delta in fleet.generate(request):
-            assert not self.done
-            self.tokens.extend(delta.new_token_ids)
-            self.done = delta.finish_reason is not None
-        assert self.done
-
-
 def greedy_request(rid: str, prompt: list[int], adapter: str | None, n: int) -> Request:
     return Request(rid, tuple(prompt), adapter, SamplingParams(n, 0.0, ignore_eos=True))
 
@@ -99,7 +83,7 @@ def victim_of(fleet: Fleet, pid: int):
 
 
 def test_worker_killed_inside_an_adapter_load_loses_nothing(
-    marks, demo, fleet_config, offline, register_all, run_async, wait_for
+    marks, demo, fleet_config, offline, register_all, run_async, wait_for, collector
 ):
     async def main():
         clear_marks(marks)
@@ -110,10 +94,10 @@ def test_worker_killed_inside_an_adapter_load_loses_nothing(
             # Packing fills one worker (4) and puts 2 on the other, which then takes the slow one.
             jobs = [([7 + i, 11, 2 + i, 19], f"adapter-{i % 3}" if i % 4 else None, 150) for i in range(6)]
             requests = [greedy_request(f"a{i}", p, a, n) for i, (p, a, n) in enumerate(jobs)]
-            collectors = [Collector(fleet, r) for r in requests]
+            collectors = [collector(fleet, r) for r in requests]
             await wait_for(lambda: all(len(c.tokens) >= 3 for c in collectors), timeout=120)
             slow_job = ([5, 17, 42, 99], SLOW, 60)
-            collectors.append(Collector(fleet, greedy_request("slow", *slow_job)))
+            collectors.append(collector(fleet, greedy_request("slow", *slow_job)))
             pid = await wait_for_mark(marks, "adapter_load")
             victim = victim_of(fleet, pid)
             assert "slow" in victim.assigned, "the slow adapter's load is not on the killed worker"
@@ -141,7 +125,7 @@ def test_worker_killed_inside_an_adapter_load_loses_nothing(
 
 @pytest.mark.parametrize("kill", ["source", "target"])
 def test_worker_killed_inside_a_migration_loses_nothing(
-    kill, marks, fleet_config, offline, register_all, run_async, wait_for
+    kill, marks, fleet_config, offline, register_all, run_async, wait_for, collector
 ):
     """Batch 2, two workers, each with one long and one short request: once the short ones end the
     consolidation pass drains one worker into the other, and the kill lands in that migration."""
@@ -161,7 +145,7 @@ def test_worker_killed_inside_a_migration_loses_nothing(
             jobs = [([9, 4, 33], names[0], 260), ([21, 8], None, 10), ([3, 14, 15, 92], names[1], 260)]
             jobs.append(([65, 35, 89], names[2], 10))
             requests = [greedy_request(f"m{i}", p, a, n) for i, (p, a, n) in enumerate(jobs)]
-            collectors = [Collector(fleet, r) for r in requests]
+            collectors = [collector(fleet, r) for r in requests]
             await wait_for(lambda: sorted(w.num_running for w in fleet.status().workers) == [2, 2], 120)
             pid = await wait_for_mark(marks, "export" if kill == "source" else "resume", 120)
             victim = victim_of(fleet, pid)
