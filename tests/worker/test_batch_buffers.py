@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -186,17 +187,26 @@ def test_an_empty_plan_pads_to_all_padding_rows() -> None:
     assert got.is_decode_only
 
 
-@pytest.mark.skipif(
+interpreter_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
     reason="Triton interpreter runs only on CPU-only hosts",
 )
-def test_padded_decode_layout_gives_the_same_logits(tmp_path) -> None:
-    """What a graph replay computes (the bucket-padded layout, CUDA's kernels) equals the compact step."""
+
+
+def triton_engine(tmp_path) -> Engine:
+    """The demo model with two adapters, its attention on the Triton kernels (the CUDA path)."""
     demo = make_demo(tmp_path, num_adapters=2, seed=3)
     engine = Engine.from_pretrained(demo.model_dir, max_batch_size=8, max_loras=2)
     engine.model.set_attention_backend("triton")
     for name, path in demo.adapters.items():
         engine.add_adapter(name, path)
+    return engine
+
+
+@interpreter_only
+def test_padded_decode_layout_gives_the_same_logits(tmp_path) -> None:
+    """What a graph replay computes (the bucket-padded layout, CUDA's kernels) equals the compact step."""
+    engine = triton_engine(tmp_path)
     sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     for i, adapter in enumerate(["adapter-0", None, "adapter-1"]):
         engine.add_request(Request(f"r{i}", tuple(range(5, 12 + 3 * i)), adapter, sp))
@@ -211,21 +221,12 @@ def test_padded_decode_layout_gives_the_same_logits(tmp_path) -> None:
     torch.testing.assert_close(got[:3], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
-    reason="Triton interpreter runs only on CPU-only hosts",
-)
+@interpreter_only
 def test_padded_mixed_layout_gives_the_same_logits_and_cache(tmp_path) -> None:
     """What a mixed-step graph replay computes (prefill chunks and decodes padded to a row bucket and
     the full sequence capacity, the prefill attention kernel launched for the bucket's widest query)
     equals the compact step: the same sampled logits, the same KV written."""
-    import dataclasses
-
-    demo = make_demo(tmp_path, num_adapters=2, seed=3)
-    engine = Engine.from_pretrained(demo.model_dir, max_batch_size=8, max_loras=2)
-    engine.model.set_attention_backend("triton")
-    for name, path in demo.adapters.items():
-        engine.add_adapter(name, path)
+    engine = triton_engine(tmp_path)
     sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     engine.add_request(Request("old", tuple(range(5, 14)), "adapter-1", sp))
     engine.step()  # its prompt: next step it decodes beside the new prompts
