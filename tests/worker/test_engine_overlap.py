@@ -41,7 +41,8 @@ def prompts(n: int = len(ADAPTERS), seed: int = 0) -> list[list[int]]:
 
 
 def passes(engine: Engine) -> int:
-    return engine.runner.num_eager_steps + engine.runner.num_graph_steps
+    runner = engine.runner
+    return runner.num_eager_steps + runner.num_graph_steps + runner.num_mixed_graph_steps
 
 
 @pytest.fixture(scope="module")
