@@ -46,6 +46,7 @@ from engine_shapes import (
     slot_bytes,
 )
 
+from lorafleet.kernels import sgmv_launch
 from lorafleet.worker import Engine, SamplingParams
 from lorafleet.worker.demo_assets import write_random_adapter
 from lorafleet.worker.kv_cache import KVCache
@@ -155,10 +156,18 @@ def run_reference(model, config, bw: float, rows: list[dict], shape: str, cases)
 
 
 def run_steps(
-    engine: Engine, config, bw: float, rows: list[dict], shape: str, args, popularities: list[str]
+    engine: Engine,
+    config,
+    bw: float,
+    rows: list[dict],
+    shape: str,
+    args,
+    popularities: list[str],
+    tag: str = "",
 ) -> None:
     rng = random.Random(0)
-    side = engine.lora_pool.stream is not None
+    if engine.lora_pool.stream is not None:
+        tag += " (LoRA side stream)"
     steps = args.steps
     for context in args.contexts:
         for batch in args.batches:
@@ -205,7 +214,7 @@ def run_steps(
                         "batch": batch,
                         "context": context,
                         "mean_context": mean_context,
-                        "popularity": pop + (" (LoRA side stream)" if side else ""),
+                        "popularity": pop + tag,
                         "distinct_adapters": len(distinct),
                         "step_ms": ms,
                         "step_ms_min": min(times) * 1e3,
@@ -341,6 +350,11 @@ def main() -> int:
         help="time the adapter cases again with the LoRA kernels on a side stream",
     )
     parser.add_argument(
+        "--compare-sgmv-rows",
+        action="store_true",
+        help="time the adapter cases again with the SGMV tile kernels only (row-wise kernels off)",
+    )
+    parser.add_argument(
         "--compare-sync", action="store_true", help="also time each decode case without overlapped stepping"
     )
     args = parser.parse_args()
@@ -389,6 +403,17 @@ def main() -> int:
             engine.runner.recapture()
             run_steps(engine, config, bw, rows, shape, args, with_lora)
             engine.lora_pool.stream = None
+            engine.runner.recapture()
+        if args.compare_sgmv_rows and with_lora:
+            # The same batches with the SGMV tile kernels only (no row-wise kernels), re-captured.
+            knobs = ("ROWS_SHRINK_MAX_AVG_ROWS", "ROWS_EXPAND_MAX_AVG_ROWS")
+            saved = {k: getattr(sgmv_launch, k) for k in knobs}
+            for k in knobs:
+                setattr(sgmv_launch, k, 0.0)
+            engine.runner.recapture()
+            run_steps(engine, config, bw, rows, shape, args, with_lora, " (tile SGMV only)")
+            for k, v in saved.items():
+                setattr(sgmv_launch, k, v)
             engine.runner.recapture()
         if not args.no_e2e:
             run_end_to_end(engine, shape, tmp, rows, args)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
-#   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, attention, adapters, engine-quick,
-#                                                engine-e2e, engine-7b, engine-8b, sgmv, profile-engine, profile-7b,
+#   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, attention, adapters,
+#                                                engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b, sgmv,
+#                                                sgmv-sweep, decode-floor, profile-engine, profile-7b,
 #                                                fleet-assets, fleet, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
@@ -79,6 +80,13 @@ fleet_setup() {  # Ray (+ a current grpcio) into /tmp/site; a later call on the 
     python3 -c "import ray, grpc_health, fastapi, uvicorn, httpx, yaml; print('ray', ray.__version__)"
 }
 
+SGMV_DECODE_CASES=o4096:16:1:distinct,o4096:16:16:distinct,o4096:16:32:distinct,o4096:16:64:distinct,\
+o4096:16:64:identical-padded,o4096:16:64:uniform-padded,o4096:16:64:distinct-padded,o4096:64:1:distinct,\
+o4096:64:64:distinct,qkv:16:64:distinct,qkv:16:64:identical-padded,o4096:16:256:distinct,\
+o4096:64:64:identical,o4096:64:128:identical,o4096:64:256:identical,o4096:16:256:identical
+SGMV_ROW_VARIANTS=rows_off,rows_shrink_only,rows_expand_only,rows_avg4,rows_bk128,rows_bk512,\
+rows_expand_2k,rows_expand_8k,rows_warps_2,rows_warps_8,long_64,long_64_split8,long_64_split16,long_128_split8
+
 for stage in "$@"; do
     start=$(date +%s)
     case $stage in
@@ -104,6 +112,18 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    tests-sgmv)  # the SGMV kernels' GPU tests (tile and row-wise paths, graphs, PDL)
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_sgmv_gpu.py ;;
+    sgmv-sweep)  # decode-shaped cases under the row-wise and long-segment launch variants
+        python3 benchmarks/bench_sgmv.py --out "$out/sgmv-sweep" --sweep-only --reps 200 \
+            --sweep-cases "${SGMV_SWEEP_CASES:-$SGMV_DECODE_CASES}" \
+            --sweep-variants "${SGMV_SWEEP_VARIANTS:-$SGMV_ROW_VARIANTS}" ;;
+    decode-floor)
+        (cd benchmarks && python3 bench_decode_floor.py --out "$out/decode-floor") ;;
+    engine-rows)  # decode steps with the row-wise SGMV kernels against the tile kernels only (7B)
+        python3 benchmarks/bench_engine.py --out "$out/rows" --shapes llama2-7b --batches 16,64 \
+            --contexts 256 --popularities backbone,identical,uniform,distinct --no-e2e --peft-new-tokens 0 \
+            --compare-sgmv-rows ;;
     profile-engine)  # host profile of eager prefill steps, kernel tables of decode steps (7B shape)
         (cd benchmarks && python3 profile_engine.py --out "$out/profile-engine") ;;
     profile-7b)  # the simulator's H200 profile of the 7B shape, on fleet-assets' model when it is there

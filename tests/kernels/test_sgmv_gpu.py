@@ -91,10 +91,44 @@ def test_fused_qkv_gqa():
     assert rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("block_m", [16, 64])
+def force_path(monkeypatch, path):
+    """16- or 64-row tiles, or the row-wise kernels, whatever the shape."""
+    rows = path == "rows"
+    for knob in ("ROWS_SHRINK_MAX_AVG_ROWS", "ROWS_EXPAND_MAX_AVG_ROWS"):
+        monkeypatch.setattr(sgmv_launch, knob, float("inf") if rows else 0.0)
+    if not rows:
+        monkeypatch.setattr(sgmv_launch, "_block_m", lambda T, num_segs: path)
+
+
+@pytest.mark.parametrize("path", [16, "rows"])
+@pytest.mark.parametrize("popularity", ["distinct", "uniform", "identical"])
+@pytest.mark.parametrize("T,r_max", [(1, 16), (64, 16), (64, 64), (200, 128)])
+def test_tile_and_row_wise_paths(path, popularity, T, r_max, monkeypatch):
+    force_path(monkeypatch, path)
+    x, y, a, b, indptr, slots, ranks, scales = problem(
+        T, popularity, torch.bfloat16, r_max=r_max, n_slots=300
+    )
+    ref = reference_add_lora(y, x, a, b, indptr, slots, ranks, scales)
+    add_lora(y, x, a, b, indptr, slots, ranks=ranks, scales=scales)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_row_wise_shrink_pairs_with_tile_expand(monkeypatch):
+    """Both shrinks write one partials layout: every shrink/expand pairing gives the same result."""
+    x, y, a, b, indptr, slots, ranks, scales = problem(64, "distinct", torch.bfloat16, n_slots=300)
+    ref = reference_add_lora(y, x, a, b, indptr, slots, ranks, scales)
+    for shrink_rows, expand_rows in ((1e9, 0.0), (0.0, 1e9)):
+        monkeypatch.setattr(sgmv_launch, "ROWS_SHRINK_MAX_AVG_ROWS", shrink_rows)
+        monkeypatch.setattr(sgmv_launch, "ROWS_EXPAND_MAX_AVG_ROWS", expand_rows)
+        out = y.clone()
+        add_lora(out, x, a, b, indptr, slots, ranks=ranks, scales=scales)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("block_m", [16, 64, "rows"])
 def test_cuda_graph_capture_and_replay(block_m, monkeypatch):
     """Captured once; new x values and new metadata (same shapes) copied in place give new results."""
-    monkeypatch.setattr(sgmv_launch, "_block_m", lambda T, num_segs: block_m)
+    force_path(monkeypatch, block_m)
     dtype = torch.bfloat16
     x, y, a, b, indptr, slots, ranks, scales = problem(64, "uniform", dtype, n_slots=128, seed=5)
     y_base = y.clone()
@@ -124,7 +158,8 @@ def test_cuda_graph_capture_and_replay(block_m, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "T,popularity,r_max", [(1, "distinct", 16), (64, "distinct", 64), (256, "identical", 64)]
+    "T,popularity,r_max",
+    [(1, "distinct", 16), (64, "distinct", 16), (64, "distinct", 64), (256, "identical", 64)],
 )
 def test_programmatic_dependent_launch_matches_serial(T, popularity, r_max, monkeypatch):
     """Expand launched as a programmatic dependent of shrink (loading B and y before it waits)
@@ -156,8 +191,11 @@ def test_programmatic_dependent_launch_matches_serial(T, popularity, r_max, monk
     assert torch.equal(outs[True][1], outs[True][0])
 
 
+@pytest.mark.parametrize("path", ["default", "rows"])
 @pytest.mark.parametrize("T", [40, 400])
-def test_empty_segments_and_rows_without_adapter(T):
+def test_empty_segments_and_rows_without_adapter(T, path, monkeypatch):
+    if path == "rows":
+        force_path(monkeypatch, path)
     dtype, dev = torch.bfloat16, "cuda"
     x, y, a, b, _, _, ranks, scales = problem(T, "distinct", dtype, n_slots=64, seed=4)
     bounds = [0, 0, 7, 7, 19, 20, T, T]
