@@ -352,7 +352,7 @@ def main() -> int:
     parser.add_argument(
         "--compare-sgmv-rows",
         action="store_true",
-        help="time the adapter cases again with the SGMV tile kernels only (row-wise kernels off)",
+        help="time the adapter cases again with the SGMV tile kernels only (row-wise expand off)",
     )
     parser.add_argument(
         "--compare-sync", action="store_true", help="also time each decode case without overlapped stepping"
@@ -406,14 +406,11 @@ def main() -> int:
             engine.runner.recapture()
         if args.compare_sgmv_rows and with_lora:
             # The same batches with the SGMV tile kernels only (no row-wise kernels), re-captured.
-            knobs = ("ROWS_SHRINK_MAX_AVG_ROWS", "ROWS_EXPAND_MAX_AVG_ROWS")
-            saved = {k: getattr(sgmv_launch, k) for k in knobs}
-            for k in knobs:
-                setattr(sgmv_launch, k, 0.0)
+            saved = sgmv_launch.ROWS_MAX_AVG_ROWS
+            sgmv_launch.ROWS_MAX_AVG_ROWS = 0.0
             engine.runner.recapture()
             run_steps(engine, config, bw, rows, shape, args, with_lora, " (tile SGMV only)")
-            for k, v in saved.items():
-                setattr(sgmv_launch, k, v)
+            sgmv_launch.ROWS_MAX_AVG_ROWS = saved
             engine.runner.recapture()
         if not args.no_e2e:
             run_end_to_end(engine, shape, tmp, rows, args)

@@ -340,23 +340,15 @@ SWEEP_VARIANTS: dict[str, dict[str, object]] = {
     "target_programs_1056": {"_TARGET_PROGRAMS": 1056},
     "shrink_bk128": {"SHRINK_BLOCK_K": 128},
     "shrink_bk64": {"SHRINK_BLOCK_K": 64},
-    # Row-wise kernels (on by default at <= 1 row per segment on average).
-    "rows_off": {"ROWS_SHRINK_MAX_AVG_ROWS": 0.0, "ROWS_EXPAND_MAX_AVG_ROWS": 0.0},
-    "rows_shrink_only": {"ROWS_EXPAND_MAX_AVG_ROWS": 0.0},
-    "rows_expand_only": {"ROWS_SHRINK_MAX_AVG_ROWS": 0.0},
-    "rows_avg4": {"ROWS_SHRINK_MAX_AVG_ROWS": 4.0, "ROWS_EXPAND_MAX_AVG_ROWS": 4.0},
-    "rows_always": {"ROWS_SHRINK_MAX_AVG_ROWS": 1e9, "ROWS_EXPAND_MAX_AVG_ROWS": 1e9},
-    "rows_bk128": {"ROWS_BLOCK_K": 128},
-    "rows_bk512": {"ROWS_BLOCK_K": 512},
-    "rows_expand_2k": {"ROWS_EXPAND_ELEMS": 2048},
-    "rows_expand_8k": {"ROWS_EXPAND_ELEMS": 8192},
-    "rows_warps_2": {"ROWS_NUM_WARPS": 2},
+    # Row-wise expand (on by default at <= 1 row per segment on average and r_max <= 16).
+    "rows_off": {"ROWS_MAX_AVG_ROWS": 0.0},
+    "rows_avg4": {"ROWS_MAX_AVG_ROWS": 4.0},
+    "rows_rank32": {"ROWS_MAX_RANK": 32},
+    "rows_elems_4k": {"ROWS_EXPAND_ELEMS": 4096},
+    "rows_elems_16k": {"ROWS_EXPAND_ELEMS": 16384},
+    "rows_min_programs_528": {"ROWS_MIN_PROGRAMS": 528},
+    "rows_min_programs_132": {"ROWS_MIN_PROGRAMS": 132},
     "rows_warps_8": {"ROWS_NUM_WARPS": 8},
-    # Long segments (one adapter over many rows) on 64-row tiles.
-    "long_64": {"LONG_SEGMENT_ROWS": 64.0},
-    "long_64_split8": {"LONG_SEGMENT_ROWS": 64.0, "WIDE_MAX_SPLIT": 8},
-    "long_64_split16": {"LONG_SEGMENT_ROWS": 64.0, "WIDE_MAX_SPLIT": 16},
-    "long_128_split8": {"LONG_SEGMENT_ROWS": 128.0, "WIDE_MAX_SPLIT": 8},
 }
 
 

@@ -2,7 +2,7 @@
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, attention, adapters,
 #                                                engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b, sgmv,
-#                                                sgmv-sweep, decode-floor, profile-engine, profile-7b,
+#                                                sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
 #                                                fleet-assets, fleet, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
@@ -81,11 +81,11 @@ fleet_setup() {  # Ray (+ a current grpcio) into /tmp/site; a later call on the 
 }
 
 SGMV_DECODE_CASES=o4096:16:1:distinct,o4096:16:16:distinct,o4096:16:32:distinct,o4096:16:64:distinct,\
-o4096:16:64:identical-padded,o4096:16:64:uniform-padded,o4096:16:64:distinct-padded,o4096:64:1:distinct,\
-o4096:64:64:distinct,qkv:16:64:distinct,qkv:16:64:identical-padded,o4096:16:256:distinct,\
-o4096:64:64:identical,o4096:64:128:identical,o4096:64:256:identical,o4096:16:256:identical
-SGMV_ROW_VARIANTS=rows_off,rows_shrink_only,rows_expand_only,rows_avg4,rows_bk128,rows_bk512,\
-rows_expand_2k,rows_expand_8k,rows_warps_2,rows_warps_8,long_64,long_64_split8,long_64_split16,long_128_split8
+o4096:16:16:identical-padded,o4096:16:64:identical-padded,o4096:16:64:uniform-padded,\
+o4096:16:16:distinct-padded,o4096:16:64:distinct-padded,qkv:16:64:distinct-padded,qkv:16:64:identical-padded,\
+o4096:16:256:distinct,o4096:64:64:distinct
+SGMV_ROW_VARIANTS=rows_off,rows_avg4,rows_rank32,rows_elems_4k,rows_elems_16k,rows_min_programs_528,\
+rows_min_programs_132,rows_warps_8
 
 for stage in "$@"; do
     start=$(date +%s)
@@ -112,6 +112,8 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/8b" --shapes llama3-8b --peft-new-tokens 0 ;;
     sgmv)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
+    sgmv-quick)  # the anchored cases only (issue 2's table), with the torch baselines
+        python3 benchmarks/bench_sgmv.py --out "$out/sgmv-quick" --quick ;;
     tests-sgmv)  # the SGMV kernels' GPU tests (tile and row-wise paths, graphs, PDL)
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_sgmv_gpu.py ;;
     sgmv-sweep)  # decode-shaped cases under the row-wise and long-segment launch variants

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafleet.kernels.sgmv_rows_triton import _sgmv_expand_rows_kernel, _sgmv_shrink_rows_kernel
+from lorafleet.kernels.sgmv_rows_triton import _sgmv_expand_rows_kernel
 from lorafleet.kernels.sgmv_triton import _sgmv_expand_kernel, _sgmv_shrink_kernel
 
 # Enough programs to keep every SM of a large GPU (132 on an H100/H200) busy several times over:
@@ -49,20 +49,16 @@ USE_PDL = os.environ.get("LORAFLEET_PDL", "1") != "0"
 # and is used only where that makes at most PDL_MAX_PROGRAMS programs: beyond that, early programs
 # mostly hold SM resources and the plain launch was faster.
 PDL_MAX_PROGRAMS = 3072
-# Row-wise kernels (sgmv_rows_triton.py) for batches of at most this many rows per segment on
-# average (T / number of segments, a shape: no sync), i.e. decode with about one row per adapter;
-# 0 turns them off. Chosen separately for shrink and expand (their partials share one layout).
-ROWS_SHRINK_MAX_AVG_ROWS = float(os.environ.get("LORAFLEET_SGMV_ROWS_SHRINK", "1"))
-ROWS_EXPAND_MAX_AVG_ROWS = float(os.environ.get("LORAFLEET_SGMV_ROWS_EXPAND", "1"))
-ROWS_BLOCK_K = 256
-# Segments at least this long on average take 64-row tiles even in small batches (one adapter's
-# long segment re-reads A and B less), and wide tiles split h_in at most WIDE_MAX_SPLIT ways.
-LONG_SEGMENT_ROWS = float("inf")
-WIDE_MAX_SPLIT = 4
+# Row-wise expand (sgmv_rows_triton.py) for batches of at most ROWS_MAX_AVG_ROWS rows per segment on
+# average (T / number of segments: shapes, no sync), i.e. decode with about one row per adapter, and
+# a pool rank of at most ROWS_MAX_RANK (a wider rank vector leaves too few columns per program);
+# 0 turns it off. Each program adds ROWS_EXPAND_ELEMS elements of B into its row, fewer where the
+# grid would otherwise have under ROWS_MIN_PROGRAMS programs (a batch of one or a few rows).
+ROWS_MAX_AVG_ROWS = float(os.environ.get("LORAFLEET_SGMV_ROWS", "1"))
+ROWS_MAX_RANK = 16
+ROWS_EXPAND_ELEMS = 8192
+ROWS_MIN_PROGRAMS = 264
 ROWS_NUM_WARPS = 4
-# Elements of B per expand program (BLOCK_N x BLOCK_R): 8 KB of bf16 keeps the loads wide and the
-# programs many.
-ROWS_EXPAND_ELEMS = 4096
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
@@ -87,8 +83,6 @@ def _block_m(T: int, num_segs: int) -> int:
     """Short segments (decode) and small batches use the smallest tensor-core tile, which gives the
     most programs; long segments of a large batch (prefill) a wider tile that re-reads A and B less."""
     avg_rows = T / max(num_segs, 1)
-    if avg_rows >= LONG_SEGMENT_ROWS:
-        return 64
     return 16 if avg_rows <= 24 or T <= 256 else 64
 
 
@@ -101,8 +95,8 @@ def _shrink_config(block_m: int, block_r: int) -> tuple[int, int]:
     return SHRINK_BLOCK_K, SHRINK_NUM_WARPS
 
 
-def _rows_path(T: int, num_segs: int, max_avg_rows: float) -> bool:
-    return max_avg_rows > 0 and max_avg_rows * num_segs >= T
+def _rows_path(T: int, num_segs: int, r_max: int) -> bool:
+    return ROWS_MAX_AVG_ROWS > 0 and ROWS_MAX_AVG_ROWS * num_segs >= T and r_max <= ROWS_MAX_RANK
 
 
 def _block_r(r_max: int) -> int:
@@ -180,8 +174,6 @@ def shrink(
     if T == 0 or num_segs == 0:
         # Nothing to launch; the split heuristics below divide by rows per tile.
         return alloc((1, n_slices, T, r_max), dtype=torch.float32, device=x.device)
-    if _rows_path(T, num_segs, ROWS_SHRINK_MAX_AVG_ROWS):
-        return _shrink_rows(x, lora_as, seg_indptr, seg_slots, ranks, alloc, pdl)
     block_m = _block_m(T, num_segs)
     block_r = _block_r(r_max)
     num_r_tiles = triton.cdiv(r_max, block_r)
@@ -193,7 +185,7 @@ def shrink(
         rows_per_tile = min(block_m, triton.cdiv(T, max(num_segs, 1)))
         max_split = max(1, min(16, REREAD_ROWS // rows_per_tile, REREAD_RANKS // block_r))
     else:
-        max_split = WIDE_MAX_SPLIT
+        max_split = 4
     split_k = 1
     while (
         tiles * n_slices * num_r_tiles * split_k < _TARGET_PROGRAMS
@@ -259,11 +251,11 @@ def expand(
     num_segs = seg_slots.shape[0]
     if T == 0 or num_segs == 0:
         return
-    if _rows_path(T, num_segs, ROWS_EXPAND_MAX_AVG_ROWS):
-        _expand_rows(y, partials, lora_bs, seg_indptr, seg_slots, ranks, scales, pdl)
-        return
     n_slices = len(lora_bs)
     r_max = lora_bs[0].shape[2]
+    if _rows_path(T, num_segs, r_max):
+        _expand_rows(y, partials, lora_bs, seg_indptr, seg_slots, ranks, scales, pdl)
+        return
     block_m = _block_m(T, num_segs)
     block_r = _block_r(r_max)
     hoist = r_max <= block_r
@@ -313,66 +305,6 @@ def expand(
     )
 
 
-def _shrink_rows(
-    x: torch.Tensor,
-    lora_as: Sequence[torch.Tensor],
-    seg_indptr: torch.Tensor,
-    seg_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    alloc,
-    pdl: bool,
-) -> torch.Tensor:
-    T, h_in = x.shape
-    n_slices = len(lora_as)
-    _, r_max, _ = lora_as[0].shape
-    num_segs = seg_slots.shape[0]
-    block_r = _block_r(r_max)
-    num_r_tiles = triton.cdiv(r_max, block_r)
-    # A wide rank tile holds more of A per K column: shorten the chunk to keep registers bounded.
-    block_k = max(64, ROWS_BLOCK_K * 16 // block_r)
-    # Rows are the programs; split h_in until the grid covers the GPU (expand reads every split's
-    # partials, a few hundred bytes per row).
-    split_k = 1
-    while (
-        T * n_slices * num_r_tiles * split_k < _TARGET_PROGRAMS
-        and h_in // (split_k * 2) >= block_k
-        and split_k < 16
-    ):
-        split_k *= 2
-    k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
-    out = alloc((split_k, n_slices, T, r_max), dtype=torch.float32, device=x.device)
-    a0 = lora_as[0]
-    offs = [_elem_offset(a, a0) for a in lora_as] + [0, 0]
-    _sgmv_shrink_rows_kernel[(T, split_k * num_r_tiles, n_slices)](
-        x,
-        a0,
-        out,
-        seg_indptr,
-        seg_slots,
-        ranks,
-        offs[1],
-        offs[2],
-        num_segs,
-        T,
-        h_in,
-        r_max,
-        k_per_split,
-        x.stride(0),
-        a0.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        ranks.stride(0),
-        NUM_R_TILES=num_r_tiles,
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        SEG_BLOCK=_seg_block(num_segs),
-        USE_PDL=pdl,
-        num_warps=ROWS_NUM_WARPS,
-    )
-    return out
-
-
 def _expand_rows(
     y: torch.Tensor,
     partials: torch.Tensor,
@@ -387,10 +319,11 @@ def _expand_rows(
     n_slices = len(lora_bs)
     r_max = lora_bs[0].shape[2]
     num_segs = seg_slots.shape[0]
-    # The whole rank in one vector (up to 256: 32 columns x 256 ranks).
-    block_r = triton.next_power_of_2(max(r_max, 8))
-    block_n = max(32, ROWS_EXPAND_ELEMS // block_r)
+    block_r = triton.next_power_of_2(max(r_max, 8))  # the whole rank in one vector
     widths = [b.shape[1] for b in lora_bs] + [0] * (3 - n_slices)
+    block_n = max(32, ROWS_EXPAND_ELEMS // block_r)
+    while block_n > 32 and T * sum(triton.cdiv(w, block_n) for w in widths) < ROWS_MIN_PROGRAMS:
+        block_n //= 2
     n_progs = [triton.cdiv(w, block_n) for w in widths]
     b0 = lora_bs[0]
     b_offs = [_elem_offset(b, b0) for b in lora_bs] + [0, 0]

@@ -1,16 +1,16 @@
-"""Row-wise Triton SGMV kernels for batches whose segments hold about one row each (distinct decode).
+"""Row-wise Triton SGMV expand for batches whose segments hold about one row each (distinct decode).
 
-The tile kernels of sgmv_triton.py give each program a 16-row tile so that ``tl.dot`` can use the
-tensor cores; with one row per segment, 15 of those rows are masked, and the dot's operands still go
-through shared memory and a layout change before each tiny MMA. Here a program owns one row: shrink
-multiplies the row's slice of x into its adapter's A chunk in registers and reduces over h_in;
-expand multiplies the row's rank vector into a chunk of B and reduces over the rank. Both are plain
-vector loads and FMAs, so a program's time is its loads.
+The tile expand of sgmv_triton.py gives each program a 16-row tile so that ``tl.dot`` can use the
+tensor cores; with one row per segment, 15 of those rows are masked, and the operands still go
+through shared memory and a layout change before each tiny MMA. Here a program owns one row and a
+chunk of its output columns: it multiplies the row's rank vector into that chunk of its adapter's B
+in registers and reduces over the rank, so its time is its loads, and a chunk can be wider.
 
-The partial sums have the tile kernels' layout ``[SPLIT_K, n_slices, T, r_max]`` (float32, summed
-over splits by expand), so either shrink pairs with either expand. Rows are found as the tile
-kernels find tiles (``_tile_to_segment`` with one-row tiles): program ``t`` takes the t-th row that
-lies in a segment, so rows outside every segment, and segments of slot -1, are never touched.
+It reads the shrink's partial sums ``[SPLIT_K, n_slices, T, r_max]`` (float32, summed over splits
+here), the layout the tile shrink writes. Rows are found as the tile kernels find tiles
+(``_tile_to_segment`` with one-row tiles): program ``t`` takes the t-th row that lies in a segment,
+so rows outside every segment, and segments of slot -1, are never touched. (A row-wise shrink was
+measured too and lost to the tile shrink in every decode case: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -19,70 +19,6 @@ import triton
 import triton.language as tl
 
 from lorafleet.kernels.sgmv_triton import _rank_masks, _select_slice, _tile_to_segment
-
-
-@triton.jit
-def _sgmv_shrink_rows_kernel(
-    x_ptr,
-    a_ptr,
-    out_ptr,
-    seg_indptr_ptr,
-    seg_slots_ptr,
-    ranks_ptr,
-    a_off1,
-    a_off2,
-    num_segs,
-    T,
-    H_IN,
-    R_MAX,
-    K_PER_SPLIT,
-    stride_xm,
-    stride_a_slot,
-    stride_o_split,
-    stride_o_slice,
-    stride_o_m,
-    stride_rank_slice,
-    NUM_R_TILES: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SEG_BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    split = tl.program_id(1) // NUM_R_TILES
-    r_tile = tl.program_id(1) % NUM_R_TILES
-    sl = tl.program_id(2)
-    seg, slot, row, _ = _tile_to_segment(
-        seg_indptr_ptr, seg_slots_ptr, num_segs, tl.program_id(0), T, 1, SEG_BLOCK
-    )
-    if seg >= num_segs:
-        return
-    if slot < 0:
-        return
-    rank = tl.load(ranks_ptr + sl * stride_rank_slice + slot)
-    if r_tile * BLOCK_R >= rank:
-        return
-    r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask, r_load = _rank_masks(r, rank, R_MAX, 8)
-    a_base = a_ptr + slot.to(tl.int64) * stride_a_slot
-    if sl == 1:
-        a_base += a_off1
-    if sl == 2:
-        a_base += a_off2
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    a_rows = a_base + r[:, None] * H_IN
-    k_start = split * K_PER_SPLIT
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        k = k_start + kk + tl.arange(0, BLOCK_K)
-        k_mask = k < H_IN
-        xv = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
-        at = tl.load(a_rows + k[None, :], mask=r_load[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.sum(at.to(tl.float32) * xv[None, :], axis=1)
-    out = out_ptr + split * stride_o_split + sl * stride_o_slice + row.to(tl.int64) * stride_o_m
-    # Lanes past the rank may have summed garbage (rows loaded whole up to their 8-entry run).
-    tl.store(out + r, tl.where(r_mask, acc, 0.0), mask=r < R_MAX)
 
 
 @triton.jit

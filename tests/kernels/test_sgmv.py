@@ -24,13 +24,13 @@ POPULARITIES = ["distinct", "uniform", "skewed", "identical"]
 
 @pytest.fixture(params=[16, 64, "rows"], ids=["narrow-tiles", "wide-tiles", "row-wise"])
 def triton_path(request, monkeypatch):
-    """Decode-shaped batches use 16-row tiles (or, at about one row per segment, the row-wise
-    kernels), prefill-shaped ones 64-row tiles; force each on every shape."""
+    """Decode-shaped batches use 16-row tiles (and, at about one row per segment, the row-wise
+    expand), prefill-shaped ones 64-row tiles; force each on every shape."""
     from lorafleet.kernels import sgmv_launch
 
     rows = request.param == "rows"
-    for knob in ("ROWS_SHRINK_MAX_AVG_ROWS", "ROWS_EXPAND_MAX_AVG_ROWS"):
-        monkeypatch.setattr(sgmv_launch, knob, float("inf") if rows else 0.0)
+    monkeypatch.setattr(sgmv_launch, "ROWS_MAX_AVG_ROWS", float("inf") if rows else 0.0)
+    monkeypatch.setattr(sgmv_launch, "ROWS_MAX_RANK", 256)
     if not rows:
         monkeypatch.setattr(sgmv_launch, "_block_m", lambda T, num_segs: request.param)
     return request.param
