@@ -23,9 +23,9 @@ class GraphTiming:
     """Where one graph's capture time went (host seconds)."""
 
     key: GraphKey
-    at: str  # "start" (before the engine served) or "idle" (captured while it held no sequence)
-    prep_s: float  # device sync, and cached device memory handed back so the graph's pool can grow
-    warmup_s: float  # one eager pass: compiles or loads the kernels' variants, sets up cuBLAS
+    at: str  # "start" (before the engine served), "idle" (while it held no sequence) or "recapture"
+    prep_s: float  # cached device memory handed back so the graph's pool can grow
+    warmup_s: float  # one eager pass and a device sync: compiles or loads kernel variants, sets up cuBLAS
     capture_s: float  # recording the pass into the graph
 
     @property
@@ -44,17 +44,18 @@ def capture_graph(
 ) -> tuple[torch.cuda.CUDAGraph, GraphTiming]:
     """Warm ``forward`` up eagerly, then record it on ``stream`` into a new graph sharing ``pool``.
 
-    The capture checks only this thread's CUDA calls ("thread_local"): an idle capture can overlap an
-    adapter read on the loader thread, whose pinned-memory calls would abort a "global" capture.
+    The capture checks only this thread's CUDA calls ("thread_local"): a capture made while serving
+    shares the process with other threads (the adapter loader's pinned-memory calls, the server's),
+    and under "global" any of their calls that might sync would abort it.
     """
     t0 = time.perf_counter()
-    torch.cuda.synchronize(device)
-    # Memory cached by eager steps cannot serve the graph's private pool; the allocator cannot hand
-    # it back once the capture has begun, so it goes back now (as torch.cuda.graph does).
-    torch.cuda.empty_cache()
-    t1 = time.perf_counter()
     forward()
     torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    # Memory the warm-up (or eager steps) left cached cannot serve the graph's private pool, and the
+    # allocator cannot hand it back once the capture has begun: back it goes now, as in
+    # torch.cuda.graph, so capturing needs no more memory than it did.
+    torch.cuda.empty_cache()
     t2 = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
@@ -64,4 +65,4 @@ def capture_graph(
         finally:
             graph.capture_end()
     t3 = time.perf_counter()
-    return graph, GraphTiming(key, at, t1 - t0, t2 - t1, t3 - t2)
+    return graph, GraphTiming(key, at, t2 - t1, t1 - t0, t3 - t2)

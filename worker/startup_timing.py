@@ -65,7 +65,7 @@ def describe(family: dict[str, float]) -> str:
     return (
         f"{int(family['graphs'])} graphs: warm-up {family['warmup_s']:.2f} s "
         f"(first {family['first_warmup_s']:.2f} s), capture {family['capture_s']:.2f} s, "
-        f"sync and cache release {family['prep_s']:.2f} s"
+        f"cache release {family['prep_s']:.2f} s"
     )
 
 

@@ -207,7 +207,7 @@ def test_capture_digest_sums_each_family() -> None:
     }
     assert digest["decode"]["graphs"] == 1 and digest["decode"]["first_warmup_s"] == 1.5
     assert describe(digest["prefill"]) == (
-        "2 graphs: warm-up 2.25 s (first 2.00 s), capture 0.75 s, sync and cache release 1.00 s"
+        "2 graphs: warm-up 2.25 s (first 2.00 s), capture 0.75 s, cache release 1.00 s"
     )
 
 
