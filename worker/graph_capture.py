@@ -59,7 +59,7 @@ def capture_graph(
     t2 = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        graph.capture_begin(*((pool,) if pool is not None else ()), capture_error_mode="thread_local")
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             forward()
         finally:
