@@ -192,22 +192,28 @@ def test_idle_captures_match_eager_mode(tmp_path: Path, dtype: str, tol: float) 
     assert_same_generation(eager_out, eager_logits, out, logits, tol)
 
 
+def drive(engine: Engine, requests: list[Request], tokens: dict[str, list[int]]) -> None:
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        for d in engine.step():
+            tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
+
+
 def test_a_step_without_its_graph_runs_eagerly_and_matches(tmp_path: Path) -> None:
     """An idle-mode engine that never had an idle moment: a 300-row prefill (bucket 384, not
-    captured) runs eagerly beside graph-replayed decode steps, with start mode's tokens and logits."""
-    demo = make_demo(tmp_path, num_adapters=2, seed=5)
+    captured) runs eagerly beside graph-replayed steps, with start mode's tokens and logits."""
+    demo = make_demo(tmp_path, num_adapters=1, seed=5)
+    (name,) = demo.adapters
     rng = random.Random(1)
-    vocab = 384
-    prompts = [[rng.randrange(3, vocab) for _ in range(100)] for _ in range(3)]
+    prompts = [[rng.randrange(3, 384) for _ in range(100)] for _ in range(3)]
     sp = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
-    names = sorted(demo.adapters)
     results = []
     for mode in ("start", "idle"):
         engine = Engine.from_pretrained(
             demo.model_dir, device="cuda", dtype="float32", max_batch_size=4, graph_capture=mode
         )
-        for name in names:
-            engine.add_adapter(name, demo.adapters[name])
+        engine.add_adapter(name, demo.adapters[name])
         seen: list[torch.Tensor] = []
         inner = engine.runner.run
 
@@ -217,16 +223,19 @@ def test_a_step_without_its_graph_runs_eagerly_and_matches(tmp_path: Path) -> No
             return out
 
         engine.runner.run = spy  # type: ignore[method-assign]
-        # Queued by hand, not through generate(), which would capture one idle graph first.
-        for i, p in enumerate(prompts):
-            engine.add_request(Request(f"r{i}", tuple(p), names[i % 2] if i else None, sp))
         tokens: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for d in engine.step():
-                tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
+        # Through add_request, not generate() (which would capture an idle graph first). The adapter
+        # is loaded by a first request, so the three prompts are admitted together: one 300-row
+        # step with LoRA rows beside base ones.
+        drive(engine, [Request("warm", (7, 8, 9, 10), name, sp)], tokens)
+        drive(
+            engine,
+            [Request(f"r{i}", tuple(p), name if i else None, sp) for i, p in enumerate(prompts)],
+            tokens,
+        )
         results.append((engine.runner, tokens, seen))
     (start_runner, start_tokens, start_logits), (idle_runner, idle_tokens, idle_logits) = results
-    assert start_runner.num_eager_steps == 0 and start_runner.num_mixed_graph_steps >= 1
+    assert start_runner.num_eager_steps == 0 and start_runner.num_mixed_graph_steps >= 2
     assert idle_runner.num_uncaptured_steps == idle_runner.num_eager_steps == 1
     assert idle_runner.num_graph_steps == start_runner.num_graph_steps > 0
     assert idle_tokens == start_tokens
