@@ -340,8 +340,8 @@ class Engine:
         if not self.has_idle_work():
             return False
         if self._inflight is not None:
-            # A pass launched for sequences that are gone since (aborted or exported): drain it, so
-            # the capture does not overwrite the metadata it was launched with.
+            # With overlap, a pass launched for sequences that are gone since (finished, aborted or
+            # exported) stays queued until the next step: settle it, so the capture starts idle.
             self._collect(self._inflight)
             self._inflight = None
         if self.adapters.loading():
