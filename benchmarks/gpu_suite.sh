@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
-#   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, attention, adapters,
-#                                                engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b, sgmv,
-#                                                sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
-#                                                fleet-assets, fleet, sim-validate
+#   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
+#                                                adapters, engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b,
+#                                                sgmv, sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
+#                                                startup-7b, fleet-assets, fleet, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
 # fleet (two GPUs, issue 12; FLEET_BUDGET_S seconds, default 520, plus ~12 s of setup) needs Ray,
@@ -95,6 +95,10 @@ for stage in "$@"; do
     tests-new)  # what the decode-loop work touched (the SGMV kernels' own GPU tests are unchanged)
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/worker tests/kernels/test_paged_attention_gpu.py \
             tests/kernels/test_fused_ops_gpu.py ;;
+    graph-tests)  # CUDA graphs against eager mode, idle captures and steps whose graph is not captured yet
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/worker/test_cuda_graphs_gpu.py ;;
+    startup-7b)  # engine start-up by phase, graph_capture start vs idle, the idle captures (~1-2 min)
+        python3 benchmarks/bench_startup.py --out "$out/startup" ;;
     attention)
         python3 benchmarks/bench_attention.py --out "$out" ;;
     adapters)

@@ -24,12 +24,14 @@ from lorafleet.worker.batch_builder import plan_batch
 from lorafleet.worker.batching import Scheduler, SchedulerOutput
 from lorafleet.worker.block_allocator import KVBlockAllocator
 from lorafleet.worker.engine_config import EngineConfig
+from lorafleet.worker.generate_output import assemble_output, encode_prompt
 from lorafleet.worker.kv_cache import KVCache, resolve_dtype
 from lorafleet.worker.loader import LoadedModel, load_model
 from lorafleet.worker.lora_pool import LoraSlotPool
 from lorafleet.worker.model_runner import ModelRunner
 from lorafleet.worker.sampling import SampledTokens, Sampler
 from lorafleet.worker.sequence import SeqStatus, Sequence
+from lorafleet.worker.startup_timing import StartupTimes, log_captures
 from lorafleet.worker.stop_checker import StopChecker
 from lorafleet.worker.types import (
     EngineStats,
@@ -71,26 +73,31 @@ class Engine:
                 f"{mc.max_position_embeddings}"
             )
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        self.lora_pool = LoraSlotPool(
-            mc.num_hidden_layers,
-            mc.lora_shapes(),
-            cfg.max_loras,
-            cfg.max_lora_rank,
-            self.dtype,
-            self.device,
-            cfg.lora_target_modules,
-        )
-        self.adapters = AdapterCache(
-            mc, self.lora_pool, host_cache_bytes=cfg.host_cache_bytes, dtype=self.dtype
-        )
-        if self.device.type == "cuda":
-            # Page-locking a packed buffer is slow (tens of ms for 80 MB) and holds the driver while
-            # the step thread launches; done once here, torch's caching host allocator hands the
-            # block to the first adapter load instead (the suspect of a 58 ms step at a load's start).
-            self.lora_pool.new_buffer(pin=True)  # freed at once, kept by the allocator
-        num_blocks = self._num_kv_blocks()
-        self.kv = KVCache(mc, num_blocks, cfg.block_size, self.dtype, self.device)
-        self.allocator = KVBlockAllocator(num_blocks, cfg.block_size)
+        self.startup = StartupTimes()
+        if loaded.load_seconds is not None:
+            self.startup.add("model load", loaded.load_seconds)
+        with self.startup.phase("LoRA slots and adapter cache"):
+            self.lora_pool = LoraSlotPool(
+                mc.num_hidden_layers,
+                mc.lora_shapes(),
+                cfg.max_loras,
+                cfg.max_lora_rank,
+                self.dtype,
+                self.device,
+                cfg.lora_target_modules,
+            )
+            self.adapters = AdapterCache(
+                mc, self.lora_pool, host_cache_bytes=cfg.host_cache_bytes, dtype=self.dtype
+            )
+            if self.device.type == "cuda":
+                # Page-locking a packed buffer is slow (tens of ms for 80 MB) and holds the driver while
+                # the step thread launches; done once here, torch's caching host allocator hands the
+                # block to the first adapter load instead (the suspect of a 58 ms step at a load's start).
+                self.lora_pool.new_buffer(pin=True)  # freed at once, kept by the allocator
+        with self.startup.phase("KV cache"):
+            num_blocks = self._num_kv_blocks()
+            self.kv = KVCache(mc, num_blocks, cfg.block_size, self.dtype, self.device)
+            self.allocator = KVBlockAllocator(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(
             self.allocator,
             self.adapters,
@@ -107,10 +114,12 @@ class Engine:
             max_model_len=self.max_model_len,
             enforce_eager=cfg.enforce_eager,
             max_graph_tokens=cfg.max_graph_tokens,
+            graph_capture=cfg.graph_capture,
         )
         if cfg.lora_side_stream and self.device.type == "cuda":
             self.lora_pool.stream = torch.cuda.Stream(self.device)
         self.runner.capture()
+        log_captures(self.startup, self.runner.capture_timings, len(self.runner.schedule.pending()))
         self.sampler = Sampler(cfg.seed)
         eos = mc.eos_token_ids
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -317,6 +326,31 @@ class Engine:
             self.adapters.wait_for_loads(0.005)
         return deltas
 
+    def has_idle_work(self) -> bool:
+        """Whether ``run_idle_work`` would capture a graph now: some are left for idle moments
+        (``graph_capture="idle"``) and the engine holds no sequence. A driver asks this when it would
+        otherwise wait for requests."""
+        return not self._seqs and self.runner.idle_captures_pending
+
+    def run_idle_work(self) -> bool:
+        """Capture the next graph left for idle moments, only while the engine holds no sequence;
+        whether one was captured. No step ever waits on it: a request that arrives meanwhile waits
+        for this one graph at most (a warm-up pass and a capture), and the next call sees it.
+        """
+        if not self.has_idle_work():
+            return False
+        if self._inflight is not None:
+            # With overlap, a pass launched for sequences that are gone since (finished, aborted or
+            # exported) stays queued until the next step: settle it, so the capture starts idle.
+            self._collect(self._inflight)
+            self._inflight = None
+        if self.adapters.loading():
+            # The loader thread's pinned-memory calls may not overlap a capture; a short wait keeps a
+            # driver that calls again at once from spinning.
+            self.adapters.wait_for_loads(0.005)
+            return False
+        return self.runner.capture_idle() is not None
+
     def _launch(self, out: SchedulerOutput) -> _LaunchedStep:
         """Queue the forward pass and the sampling of ``out`` on the device; no host sync."""
         plan = plan_batch(out.scheduled, self.config.block_size)
@@ -426,7 +460,10 @@ class Engine:
         adapters: str | Seq[str | None] | None = None,
         sampling: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[GenerationOutput]:
-        """Run ``prompts`` (text or token ids) to completion; one output per prompt, in order."""
+        """Run ``prompts`` (text or token ids) to completion; one output per prompt, in order.
+
+        The engine is idle when this is called, so it first captures one graph left for idle moments
+        (``run_idle_work``): across calls, every bucket's graph comes to exist."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list (of strings or token-id lists), not one string")
         prompts = list(prompts)
@@ -442,10 +479,11 @@ class Engine:
         batch_id = next(self._generate_ids)
         requests = []
         for i, (prompt, adapter, p) in enumerate(zip(prompts, adapter_list, params)):
-            ids = self._encode(prompt, i)
+            ids = encode_prompt(self.tokenizer, prompt, i)
             req = Request(f"generate-{batch_id}-{i}", tuple(ids), adapter, p)
             self._validate(req)
             requests.append(req)
+        self.run_idle_work()
         for req in requests:
             self.add_request(req)
         collected: dict[str, list[TokenDelta]] = {r.request_id: [] for r in requests}
@@ -458,39 +496,4 @@ class Engine:
             for req in requests:
                 self.abort(req.request_id)
             raise
-        return [self._output(r, collected[r.request_id]) for r in requests]
-
-    def _encode(self, prompt: str | Seq[int], index: int) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    f"prompt {index} is text, but this model was loaded without a tokenizer "
-                    "(no tokenizer.json, or skip_tokenizer_init): pass token-id lists"
-                )
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        return ids
-
-    @staticmethod
-    def _output(request: Request, deltas: list[TokenDelta]) -> GenerationOutput:
-        final = deltas[-1]
-        assert final.finish_reason is not None
-        logprobs = None
-        if request.sampling.logprobs:
-            logprobs = tuple(lp for d in deltas for lp in (d.new_logprobs or ()))
-        tops = None
-        if request.sampling.top_logprobs:
-            tops = tuple(top for d in deltas for top in (d.new_top_logprobs or ()))
-        return GenerationOutput(
-            request.request_id,
-            request.prompt_token_ids,
-            tuple(t for d in deltas for t in d.new_token_ids),
-            "".join(d.new_text for d in deltas),
-            final.finish_reason,
-            logprobs,
-            final.error,
-            tops,
-        )
+        return [assemble_output(r, collected[r.request_id]) for r in requests]

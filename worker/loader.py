@@ -7,6 +7,7 @@ by path.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json, or {}
     model_dir: Path = field(default_factory=Path)
+    load_seconds: float | None = None  # wall time of load_model (the engine logs it as a start-up phase)
 
 
 def load_model(
@@ -54,6 +56,7 @@ def load_model(
     (unsupported architecture, pickle-only weights, corrupt safetensors, missing or misshapen
     tensors); each message names the file.
     """
+    t0 = time.perf_counter()
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
@@ -89,7 +92,7 @@ def load_model(
         tokenizer = Tokenizer.from_dir(model_dir)
     elif require_tokenizer:
         raise FileNotFoundError(f"{tok_path}: no such file (the worker needs a fast tokenizer.json)")
-    return LoadedModel(model, config, tokenizer, generation_config, model_dir)
+    return LoadedModel(model, config, tokenizer, generation_config, model_dir, time.perf_counter() - t0)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

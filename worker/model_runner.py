@@ -11,21 +11,32 @@ A step that carries prefill rows replays a graph of the smallest token-row bucke
 pays ~250 Python kernel launches and their argument handling (H200, 7B shape, 16 prompt rows:
 15-19 ms, 55-75 ms with LoRA, for 4-5 ms of GPU work). Longer steps, the CPU, ``enforce_eager``
 and models with dynamic-NTK RoPE run eagerly.
+
+Which graphs exist when is ``CaptureSchedule``'s call (``graph_capture``): with "idle", the prefill
+buckets past 256 rows are captured one graph per ``capture_idle`` call, made by the engine while it
+holds no sequence, and a step whose bucket has no graph yet runs eagerly.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
+import logging
+from collections.abc import Callable
 
 import torch
 
 from lorafleet.worker.batch import BatchLayout
 from lorafleet.worker.batch_buffers import BatchBuffers, PackedShape, decode_shape
 from lorafleet.worker.batch_builder import BatchPlan
+from lorafleet.worker.graph_capture import GraphTiming, capture_graph
+from lorafleet.worker.graph_schedule import CaptureSchedule, GraphKey
 from lorafleet.worker.kv_cache import KVCache
 from lorafleet.worker.lora_pool import LoraSlotPool
 from lorafleet.worker.model import LlamaModel
+
+log = logging.getLogger(__name__)
 
 
 def graph_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -68,6 +79,7 @@ class ModelRunner:
         max_model_len: int,
         enforce_eager: bool = False,
         max_graph_tokens: int = 0,
+        graph_capture: str = "start",
     ) -> None:
         self.model = model
         self.kv = kv
@@ -80,6 +92,7 @@ class ModelRunner:
         # which padding rows outside every sequence would break: such models keep eager prefill.
         mixed = self.use_graphs and not model.rope.dynamic_factor
         self.token_sizes = graph_token_sizes(max_num_batched_tokens, max_graph_tokens) if mixed else ()
+        self.schedule = CaptureSchedule(self.batch_sizes, self.token_sizes, graph_capture)
         capacity = PackedShape(
             rows=max(max_num_batched_tokens, max_batch_size),
             seqs=max_batch_size,
@@ -95,54 +108,111 @@ class ModelRunner:
         self._mixed_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._logits: torch.Tensor | None = None
         self._mixed_logits: torch.Tensor | None = None
+        self._pool: tuple | None = None  # the memory pool every graph shares
+        self._capture_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
+        self._started = False
+        self.capture_timings: list[GraphTiming] = []
+        self.idle_capture_error: str | None = None  # why idle captures stopped, when one failed
         self.num_graph_steps = 0
         self.num_mixed_graph_steps = 0
         self.num_eager_steps = 0
+        self.num_uncaptured_steps = 0  # eager steps whose bucket's graph was not captured (yet)
 
     # --- capture ---
     def capture(self) -> None:
-        """Capture every bucket's decode graphs (largest first, sharing one memory pool)."""
-        if not self.use_graphs or self._graphs:
+        """Capture the start-up graphs (``schedule.startup()``: largest first, one shared pool)."""
+        if not self.use_graphs or self._started:
             return
-        vocab = self.model.config.vocab_size
-        self._logits = torch.empty(self.batch_sizes[-1], vocab, dtype=torch.float32, device=self.device)
-        pool = None
-        empty = BatchPlan.empty()
-        if self.token_sizes:
-            cap = self.buffers.capacity
-            self._mixed_logits = torch.empty(cap.logits, vocab, dtype=torch.float32, device=self.device)
-        for rows in reversed(self.token_sizes):
-            for use_lora in (False, True):
-                layout = self.buffers.upload(empty, pad_rows=rows)
-                # A row count past one selects the prefill attention kernel, launched for queries of
-                # up to ``rows`` rows: the widest the bucket can hold.
-                layout = dataclasses.replace(layout, max_query_len=rows)
-                self._forward_mixed(layout, use_lora)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward_mixed(layout, use_lora)
-                pool = graph.pool()
-                self._mixed_graphs[(rows, use_lora)] = graph
-        for size in reversed(self.batch_sizes):
-            shape = decode_shape(size, self.width)
-            for use_lora in (False, True):
-                # Every row padding: the warm-up (which compiles the kernels) and the capture write nothing.
-                layout = self.buffers.upload(empty, pad_to=size, width=self.width)
-                self._forward_into_logits(layout, shape, use_lora)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._forward_into_logits(layout, shape, use_lora)
-                pool = graph.pool()
-                self._graphs[(size, use_lora)] = graph
+        self._started = True
+        self._alloc_outputs()
+        for key in self.schedule.startup():
+            self._capture(key, "start")
+            self.schedule.mark_done(key)
         torch.cuda.synchronize(self.device)
 
+    @property
+    def idle_captures_pending(self) -> bool:
+        return self._started and self.schedule.next_idle() is not None
+
+    def capture_idle(self) -> GraphKey | None:
+        """Capture the next graph left for idle moments; its key, or None when none was captured.
+
+        Only while no step is in flight: the capture overwrites the metadata buffers and syncs the
+        device. A failed capture is logged and ends the idle captures (their buckets keep running
+        eagerly): an engine that is serving must not fail requests over a speed-up.
+        """
+        key = self.schedule.next_idle() if self._started else None
+        if key is None:
+            return None
+        try:
+            self._capture(key, "idle")
+        except Exception as exc:
+            self.schedule.mark_failed(key)
+            self.schedule.abandon()
+            self.idle_capture_error = f"{type(exc).__name__}: {exc}"
+            log.warning("idle capture of %s failed, its bucket and the rest run eagerly", key, exc_info=True)
+            return None
+        self.schedule.mark_done(key)
+        t = self.capture_timings[-1]
+        log.info(
+            "idle capture: %s %d rows%s %.2f s (warm-up %.2f s, capture %.2f s); %d left",
+            key.kind,
+            key.size,
+            " with LoRA" if key.lora else "",
+            t.total_s,
+            t.warmup_s,
+            t.capture_s,
+            len(self.schedule.pending()),
+        )
+        return key
+
     def recapture(self) -> None:
-        """Capture the graphs again (after a change to how the forward pass runs, e.g. its streams)."""
+        """Capture the captured graphs again (after a change to how the forward pass runs, e.g. its
+        streams); those still pending stay pending."""
+        if not self._started:
+            return
+        keys = self.schedule.captured()
         self._graphs.clear()
         self._mixed_graphs.clear()
         self._logits = self._mixed_logits = None
+        self._pool = None
         torch.cuda.empty_cache()
-        self.capture()
+        self._alloc_outputs()
+        for key in keys:
+            self._capture(key, "recapture")
+        torch.cuda.synchronize(self.device)
+
+    def _alloc_outputs(self) -> None:
+        # Outside every graph's pool: the logits outlive each replay.
+        vocab = self.model.config.vocab_size
+        self._logits = torch.empty(self.batch_sizes[-1], vocab, dtype=torch.float32, device=self.device)
+        if self.token_sizes:
+            cap = self.buffers.capacity
+            self._mixed_logits = torch.empty(cap.logits, vocab, dtype=torch.float32, device=self.device)
+
+    def _capture(self, key: GraphKey, at: str) -> None:
+        assert self._capture_stream is not None
+        empty = BatchPlan.empty()
+        forward: Callable[[], None]
+        if key.kind == "prefill":
+            layout = self.buffers.upload(empty, pad_rows=key.size)
+            # A row count past one selects the prefill attention kernel, launched for queries of up
+            # to ``key.size`` rows: the widest the bucket can hold.
+            layout = dataclasses.replace(layout, max_query_len=key.size)
+            forward = functools.partial(self._forward_mixed, layout, key.lora)
+            graphs = self._mixed_graphs
+        else:
+            shape = decode_shape(key.size, self.width)
+            # Every row padding: the warm-up (which compiles the kernels) and the capture write nothing.
+            layout = self.buffers.upload(empty, pad_to=key.size, width=self.width)
+            forward = functools.partial(self._forward_into_logits, layout, shape, key.lora)
+            graphs = self._graphs
+        graph, timing = capture_graph(
+            forward, key=key, at=at, device=self.device, stream=self._capture_stream, pool=self._pool
+        )
+        self._pool = graph.pool()
+        graphs[(key.size, key.lora)] = graph
+        self.capture_timings.append(timing)
 
     def _forward_into_logits(self, layout, shape: PackedShape, use_lora: bool) -> None:
         assert self._logits is not None
@@ -172,15 +242,16 @@ class ModelRunner:
         # A decode row that does not sample (a recompute cut to one token by the budget) runs eagerly.
         if not self._graphs or not plan.is_decode_only or len(plan.logits_indices) != plan.num_seqs:
             return None
-        i = bisect.bisect_left(self.batch_sizes, plan.num_seqs)
-        return self.batch_sizes[i] if i < len(self.batch_sizes) else None
+        size = _bucket(self.batch_sizes, plan.num_seqs)
+        return size if (size, plan.uses_lora) in self._graphs else None
 
     def token_size_for(self, plan: BatchPlan) -> int | None:
-        """The token-row bucket a step with prefill rows replays in, or None when it runs eagerly."""
-        if not self._mixed_graphs or plan.num_tokens == 0:
+        """The token-row bucket a step with prefill rows replays in, or None when it runs eagerly
+        (too many rows, or its bucket's graph is not captured yet)."""
+        if plan.num_tokens == 0:
             return None
-        i = bisect.bisect_left(self.token_sizes, plan.num_tokens)
-        return self.token_sizes[i] if i < len(self.token_sizes) else None
+        rows = _bucket(self.token_sizes, plan.num_tokens)
+        return rows if (rows, plan.uses_lora) in self._mixed_graphs else None
 
     def run(self, plan: BatchPlan) -> torch.Tensor:
         """Logits ``[len(plan.logits_indices), vocab]`` float32, in ``plan.sample_seq_ids`` order."""
@@ -204,4 +275,12 @@ class ModelRunner:
         if plan.reads_inflight:
             batch = self._resolve_inputs(batch)
         self.num_eager_steps += 1
+        if plan.num_tokens and _bucket(self.token_sizes, plan.num_tokens) is not None:
+            self.num_uncaptured_steps += 1
         return self.model(batch, self.kv, self.lora if use_lora else None)
+
+
+def _bucket(sizes: tuple[int, ...], n: int) -> int | None:
+    """The smallest of the sorted ``sizes`` that holds ``n``, or None."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
