@@ -118,8 +118,8 @@ for stage in "$@"; do
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
     sgmv-quick)  # the anchored cases only (issue 2's table), with the torch baselines
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv-quick" --quick ;;
-    tests-sgmv)  # the SGMV kernels' GPU tests (tile and row-wise paths, graphs, PDL)
-        python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_sgmv_gpu.py ;;
+    tests-sgmv)  # the SGMV kernels' GPU tests (tile and row-wise paths, graphs, PDL); SGMV_TESTS_K selects
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_sgmv_gpu.py ${SGMV_TESTS_K:+-k "$SGMV_TESTS_K"} ;;
     sgmv-sweep)  # decode-shaped cases under the row-wise and long-segment launch variants
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv-sweep" --sweep-only --reps 200 \
             --sweep-cases "${SGMV_SWEEP_CASES:-$SGMV_DECODE_CASES}" \
