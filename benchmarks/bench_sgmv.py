@@ -340,7 +340,8 @@ SWEEP_VARIANTS: dict[str, dict[str, object]] = {
     "target_programs_1056": {"_TARGET_PROGRAMS": 1056},
     "shrink_bk128": {"SHRINK_BLOCK_K": 128},
     "shrink_bk64": {"SHRINK_BLOCK_K": 64},
-    # Row-wise expand (on by default at <= 1 row per segment on average and r_max <= 16).
+    # Row-wise expand (on by default from 64 rows at <= 1 row per segment and r_max <= 16).
+    "rows_min_rows_1": {"ROWS_MIN_ROWS": 1},
     "rows_off": {"ROWS_MAX_AVG_ROWS": 0.0},
     "rows_avg4": {"ROWS_MAX_AVG_ROWS": 4.0},
     "rows_rank32": {"ROWS_MAX_RANK": 32},

@@ -49,12 +49,16 @@ USE_PDL = os.environ.get("LORAFLEET_PDL", "1") != "0"
 # and is used only where that makes at most PDL_MAX_PROGRAMS programs: beyond that, early programs
 # mostly hold SM resources and the plain launch was faster.
 PDL_MAX_PROGRAMS = 3072
-# Row-wise expand (sgmv_rows_triton.py) for batches of at most ROWS_MAX_AVG_ROWS rows per segment on
-# average (T / number of segments: shapes, no sync), i.e. decode with about one row per adapter, and
-# a pool rank of at most ROWS_MAX_RANK (a wider rank vector leaves too few columns per program);
-# 0 turns it off. Each program adds ROWS_EXPAND_ELEMS elements of B into its row, fewer where the
-# grid would otherwise have under ROWS_MIN_PROGRAMS programs (a batch of one or a few rows).
+# Row-wise expand (sgmv_rows_triton.py) for batches of at least ROWS_MIN_ROWS rows and at most
+# ROWS_MAX_AVG_ROWS rows per segment on average (T / number of segments: shapes, no sync), i.e.
+# decode with about one row per adapter, and a pool rank of at most ROWS_MAX_RANK (a wider rank
+# vector leaves too few columns per program); ROWS_MAX_AVG_ROWS = 0 turns it off. Measured on an
+# H200 (docs/benchmarks.md): it wins from 64 rows on (distinct r16: -10% at 64 rows, -18% at 128
+# and 256) and loses below (+5% at 1 row, +8% at 32), where the tile kernel's narrow chunks spread
+# the few rows over more programs. Each program adds ROWS_EXPAND_ELEMS elements of B into its row,
+# fewer where the grid would otherwise have under ROWS_MIN_PROGRAMS programs.
 ROWS_MAX_AVG_ROWS = float(os.environ.get("LORAFLEET_SGMV_ROWS", "1"))
+ROWS_MIN_ROWS = 64
 ROWS_MAX_RANK = 16
 ROWS_EXPAND_ELEMS = 8192
 ROWS_MIN_PROGRAMS = 264
@@ -96,7 +100,12 @@ def _shrink_config(block_m: int, block_r: int) -> tuple[int, int]:
 
 
 def _rows_path(T: int, num_segs: int, r_max: int) -> bool:
-    return ROWS_MAX_AVG_ROWS > 0 and ROWS_MAX_AVG_ROWS * num_segs >= T and r_max <= ROWS_MAX_RANK
+    return (
+        ROWS_MAX_AVG_ROWS > 0
+        and T >= ROWS_MIN_ROWS
+        and ROWS_MAX_AVG_ROWS * num_segs >= T
+        and r_max <= ROWS_MAX_RANK
+    )
 
 
 def _block_r(r_max: int) -> int:

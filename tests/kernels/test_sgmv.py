@@ -31,6 +31,7 @@ def triton_path(request, monkeypatch):
     rows = request.param == "rows"
     monkeypatch.setattr(sgmv_launch, "ROWS_MAX_AVG_ROWS", float("inf") if rows else 0.0)
     monkeypatch.setattr(sgmv_launch, "ROWS_MAX_RANK", 256)
+    monkeypatch.setattr(sgmv_launch, "ROWS_MIN_ROWS", 1)
     if not rows:
         monkeypatch.setattr(sgmv_launch, "_block_m", lambda T, num_segs: request.param)
     return request.param
