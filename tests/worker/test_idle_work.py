@@ -186,8 +186,8 @@ def test_graph_capture_is_validated(value) -> None:
 
 
 def test_graph_capture_from_a_mapping() -> None:
-    assert EngineConfig.from_dict({"graph_capture": "start"}).graph_capture == "start"
-    assert EngineConfig().graph_capture == "idle"
+    assert EngineConfig.from_dict({"graph_capture": "idle"}).graph_capture == "idle"
+    assert EngineConfig().graph_capture == "start"
 
 
 def test_capture_digest_sums_each_family() -> None:
