@@ -178,11 +178,12 @@ class WorkerActor:
         try:
             while True:  # until the head kills the actor
                 if not self._engine.has_unfinished():
-                    if self._engine.has_idle_work():
+                    if self._engine.has_idle_work() and not self._wake.is_set():
                         # Nothing to step: capture one graph left for idle moments. A request that
                         # arrives meanwhile waits for this one capture at most (add takes the lock).
                         async with self._lock:
-                            await loop.run_in_executor(self._pool, self._engine.run_idle_work)
+                            if not self._engine.has_unfinished():
+                                await loop.run_in_executor(self._pool, self._engine.run_idle_work)
                         continue
                     await self._wake.wait()
                 self._wake.clear()
