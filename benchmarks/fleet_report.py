@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fleet_stats
 import fleet_tables
 
 Run = Mapping[str, Any]
@@ -271,6 +272,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     summaries = [summarize(r, r["burst"][1], prof["idle_release_s"]) for r in runs if "burst" in r]
     policy = [s for s in summaries if not s["pair"]]
     text = "\n".join(out) + "\n\n" + policy_table(policy) if policy else "\n".join(out) + "\n"
+    text += fleet_stats.markdown([r for r in runs if "burst" in r])
     pair = [s for s in summaries if s["pair"]]
     if pair:
         text += "\n" + fleet_tables.pair_intro(result.get("kill_pair") or {}, runs) + "\n\n"
