@@ -272,11 +272,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     summaries = [summarize(r, r["burst"][1], prof["idle_release_s"]) for r in runs if "burst" in r]
     policy = [s for s in summaries if not s["pair"]]
     text = "\n".join(out) + "\n\n" + policy_table(policy) if policy else "\n".join(out) + "\n"
-    text += fleet_stats.markdown([r for r in runs if "burst" in r])
     pair = [s for s in summaries if s["pair"]]
     if pair:
         text += "\n" + fleet_tables.pair_intro(result.get("kill_pair") or {}, runs) + "\n\n"
         text += policy_table(pair)
+    text += fleet_stats.markdown([r for r in runs if "burst" in r])
     kill = result.get("kill")
     if kill:
         text += (
