@@ -187,7 +187,7 @@ class FleetBench:
             tail_s=prof.tail_s,
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,
-            kill_min_running=prof.kill_min_running,
+            kill_min_running=pair.kill_min_running if pair is not None else prof.kill_min_running,
             max_requests=pair.requests if pair is not None else None,
         )
 
@@ -325,7 +325,14 @@ class FleetBench:
         fixed = self.pair_fixed_s()
         budget = self.left_s() - 10.0 - self.migration_estimate() - 2 * fixed
         try:
-            pair = size_pair(arrivals, base["burst"][0], budget, per_worker, self.prof.kill_min_running)
+            pair = size_pair(
+                arrivals,
+                base["burst"][0],
+                budget,
+                per_worker,
+                self.prof.kill_min_running,
+                self.prof.max_batch_size,
+            )
         except ValueError as exc:
             self.note(f"skipped the kill pair: {exc}")
             return None

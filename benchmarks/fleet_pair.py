@@ -30,6 +30,9 @@ class PairPlan:
     reference_s: float  # estimated replay seconds of the run without the kill
     kill_s: float  # and of the run with it
     worker_requests_per_s: float  # one worker of the pair's dtype, the estimate the sizing used
+    # The kill waits for a worker holding this many: a third of the prefix up to a full batch, so
+    # that many of the compared requests are resumed ones (the pair's workers fill up at once).
+    kill_min_running: int
 
 
 def pair_names(dtype: str) -> tuple[str, str]:
@@ -55,12 +58,14 @@ def size_pair(
     replay_budget_s: float,
     per_worker: float,
     kill_min_running: int,
+    batch_cap: int,
 ) -> PairPlan:
     """The longest prefix of the plan whose two replays fit `replay_budget_s` seconds together.
 
     `arrivals`: the plan's send times, sorted. ValueError when even the shortest useful prefix does
     not fit: the kill waits for the burst and for a worker holding `kill_min_running` sequences,
-    so the prefix must reach `2 * kill_min_running` requests into the burst.
+    so the prefix must reach `2 * kill_min_running` requests into the burst. `batch_cap`: the most
+    sequences a worker runs at once.
     """
     if not per_worker > 0:
         raise ValueError(f"a worker's requests/s must be > 0, got {per_worker}")
@@ -80,7 +85,7 @@ def size_pair(
         ref, kill = cost(n)
         if ref + kill > replay_budget_s:
             break
-        best = PairPlan(n, ref, kill, per_worker)
+        best = PairPlan(n, ref, kill, per_worker, max(kill_min_running, min(batch_cap, n // 3)))
     if best is None or least <= before:
         ref, kill = cost(max(least, 1))
         raise ValueError(

@@ -100,9 +100,15 @@ def pair_intro(pair: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> st
         if pair
         else ""
     )
+    held = (
+        f"; the kill waits for a worker holding {pair['kill_min_running']}"
+        if "kill_min_running" in pair
+        else ""
+    )
     return (
         f"The kill pair ({pair.get('dtype', '?')}, packing; both workers from the start; the plan's first "
-        f"{pair.get('requests', '?')}{of} requests at the same times{est}; GPU-seconds over its own window):"
+        f"{pair.get('requests', '?')}{of} requests at the same times{est}{held}; GPU-seconds over its own "
+        "window):"
     )
 
 

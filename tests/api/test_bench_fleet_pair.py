@@ -3,6 +3,7 @@ walk of the GPU profile with the second H200 run's measured costs, and the pair'
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -34,7 +35,7 @@ def test_pair_prefix_is_the_longest_that_fits(mods) -> None:
     pair = mods["fleet_pair"]
     arrivals = [0.5 * i for i in range(4)] + [2.0 + 0.05 * i for i in range(200)]  # burst from 2 s
     # One worker serves 2 requests/s: n requests cost about n/4 s (both workers) + n/2 s (after the kill).
-    plan = pair.size_pair(arrivals, 2.0, 60.0, 2.0, kill_min_running=8)
+    plan = pair.size_pair(arrivals, 2.0, 60.0, 2.0, kill_min_running=8, batch_cap=16)
     cost = pair.replay_estimate(arrivals, plan.requests, 2.0, 2.0) + pair.replay_estimate(
         arrivals, plan.requests, 2.0, 1.0
     )
@@ -42,20 +43,23 @@ def test_pair_prefix_is_the_longest_that_fits(mods) -> None:
         arrivals, plan.requests + 1, 2.0, 1.0
     )
     assert cost <= 60.0 < more and 70 <= plan.requests <= 80
+    # The kill waits for a third of the prefix on one worker, at most a full batch, at least the rule's.
+    assert plan.kill_min_running == 16
+    assert pair.size_pair(arrivals, 2.0, 20.0, 2.0, 8, 16).kill_min_running == 8
     assert (plan.reference_s, plan.kill_s) == pytest.approx(
         (plan.requests / 4 + 0.5, plan.requests / 2 + 0.5)
     )
     # Time enough for all: the whole plan, no more.
-    assert pair.size_pair(arrivals, 2.0, 1e6, 2.0, 8).requests == len(arrivals)
+    assert pair.size_pair(arrivals, 2.0, 1e6, 2.0, 8, 16).requests == len(arrivals)
     # A replay cannot end before its last request is sent.
     assert pair.replay_estimate([0.0, 30.0], 2, 100.0, 2.0) == pytest.approx(30.01)
     # Too little time for 2 x kill_min_running requests into the burst: a clear refusal.
     with pytest.raises(ValueError, match=r"shortest prefix \(20 requests, 16 into the burst\)"):
-        pair.size_pair(arrivals, 2.0, 5.0, 2.0, 8)
+        pair.size_pair(arrivals, 2.0, 5.0, 2.0, 8, 16)
     with pytest.raises(ValueError, match="> 0"):
-        pair.size_pair(arrivals, 2.0, 60.0, 0.0, 8)
+        pair.size_pair(arrivals, 2.0, 60.0, 0.0, 8, 16)
     with pytest.raises(ValueError, match="sorted"):
-        pair.size_pair([1.0, 0.5], 0.0, 60.0, 1.0, 1)
+        pair.size_pair([1.0, 0.5], 0.0, 60.0, 1.0, 1, 4)
     assert pair.pair_names("float32") == ("packing-f32", "packing-f32-kill")
     with pytest.raises(ValueError, match="no kill pair"):
         pair.pair_names("int8")
@@ -128,6 +132,15 @@ def test_gpu_budget_holds_three_bf16_runs_and_the_float32_pair(mods, tmp_path: P
     ]
     pair = bench.size_kill_pair()
     assert pair is not None and 40 <= pair.requests < len(sent)
+    assert pair.kill_min_running == pair.requests // 3
+    # The pair's server: float32, both workers from the start, the prefix, the pair's kill rule.
+    bench.assets = argparse.Namespace(model_dir=tmp_path / "model", adapters_dir=tmp_path / "adapters")
+    spec = bench.spec("packing-f32-kill", "packing", True, pair)
+    serve = " ".join(spec.serve_args)
+    assert "--dtype float32 --workers 2 --max-workers 2" in serve and spec.max_requests == pair.requests
+    assert spec.kill_min_running == pair.kill_min_running and spec.prewarm_s == 0
+    policy = bench.spec("least_loaded", "least_loaded", False)
+    assert "--dtype bfloat16 --workers 1" in " ".join(policy.serve_args) and policy.max_requests is None
     # What the pair costs on the estimates fits what the bf16 runs left, with the 10 s reserve.
     assert 2 * bench.pair_fixed_s() + pair.reference_s + pair.kill_s <= left[0] - 10.0
 
@@ -248,6 +261,7 @@ def test_render_shows_the_pair_apart_from_the_policy_runs(mods, tmp_path: Path) 
             "reference_s": 3.0,
             "kill_s": 5.0,
             "worker_requests_per_s": 2.5,
+            "kill_min_running": 8,
             "dtype": "float32",
             "fixed_s": 70.0,
         },
@@ -266,3 +280,5 @@ def test_render_shows_the_pair_apart_from_the_policy_runs(mods, tmp_path: Path) 
         and "Worker killed mid-burst (packing-f32-kill;" in md
     )
     assert "0 of 1 requests with any token different (raw" in md and "**met**" in md
+    assert "| – (both workers throughout) |" in pair
+    assert "(an estimate); the kill waits for a worker holding 8; GPU-seconds" in md
