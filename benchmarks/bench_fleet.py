@@ -18,16 +18,15 @@ it measured):
    engine's measured throughput; `--rates`), or with `--rates warmup` (the --smoke default) sized
    from the first warm-up: quiet = --quiet-factor x one worker's capacity, burst = --burst-factor x.
    The phase lengths are shrunk to fit the budget. Every run replays the same plan.
-3. The packing run again, with the worker holding the most sequences (from the status RPC)
-   SIGKILLed once it holds --kill-min-running in the burst: lost requests, and requests whose
-   tokens differ from the run without the kill, raw and by the decisive-step rule
-   (fleet_tokens.py); the same between the runs without a kill is the noise floor.
+3. The packing run again, the worker holding the most sequences (status RPC) SIGKILLed once it
+   holds --kill-min-running in the burst: lost requests, and requests whose tokens differ from the
+   run without the kill, raw and by the decisive-step rule (fleet_tokens.py), against the noise
+   floor of the runs without a kill. With --kill-dtype: a pair of packing runs in that dtype on the
+   plan's first requests instead, without and with the kill (fleet_pair.py; float32: raw equality).
 4. One migration between two workers at each --migration-contexts length (fleet_migration.py),
-   then on the same two-worker fleet the Ray delivery overhead: inter-token latency through the
-   fleet against the engine driven in this process (fleet_delivery.py).
+   then the Ray delivery overhead on that fleet (fleet_delivery.py); --skip leaves steps out.
 Outputs in --out: fleet.json (settings, machine, every run's samples and requests, summaries),
-fleet.md (the tables), fleet.png (GPUs in use over time per run with the request rate), logs.txt.
-`benchmarks/fleet_sim_check.py` replays a plan in the simulator first, to choose the rates.
+fleet.md (tables, bootstrap intervals: fleet_stats.py), fleet.png (GPUs in use per run), logs.txt.
 """
 
 from __future__ import annotations
