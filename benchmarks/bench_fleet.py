@@ -18,16 +18,15 @@ it measured):
    engine's measured throughput; `--rates`), or with `--rates warmup` (the --smoke default) sized
    from the first warm-up: quiet = --quiet-factor x one worker's capacity, burst = --burst-factor x.
    The phase lengths are shrunk to fit the budget. Every run replays the same plan.
-3. The packing run again, with the worker holding the most sequences (from the status RPC)
-   SIGKILLed once it holds --kill-min-running in the burst: lost requests, and requests whose
-   tokens differ from the run without the kill, raw and by the decisive-step rule
-   (fleet_tokens.py); the same between the runs without a kill is the noise floor.
+3. The packing run again, the worker holding the most sequences (status RPC) SIGKILLed once it
+   holds --kill-min-running in the burst: lost requests, and requests whose tokens differ from the
+   run without the kill, raw and by the decisive-step rule (fleet_tokens.py), against the noise
+   floor of the runs without a kill. With --kill-dtype: a pair of packing runs in that dtype on the
+   plan's first requests instead, without and with the kill (fleet_pair.py; float32: raw equality).
 4. One migration between two workers at each --migration-contexts length (fleet_migration.py),
-   then on the same two-worker fleet the Ray delivery overhead: inter-token latency through the
-   fleet against the engine driven in this process (fleet_delivery.py).
+   then the Ray delivery overhead on that fleet (fleet_delivery.py); --skip leaves steps out.
 Outputs in --out: fleet.json (settings, machine, every run's samples and requests, summaries),
-fleet.md (the tables), fleet.png (GPUs in use over time per run with the request rate), logs.txt.
-`benchmarks/fleet_sim_check.py` replays a plan in the simulator first, to choose the rates.
+fleet.md (tables, bootstrap intervals: fleet_stats.py), fleet.png (GPUs in use per run), logs.txt.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from typing import Any
 # The sibling fleet_*.py modules import as top-level modules: run this file as a script.
 import fleet_report
 from fleet_assets import make_assets
+from fleet_pair import PairPlan, estimate_seconds, fixed_seconds, pair_names, size_pair
 from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, scale_phases, shaped_phases
 from fleet_run import RunSpec, Warmup, run_one
 from fleet_settings import Profile, build_parser, engine_dict, machine, settings
@@ -58,7 +58,9 @@ class FleetBench:
     def __init__(self, prof: Profile, extra: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         self.prof, self.args, self.out = prof, args, out
         self.policies: list[str] = extra["policies"]
-        self.kill = not args.no_kill
+        self.skip: set[str] = extra["skip"]
+        self.kill = "kill" not in self.skip
+        self.kill_dtype: str | None = extra["kill_dtype"]  # the kill as its own pair (fleet_pair.py)
         self.begin = time.monotonic()
         self.work = Path(args.work_dir)
         self.phases: str | None = None
@@ -113,10 +115,14 @@ class FleetBench:
             if i and not self.fits(f"the {policy} run"):
                 continue
             await self.one_run(policy, policy, kill=False)
-        if self.kill and self.phases is not None and self.fits("the kill run"):
-            await self.one_run("packing-kill", "packing", kill=True)
-            self.compare_kill()
-        if not self.args.no_migration and self.fits("the migration measurement", self.migration_estimate()):
+        if self.kill and self.phases is not None:
+            if self.kill_dtype is not None:
+                await self.kill_pair()
+            elif self.fits("the kill run"):
+                await self.one_run("packing-kill", "packing", kill=True)
+                self.compare_kill("packing", "packing-kill", self.policies[1:], judge="decisive")
+        wanted = {"migration", "delivery"} - self.skip
+        if wanted and self.fits(f"the {' and '.join(sorted(wanted))} measurement", self.migration_estimate()):
             await self.migration_and_delivery()
         self.finish()
 
@@ -145,10 +151,14 @@ class FleetBench:
         self.log(f"{name}: {time.monotonic() - start:.1f} s")
         self.save()
 
-    def spec(self, name: str, policy: str, kill: bool) -> RunSpec:
+    def spec(self, name: str, policy: str, kill: bool, pair: PairPlan | None = None) -> RunSpec:
+        """The run's settings; `pair`: a run of the kill pair (its dtype, both workers from the start,
+        the plan's first requests)."""
         prof, a = self.prof, self.assets
+        dtype = self.kill_dtype if pair is not None and self.kill_dtype else prof.dtype
+        workers = "2" if pair is not None else "1"
         serve = ["--model", str(a.model_dir), "--adapters-dir", str(a.adapters_dir)]
-        serve += ["--device", prof.device, "--dtype", prof.dtype, "--workers", "1", "--max-workers", "2"]
+        serve += ["--device", prof.device, "--dtype", dtype, "--workers", workers, "--max-workers", "2"]
         serve += ["--port", "0", "--http-port", "off", "--metrics-port", "off", "--max-queue", "8192"]
         serve += ["--idle-release-s", f"{prof.idle_release_s:g}", "--consolidation-interval-s", "1"]
         serve += ["--drain-timeout-s", "5", "--engine", f"max_batch_size={prof.max_batch_size}"]
@@ -176,16 +186,21 @@ class FleetBench:
             tail_s=prof.tail_s,
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,
-            kill_min_running=prof.kill_min_running,
+            kill_min_running=pair.kill_min_running if pair is not None else prof.kill_min_running,
+            max_requests=pair.requests if pair is not None else None,
         )
 
-    async def one_run(self, name: str, policy: str, kill: bool) -> None:
+    async def one_run(
+        self, name: str, policy: str, kill: bool, pair: PairPlan | None = None, keep_s: float = 0.0
+    ) -> None:
+        """One run, recorded; its replay ends `keep_s` seconds before the budget's end at the latest."""
         start = time.monotonic()
         self.log(f"run {name}: starting lorafleet serve --policy {policy}")
-        deadline = self.begin + self.prof.budget_s - 5.0
+        deadline = self.begin + self.prof.budget_s - 5.0 - keep_s
+        spec = self.spec(name, policy, kill, pair)
         try:
             record = await run_one(
-                self.spec(name, policy, kill),
+                spec,
                 self.rows,
                 self.work,
                 phases=self.phases,
@@ -197,6 +212,8 @@ class FleetBench:
             self.note(f"run {name} failed: {type(exc).__name__}: {exc}")
             return
         record["kill_run"] = kill
+        record["dtype"] = spec.serve_args[spec.serve_args.index("--dtype") + 1]
+        record["pair"] = pair is not None
         self.result["runs"].append(record)
         if self.costs is not None:
             self.costs = replace(self.costs, stop_s=max(self.costs.stop_s, record["serve_stop_s"]))
@@ -221,17 +238,18 @@ class FleetBench:
         restart = max(prof.restart_s, 0.65 * started_s) if prof.restart_s is not None else started_s
         self.costs = RunCosts(restart, prof.warmup_s[1] + 2.0, prof.tail_s, prof.stop_s)
         runs_after = len(self.policies) - 1
-        extra = self.migration_estimate()
+        extra = self.migration_estimate() + self.pair_estimate()
         phases_s = prof.phases_s
-        runs_after += int(self.kill)
+        runs_after += int(self.kill and self.kill_dtype is None)
         plan_s = replay_seconds(self.left_s(), runs_after, self.costs, extra, 10.0)
         # The quiet after the burst must still hold the second GPU's release (the GPU-seconds
         # difference): it gives up at most its room above the profile's floor.
         floors = (phases_s[0] / 2, max(prof.idle_release_s + 10.0, prof.quiet_after_min_s))
         seconds = scale_phases(phases_s, plan_s, floors)
         if self.kill and seconds[1] < 0.6 * phases_s[1]:
-            # The policy comparison comes first: size the replay without the kill run, which then
-            # runs only if the budget still has room for it.
+            # The policy comparison comes first: size the replay without the kill run (or pair),
+            # which then runs only if the budget still has room for it.
+            extra = self.migration_estimate()
             plan_s = replay_seconds(self.left_s(), len(self.policies) - 1, self.costs, extra, 10.0)
             self.note(
                 f"budget: the replay is sized without the kill run ({plan_s:.0f} s); it runs if time is left"
@@ -258,35 +276,115 @@ class FleetBench:
 
     def migration_estimate(self) -> float:
         """The migration fleet's start and moves, and the delivery measurement after them."""
-        if self.args.no_migration:
+        if {"migration", "delivery"} <= self.skip:
             return 0.0
         c = self.costs
         start = c.serve_start_s if c else 60.0
         per = 1.5 if self.prof.device == "cuda" else 3.0
-        moves = len(self.prof.migration_contexts) * (2 + self.args.migration_repeats)
-        delivery = 0.0 if self.args.no_delivery else self.prof.delivery_s
+        moves = (
+            0
+            if "migration" in self.skip
+            else len(self.prof.migration_contexts) * (2 + self.args.migration_repeats)
+        )
+        delivery = 0.0 if "delivery" in self.skip else self.prof.delivery_s
         return 0.5 * start + 5.0 + per * moves + delivery
 
-    def compare_kill(self) -> None:
+    def pair_fixed_s(self) -> float:
+        """One run of the kill pair besides its replay (the profile's start estimate, or a measured
+        start where the profile has none)."""
+        c = self.costs
+        measured = c.serve_start_s if c else 60.0
+        start = self.prof.pair_start_s if self.prof.pair_start_s is not None else measured
+        return fixed_seconds(
+            start,
+            c.warmup_s if c else self.prof.warmup_s[1],
+            self.prof.tail_s,
+            c.stop_s if c else self.prof.stop_s,
+        )
+
+    def pair_estimate(self) -> float:
+        if not self.kill or self.kill_dtype is None:
+            return 0.0
+        return estimate_seconds(self.pair_fixed_s(), self.prof.pair_replay_s)
+
+    def size_kill_pair(self) -> PairPlan | None:
+        """How many of the plan's requests the kill pair replays, from the time left (None: none)."""
+        base = next((r for r in self.result["runs"] if r["name"] == "packing"), None)
+        if base is None or not base.get("requests"):
+            self.note("skipped the kill pair: no packing run to take its plan's arrivals from")
+            return None
+        arrivals: list[float] = []
+        for r in base["requests"]:  # plan order; a cut-off run sent a prefix
+            if r["sent"] is None:
+                break
+            arrivals.append(max(r["sent"], arrivals[-1]) if arrivals else r["sent"])
+        sizing = self.result.get("sizing") or {}
+        one_worker = sizing.get("one_worker_requests_per_s") or sizing["rates"][1] / self.args.burst_factor
+        per_worker = one_worker * self.prof.pair_speed
+        fixed = self.pair_fixed_s()
+        budget = self.left_s() - 10.0 - self.migration_estimate() - 2 * fixed
+        try:
+            pair = size_pair(
+                arrivals,
+                base["burst"][0],
+                budget,
+                per_worker,
+                self.prof.kill_min_running,
+                self.prof.max_batch_size,
+            )
+        except ValueError as exc:
+            self.note(f"skipped the kill pair: {exc}")
+            return None
+        self.result["kill_pair"] = {**asdict(pair), "dtype": self.kill_dtype, "fixed_s": fixed}
+        self.log(
+            f"kill pair ({self.kill_dtype}): the plan's first {pair.requests} of {len(base['requests'])} "
+            f"requests, ~{pair.reference_s:.0f} + {pair.kill_s:.0f} s of replay at {per_worker:.2f} "
+            "requests/s per worker"
+        )
+        return pair
+
+    async def kill_pair(self) -> None:
+        """The kill comparison as its own pair of packing runs in --kill-dtype (fleet_pair.py)."""
+        assert self.kill_dtype is not None
+        ref_name, kill_name = pair_names(self.kill_dtype)
+        pair = self.size_kill_pair()
+        if pair is None:
+            return
+        fixed = self.pair_fixed_s()
+        # The reference's replay leaves the kill run its estimate.
+        await self.one_run(ref_name, "packing", kill=False, pair=pair, keep_s=fixed + pair.kill_s)
+        if not any(r["name"] == ref_name for r in self.result["runs"]):
+            return
+        if not self.fits(f"the {kill_name} run", fixed + 10.0):
+            return
+        await self.one_run(kill_name, "packing", kill=True, pair=pair)
+        judge = "raw" if self.kill_dtype == "float32" else "decisive"
+        self.compare_kill(ref_name, kill_name, [], judge=judge)
+
+    def compare_kill(self, ref_name: str, kill_name: str, noise: list[str], judge: str) -> None:
+        """Lost requests and token differences of the kill run against `ref_name`, and the same
+        between the runs without a kill named in `noise` (the noise floor). `judge`: the target's
+        rule, "raw" (every token equal) or "decisive" (equal before the first near-tie)."""
         runs = {r["name"]: r for r in self.result["runs"]}
-        ref, killed = runs.get("packing"), runs.get("packing-kill")
+        ref, killed = runs.get(ref_name), runs.get(kill_name)
         if ref is None or killed is None:
             return
         tol = self.prof.decisive_gap
         out = compare_runs(ref, killed, tol)
+        out["judge"] = judge
         out.update(killed.get("kill") or {"at_s": None, "pid": None, "running_at_kill": 0})
         out["resumed_after_fault"] = fleet_report.counter_delta(killed, "resumed_after_fault")
         out["worker_deaths"] = fleet_report.counter_delta(killed, "worker_deaths")
-        out["noise_floor"] = [compare_runs(ref, runs[p], tol) for p in self.policies[1:] if p in runs]
+        out["noise_floor"] = [compare_runs(ref, runs[p], tol) for p in noise if p in runs]
         self.result["kill"] = out
         self.save()
 
     async def migration_and_delivery(self) -> None:
         from fleet_delivery import in_process, summary, through_fleet
-        from fleet_migration import measure_migrations, start_pair
+        from fleet_migration import start_pair
 
         start = time.monotonic()
-        self.log("migration: an in-process fleet of two workers")
+        self.log("migration / delivery: an in-process fleet of two workers")
         prof, adapter = self.prof, str(self.assets.adapters_dir / "adapter-0")
         engine = engine_dict(prof)
         try:
@@ -301,23 +399,9 @@ class FleetBench:
             return
         fleet_side = None
         try:
-            try:
-                mig = await asyncio.wait_for(
-                    measure_migrations(
-                        fleet,
-                        adapter_dir=adapter,
-                        contexts=list(prof.migration_contexts),
-                        warmups=2,
-                        repeats=self.args.migration_repeats,
-                        seed=self.args.seed,
-                    ),
-                    max(10.0, self.left_s()),
-                )
-                self.result["migration"] = {**mig, "fleet_start_s": started_s}
-                self.stage("migration", start)
-            except Exception as exc:
-                self.note(f"migration measurement failed: {type(exc).__name__}: {exc}")
-            if not self.args.no_delivery and self.left_s() > prof.delivery_s:
+            if "migration" not in self.skip:
+                await self.migration(fleet, adapter, start, started_s)
+            if "delivery" not in self.skip and self.left_s() > prof.delivery_s:
                 begin = time.monotonic()
                 try:
                     fleet_side = await asyncio.wait_for(
@@ -353,6 +437,26 @@ class FleetBench:
             return
         self.result["delivery"] = summary(fleet_side, engine_side)
         self.stage("delivery in-process", begin)
+
+    async def migration(self, fleet: Any, adapter: str, start: float, started_s: float) -> None:
+        from fleet_migration import measure_migrations
+
+        try:
+            mig = await asyncio.wait_for(
+                measure_migrations(
+                    fleet,
+                    adapter_dir=adapter,
+                    contexts=list(self.prof.migration_contexts),
+                    warmups=2,
+                    repeats=self.args.migration_repeats,
+                    seed=self.args.seed,
+                ),
+                max(10.0, self.left_s()),
+            )
+            self.result["migration"] = {**mig, "fleet_start_s": started_s}
+            self.stage("migration", start)
+        except Exception as exc:
+            self.note(f"migration measurement failed: {type(exc).__name__}: {exc}")
 
     def finish(self) -> None:
         logs = sorted(self.work.glob("*.log"))

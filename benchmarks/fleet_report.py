@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fleet_stats
 import fleet_tables
 
 Run = Mapping[str, Any]
@@ -91,6 +92,8 @@ def summarize(run: Run, burst_end: float, idle_release_s: float) -> dict[str, An
     return {
         "name": run["name"],
         "policy": run["policy"],
+        "pair": bool(run.get("pair")),  # a run of the kill pair (fleet_pair.py), not a policy run
+        "dtype": run.get("dtype"),
         "killed": bool(run.get("kill")),
         "requests": bench["requests"],
         "completed": bench["completed"],
@@ -143,6 +146,8 @@ def policy_table(summaries: Sequence[Mapping[str, Any]]) -> str:
         release = s["release_after_burst_s"]
         if s["killed"]:
             rel = "– (a worker was killed)"
+        elif s["pair"]:
+            rel = "– (both workers throughout)"
         elif s["peak_workers"] < 2:
             rel = "never used 2"
         elif release is None:
@@ -153,7 +158,7 @@ def policy_table(summaries: Sequence[Mapping[str, Any]]) -> str:
         ttft = f"{_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])}"
         tpot = f"{_ms(s['tpot_p50_s'])} / {_ms(s['tpot_p99_s'])}"
         rows.append(
-            f"| {s['name']} | {_num(s['gpu_seconds'])} | {_num(ratio, 2)}x "
+            f"| {s['name']} | {_num(s['gpu_seconds'])} | {_num(ratio, 2) + 'x' if ratio else '–'} "
             f"| {_num(s['tokens_per_gpu_s'], 0)} | {ttft} | {tpot} | {s['migrations']} "
             f"| {s['completed']} / {s['failed']} "
             f"| {s['peak_workers']} | {rel} |"
@@ -265,15 +270,21 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         else:
             out.append(f"- rates sized from the warm-up: {measured}")
     summaries = [summarize(r, r["burst"][1], prof["idle_release_s"]) for r in runs if "burst" in r]
-    text = "\n".join(out) + "\n\n" + policy_table(summaries) if summaries else "\n".join(out) + "\n"
+    policy = [s for s in summaries if not s["pair"]]
+    text = "\n".join(out) + "\n\n" + policy_table(policy) if policy else "\n".join(out) + "\n"
+    pair = [s for s in summaries if s["pair"]]
+    if pair:
+        text += "\n" + fleet_tables.pair_intro(result.get("kill_pair") or {}, runs) + "\n\n"
+        text += policy_table(pair)
+    text += fleet_stats.markdown([r for r in runs if "burst" in r])
     kill = result.get("kill")
     if kill:
         text += (
-            "\nWorker killed mid-burst (packing; the worker holding the most sequences, from the status RPC, "
-            "SIGKILLed):\n\n" + fleet_tables.kill_table(kill)
+            f"\nWorker killed mid-burst ({kill['other']}; the worker holding the most sequences, from the "
+            "status RPC, SIGKILLed):\n\n" + fleet_tables.kill_table(kill)
         )
         tol = (kill.get("decisive") or {}).get("tolerance", prof.get("decisive_gap", 0.05))
-        text += "\nGreedy tokens against the packing run, per request (fleet_tokens.py):\n\n"
+        text += f"\nGreedy tokens against the {kill['reference']} run, per request (fleet_tokens.py):\n\n"
         text += fleet_tables.comparison_table(kill, tol)
         sweep = fleet_tables.sweep_table(kill)
         if sweep:

@@ -44,6 +44,8 @@ class RunSpec:
     sample_every_s: float
     serve_timeout_s: float
     kill_min_running: int = 1  # the kill waits for a worker holding this many sequences
+    # Replay only the plan's first requests (the kill pair, fleet_pair.py); None: the whole plan.
+    max_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,15 @@ async def run_one(
             )
             plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
             burst_start, burst_end, plan_s = burst_of(phases)
+            if spec.max_requests is not None:
+                if not 0 < spec.max_requests <= len(plan):
+                    raise ValueError(f"max_requests {spec.max_requests} is not in 1..{len(plan)}")
+                # The prefix ends sending at its last arrival: the kill's by-the-burst's-end rule and
+                # the window follow it.
+                record["plan_requests"] = len(plan)
+                plan = plan[: spec.max_requests]
+                plan_s = min(plan_s, plan[-1].at_s)
+                burst_end = min(burst_end, plan_s)
             window_s = plan_s + spec.tail_s
             record.update(phases=phases, burst=[burst_start, burst_end], plan_s=plan_s, window_s=window_s)
             await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline)
@@ -279,6 +290,7 @@ def _request_json(r: bench.RequestRecord, start: float, gaps: list[float] | None
         "sent": rel(sent),
         "first": rel(r.first_token_at),
         "done": rel(r.done_at),
+        "last": rel(r.last_token_at),  # TPOT's end (fleet_stats.py)
         "tokens": r.tokens,
         "status": status,
         "error": r.error,

@@ -17,6 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TRACES = REPO.parent / "shared" / "traces"
 POLICIES = ("packing", "least_loaded", "round_robin")
+SKIPPABLE = ("kill", "migration", "delivery")
+SHORT_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class Profile:
     decisive_gap: float  # nats: a top-2 logprob gap below this is a near-tie (fleet_tokens.py)
     delivery_requests: int  # Ray delivery overhead: requests, and tokens each (fleet_delivery.py)
     delivery_new_tokens: int
+    # The kill pair in another dtype (--kill-dtype; kill_pair.py): one server start of it (both
+    # workers, weights in that dtype, its own first kernel compiles), one such worker's requests/s
+    # over one worker of the policy runs, and the replay seconds the phases leave it before sizing.
+    pair_start_s: float | None  # None: as long as the first server's start
+    pair_speed: float
+    pair_replay_s: float
 
 
 PROFILES = {
@@ -95,6 +103,18 @@ PROFILES = {
         decisive_gap=0.05,
         delivery_requests=32,
         delivery_new_tokens=128,
+        # A bf16 start took 48-51 s with the first Triton compiles, 29-39 s without. The first
+        # float32 server compiles its own kernels (the second finds them cached) and both cast
+        # twice the bytes: 55 s each, more than the two starts' likely mean.
+        pair_start_s=55.0,
+        # Decode reads twice the bytes (2x slower), but prefill is compute bound: H200 float32
+        # without TF32 peaks at 67 TFLOPS against bf16's 990, and at ~780-token prompts prefill is
+        # most of a worker's time (2,048-token chunks of 29 TFLOP). So a float32 worker serves
+        # about 1/6 of a bf16 one: 1/8 to be safe.
+        pair_speed=0.125,
+        # With the bf16 starts of the second run, 3 / 27 / 27 s phases shrink to 1.5 / 25 / 25 s
+        # and the pair replays ~60 requests (test_bench_fleet's budget walk).
+        pair_replay_s=40.0,
     ),
     # CPU smoke: the tiny demo (512-token context), batch 4 as in `lorafleet demo`.
     "smoke": Profile(
@@ -124,6 +144,9 @@ PROFILES = {
         decisive_gap=0.05,
         delivery_requests=8,
         delivery_new_tokens=32,
+        pair_start_s=None,  # the smoke's float32 is its own dtype: a start as any other
+        pair_speed=1.0,
+        pair_replay_s=20.0,
     ),
 }
 
@@ -160,8 +183,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-delivery", action="store_true", help="skip the Ray delivery overhead measurement")
     p.add_argument("--idle-release-s", type=float, help="serve --idle-release-s (default 5 GPU, 3 smoke)")
     p.add_argument("--max-batch-size", type=int, help="engine max_batch_size (default 32 GPU, 4 smoke)")
-    p.add_argument("--no-kill", action="store_true", help="skip the worker-kill run")
-    p.add_argument("--no-migration", action="store_true", help="skip the migration measurement")
+    p.add_argument("--no-kill", action="store_true", help="skip the worker-kill run (= --skip kill)")
+    p.add_argument("--no-migration", action="store_true", help="skip the migration and delivery measurements")
+    p.add_argument(
+        "--skip",
+        default="",
+        help=f"comma-separated steps to leave out: {', '.join(SKIPPABLE)} "
+        "(the delivery measurement runs on the migration's fleet)",
+    )
+    p.add_argument(
+        "--kill-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="run the kill comparison as its own pair of packing runs in this dtype, on the same plan: "
+        "packing-<dtype> and packing-<dtype>-kill (the policy runs keep the profile's dtype)",
+    )
     p.add_argument("--migration-contexts", help="comma-separated context lengths (default 1024,4096 GPU)")
     p.add_argument("--migration-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -207,11 +242,26 @@ def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         if args.kill_min_running < 1:
             raise ValueError(f"--kill-min-running must be >= 1, got {args.kill_min_running}")
         changes["kill_min_running"] = args.kill_min_running
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    unknown = skip - set(SKIPPABLE)
+    if unknown:
+        raise ValueError(f"--skip takes some of {', '.join(SKIPPABLE)}, got {', '.join(sorted(unknown))}")
+    for flag, step in (
+        (args.no_kill, "kill"),
+        (args.no_migration, "migration"),
+        (args.no_delivery, "delivery"),
+    ):
+        if flag:
+            skip.add(step)
+    if args.no_migration:  # as before --skip: no migration fleet, so no delivery measurement either
+        skip.add("delivery")
+    if args.kill_dtype is not None and "kill" in skip:
+        raise ValueError("--kill-dtype runs the kill pair; it cannot go with --skip kill / --no-kill")
     prof = replace(prof, **changes)
     for path, what in ((args.trace, "--trace"), (args.servegen, "--servegen")):
         if not args.assets_only and not Path(path).exists():
             raise ValueError(f"{what} {path} does not exist")
-    return prof, {"policies": policies}
+    return prof, {"policies": policies, "skip": skip, "kill_dtype": args.kill_dtype}
 
 
 def _floats(text: str, count: int | None, flag: str) -> tuple[float, ...]:

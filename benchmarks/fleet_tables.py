@@ -4,7 +4,7 @@ fleet_report.py."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -90,6 +90,28 @@ def delivery_table(delivery: Mapping[str, Any]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def pair_intro(pair: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
+    """The line above the kill pair's table: what its runs replayed, and how."""
+    planned = next((r.get("plan_requests") for r in runs if r.get("pair")), None)
+    of = f" of {planned}" if planned else ""
+    est = (
+        f"; sized for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay at "
+        f"{pair['worker_requests_per_s']:.2f} requests/s per worker (an estimate)"
+        if pair
+        else ""
+    )
+    held = (
+        f"; the kill waits for a worker holding {pair['kill_min_running']}"
+        if "kill_min_running" in pair
+        else ""
+    )
+    return (
+        f"The kill pair ({pair.get('dtype', '?')}, packing; both workers from the start; the plan's first "
+        f"{pair.get('requests', '?')}{of} requests at the same times{est}{held}; GPU-seconds over its own "
+        "window):"
+    )
+
+
 def kill_targets(kill: Mapping[str, Any] | None) -> list[str]:
     if not kill:
         return []
@@ -97,6 +119,17 @@ def kill_targets(kill: Mapping[str, Any] | None) -> list[str]:
         return ["- killed worker: no worker was killed (see the kill table): **not shown**"]
     d = kill.get("decisive")
     floor = kill.get("noise_floor") or []
+    cut = kill.get("cut_off", 0)
+    cut_text = f"; {cut} cut off by the time budget, not judged" if cut else ""
+    if kill.get("judge") == "raw":  # float32: every token of every request must be equal
+        ok = kill["lost"] == 0 and kill["differ"] == 0 and kill["compared"] > 0
+        near = f"; {d['differ']} before their first near-tie (gap < {d['tolerance']:g} nats)" if d else ""
+        held = kill.get("victim_running", "?")
+        return [
+            f"- killed worker ({held} sequences on it), {kill['reference']} against {kill['other']}: "
+            f"{kill['lost']} lost{cut_text}, {kill['differ']} of {kill['compared']} requests with any "
+            f"token different (raw{near}): **{'met' if ok else 'not met'}**"
+        ]
     ok = kill["lost"] == 0 and d is not None and d["differ"] == 0
     if d is None:
         judged = f"{kill['differ']} of {kill['compared']} differ (raw; no top-2 logprobs to judge near-ties)"
@@ -110,8 +143,8 @@ def kill_targets(kill: Mapping[str, Any] | None) -> list[str]:
         )
     held = kill.get("victim_running")
     return [
-        f"- killed worker ({held if held is not None else '?'} sequences on it): {kill['lost']} lost, "
-        f"{judged}: **{'met' if ok else 'not met'}**"
+        f"- killed worker ({held if held is not None else '?'} sequences on it): {kill['lost']} lost"
+        f"{cut_text}, {judged}: **{'met' if ok else 'not met'}**"
     ]
 
 

@@ -3,7 +3,7 @@
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
 #                                                adapters, engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b,
 #                                                sgmv, sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
-#                                                startup-7b, fleet-assets, fleet, sim-validate
+#                                                startup-7b, fleet-assets, fleet, fleet-f32, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
 # fleet (two GPUs, issue 12; FLEET_BUDGET_S seconds, default 520, plus ~12 s of setup) needs Ray,
@@ -14,7 +14,12 @@
 # It runs the three policies, the worker kill, one migration and the Ray delivery overhead (inter-token
 # latency through the fleet against the engine in-process); FLEET_RATES=QUIET,BURST and
 # FLEET_PHASES=Q,B,Q (seconds) override the profile's 4,22 requests/s and 3,27,27 s
-# (benchmarks/fleet_sim_check.py checks a choice in the simulator first).
+# (benchmarks/fleet_sim_check.py checks a choice in the simulator first); FLEET_ARGS adds flags.
+# fleet-f32 is fleet with `--kill-dtype float32 --skip migration,delivery`: the three bf16 policy runs,
+# then the kill as a float32 pair (packing-f32, packing-f32-kill: the plan's first requests, raw
+# token equality) instead of the bf16 kill run, and no migration or delivery measurement, into
+# OUT/fleet-f32/ (fleet.json, fleet.md, fleet.png, logs.txt). Call 2 is then
+#   2) carry .gpuwheels/b:  FLEET_BUDGET_S=515 bash benchmarks/gpu_suite.sh $OUT fleet-f32
 # fleet-assets makes the 7B model and adapters (about a minute) so that the fleet call spends its
 # budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
 # ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the
@@ -87,6 +92,16 @@ o4096:16:256:distinct,o4096:64:64:distinct
 SGMV_ROW_VARIANTS=rows_off,rows_avg4,rows_rank32,rows_elems_4k,rows_elems_16k,rows_min_programs_528,\
 rows_min_programs_132,rows_warps_8
 
+fleet_bench() {  # bench_fleet.py on two GPUs into $out/$1, with the flags after it
+    local traces=${FLEET_TRACES:-.gpuwheels/b/traces} dir=$1
+    shift
+    [ -d "$traces" ] || traces=../shared/traces
+    python3 benchmarks/bench_fleet.py --out "$out/$dir" \
+        --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
+        --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} \
+        ${FLEET_PHASES:+--phases-s "$FLEET_PHASES"} "$@"
+}
+
 for stage in "$@"; do
     start=$(date +%s)
     case $stage in
@@ -144,12 +159,9 @@ for stage in "$@"; do
     fleet-assets)  # the 7B model and adapters ahead of the fleet call (grpc wheels: fleet_gpu_prep.sh)
         site_wheels .gpuwheels/a && python3 benchmarks/bench_fleet.py --assets-only --out "$out/fleet-assets" ;;
     fleet)
-        traces=${FLEET_TRACES:-.gpuwheels/b/traces}
-        [ -d "$traces" ] || traces=../shared/traces
-        fleet_setup && python3 benchmarks/bench_fleet.py --out "$out/fleet" \
-            --time-budget-s "${FLEET_BUDGET_S:-520}" --trace "$traces/azure_llm_2023_conv.csv" \
-            --servegen "$traces/servegen_m_large" ${FLEET_RATES:+--rates "$FLEET_RATES"} \
-            ${FLEET_PHASES:+--phases-s "$FLEET_PHASES"} ;;
+        fleet_setup && fleet_bench fleet ${FLEET_ARGS:-} ;;
+    fleet-f32)
+        fleet_setup && fleet_bench fleet-f32 --kill-dtype float32 --skip migration,delivery ${FLEET_ARGS:-} ;;
     sim-validate)
         lf() { python3 -c 'import sys; from lorafleet.cli import main; sys.exit(main())' "$@"; }
         sv=$out/sim-validate demo=/tmp/lf-simval-demo threads=${SIMVAL_THREADS:-2}

@@ -32,6 +32,7 @@ from lorafleet.serving.api_types import ModelView
 from lorafleet.serving.auth import ApiKeys
 from lorafleet.serving.auth_http import BearerAuthMiddleware
 from lorafleet.serving.chat_template import ChatTemplate, TemplateError
+from lorafleet.serving.http_logprobs import ChoiceLogprobs
 from lorafleet.serving.http_streams import ChoiceStreams, ClientGone, HttpError, http_error
 from lorafleet.serving.metrics import RequestTracker, ServerMetrics
 from lorafleet.serving.sse_chunks import ChunkWriter
@@ -331,7 +332,7 @@ class _Shape:
         self.texts = [""] * n
         self.offsets = [0] * n  # completions logprobs: text_offset of the next token
         self.tokens = [0] * n
-        self.logprobs: list[list[tuple[str, float]]] = [[] for _ in range(n)]
+        self.logprobs = [ChoiceLogprobs(spec.sampling.top_logprobs > 0) for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         if spec.echo:
             for i in range(n):
@@ -359,14 +360,12 @@ class _Shape:
         self.texts[choice] += delta.new_text
         logprobs = None
         if self.spec.logprobs and delta.new_logprobs is not None:
-            pairs = list(zip(self.token_strings(delta.new_token_ids), delta.new_logprobs))
-            self.logprobs[choice].extend(pairs)
-            tokens, values = [t for t, _ in pairs], [v for _, v in pairs]
-            if self.chat:
-                logprobs = oai.chat_logprobs(tokens, values)
-            else:
-                logprobs = oai.completion_logprobs(tokens, values, self.offsets[choice])
-                self.offsets[choice] += sum(len(t) for t in tokens)
+            step = ChoiceLogprobs(self.spec.sampling.top_logprobs > 0)
+            step.add(self.token_strings, delta)
+            self.logprobs[choice].extend(step)
+            logprobs = step.shape(self.chat, self.offsets[choice])
+            if not self.chat:
+                self.offsets[choice] += sum(len(t) for t in step.tokens)
         self.finish[choice] = oai.finish_reason(delta.finish_reason)
         if not delta.new_token_ids and not delta.new_text and delta.finish_reason is None:
             return None
@@ -403,10 +402,8 @@ class _Shape:
     def final(self) -> dict[str, Any]:
         choices = []
         for i, text in enumerate(self.texts):
-            pairs = self.logprobs[i]
-            tokens, values = [t for t, _ in pairs], [v for _, v in pairs]
             if self.chat:
-                logprobs = oai.chat_logprobs(tokens, values) if self.spec.logprobs else None
+                logprobs = self.logprobs[i].shape(True, 0) if self.spec.logprobs else None
                 choices.append(
                     {
                         "index": i,
@@ -417,7 +414,7 @@ class _Shape:
                 )
             else:
                 start = len(self.prompt_text(i)) if self.spec.echo else 0
-                logprobs = oai.completion_logprobs(tokens, values, start) if self.spec.logprobs else None
+                logprobs = self.logprobs[i].shape(False, start) if self.spec.logprobs else None
                 choices.append(
                     {"index": i, "text": text, "logprobs": logprobs, "finish_reason": self.finish[i]}
                 )

@@ -96,7 +96,11 @@ def _optional(body: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: 
     return value
 
 
-def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> SamplingParams:
+def _sampling(
+    body: Mapping[str, Any], max_tokens_key: str = "max_tokens", logprobs: Mapping[str, Any] | None = None
+) -> SamplingParams:
+    """SamplingParams of the body's sampling fields, checked as gRPC's are; `logprobs`: the
+    SamplingParams logprobs / top_logprobs values the caller parsed, under the body's field names."""
     values: dict[str, Any] = {}
     names: dict[str, str] = {}
     for openai_name, ours in _SAMPLING_NAMES.items():
@@ -104,6 +108,9 @@ def _sampling(body: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> Sa
         if body.get(key) is not None:
             values[ours] = body[key]
             names[ours] = key
+    for (ours, name), value in (logprobs or {}).items():
+        values[ours] = value
+        names[ours] = name
     return sampling_params(values, names)
 
 
@@ -164,16 +171,22 @@ def parse_completion(body: Any) -> GenerationSpec:
         )
     if any(p == "" for p in prompts):
         raise bad("prompt", "prompt: the prompt is empty")
+    # Completions' logprobs is a count: the chosen tokens' logprobs and the `logprobs` most likely
+    # alternatives of each step (gRPC's top_logprobs, with its bounds).
     logprobs = _optional(body, "logprobs", (int,), "an integer")
-    if logprobs is not None and logprobs != 0:
-        # The engine keeps the chosen token's logprob only; alternatives would be made up.
-        raise bad("logprobs", f"logprobs: only 0 is supported (the chosen tokens' logprobs), got {logprobs}")
     echo = _optional(body, "echo", (bool,), "true or false") or False
     if echo and logprobs is not None:
         raise bad("echo", "echo with logprobs needs the prompt's logprobs, which lorafleet does not compute")
+    asked = {}
+    if logprobs is not None:
+        asked = {("logprobs", "logprobs"): True, ("top_logprobs", "logprobs"): logprobs}
     # Unset max_tokens: SamplingParams' default, 16, which is OpenAI's default for completions too.
     return GenerationSpec(
-        prompts=prompts, sampling=_sampling(body), logprobs=logprobs is not None, echo=echo, **common
+        prompts=prompts,
+        sampling=_sampling(body, logprobs=asked),
+        logprobs=logprobs is not None,
+        echo=echo,
+        **common,
     )
 
 
@@ -188,14 +201,15 @@ def parse_chat(body: Any) -> GenerationSpec:
     parsed = [_message(i, m) for i, m in enumerate(messages)]
     logprobs = _optional(body, "logprobs", (bool,), "true or false") or False
     top = _optional(body, "top_logprobs", (int,), "an integer")
-    if top is not None and top != 0:
-        raise bad("top_logprobs", f"top_logprobs: only 0 is supported (no alternatives), got {top}")
+    asked: dict[tuple[str, str], Any] = {("logprobs", "logprobs"): logprobs}
+    if top is not None:  # bounds, and that it needs logprobs: gRPC's checks (validation.py)
+        asked[("top_logprobs", "top_logprobs")] = top
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise bad("max_completion_tokens", "set max_tokens or max_completion_tokens, not both")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return GenerationSpec(
         prompts=[],
-        sampling=_sampling(body, key),
+        sampling=_sampling(body, key, asked),
         logprobs=logprobs,
         messages=parsed,
         max_tokens_set=body.get(key) is not None,
@@ -272,7 +286,17 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | in
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset: int) -> dict[str, Any]:
+# One step's most likely tokens, best first, as (token string, logprob).
+Alternatives = Sequence[tuple[str, float]]
+
+
+def completion_logprobs(
+    tokens: Sequence[str],
+    logprobs: Sequence[float],
+    offset: int,
+    tops: Sequence[Alternatives] | None = None,
+) -> dict[str, Any]:
+    """Completions' logprobs object; `tops` (one per token) with `logprobs: N` > 0, else null."""
     offsets = []
     for token in tokens:
         offsets.append(offset)
@@ -280,16 +304,35 @@ def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset
     return {
         "tokens": list(tokens),
         "token_logprobs": list(logprobs),
-        "top_logprobs": None,
+        "top_logprobs": None if tops is None else [_top_dict(top) for top in tops],
         "text_offset": offsets,
     }
 
 
-def chat_logprobs(tokens: Sequence[str], logprobs: Sequence[float]) -> dict[str, Any]:
+def _top_dict(top: Alternatives) -> dict[str, float]:
+    # The legacy shape is keyed by token text: two ids that decode alike keep the likelier one.
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(token, logprob)
+    return out
+
+
+def chat_logprobs(
+    tokens: Sequence[str], logprobs: Sequence[float], tops: Sequence[Alternatives] | None = None
+) -> dict[str, Any]:
+    """Chat's logprobs object: per token its logprob, UTF-8 bytes and alternatives (`tops`)."""
+    alternatives = tops if tops is not None else [()] * len(tokens)
     return {
         "content": [
-            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-            for t, lp in zip(tokens, logprobs)
+            {
+                "token": t,
+                "logprob": lp,
+                "bytes": list(t.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": at, "logprob": alp, "bytes": list(at.encode("utf-8"))} for at, alp in top
+                ],
+            }
+            for t, lp, top in zip(tokens, logprobs, alternatives)
         ]
     }
 

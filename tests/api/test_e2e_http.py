@@ -246,6 +246,58 @@ def test_errors_through_the_openai_client(server) -> None:
     assert all(models[f"adapter-{i}"].parent == server["model"] for i in range(3))
 
 
+def _top_ids(top: dict) -> list[int]:
+    return list(_ids(list(top)))
+
+
+def test_top_logprobs_through_http_equal_grpc(server, offline) -> None:
+    """OpenAI's shapes: completions `logprobs: N`, chat `logprobs: true, top_logprobs: N`, streamed
+    and not; the alternatives are those gRPC gives for the same greedy request."""
+    (prompt, model, _), expected = JOBS[0], offline["jobs"][0]
+    sampling = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}
+    with Client(server["grpc"], timeout=60) as grpc:
+        ref = grpc.generate(
+            list(prompt), adapter=model, sampling={**sampling, "logprobs": True, "top_logprobs": 3}
+        )
+    assert ref.token_ids == expected.token_ids and ref.top_logprobs is not None
+    client = openai.OpenAI(base_url=server["base_url"], api_key="unused", max_retries=0)
+    asked = {"model": model, "prompt": prompt, "temperature": 0, "max_tokens": MAX_NEW, "logprobs": 3}
+    lp = client.completions.create(**asked, extra_body=EXTRA).choices[0].logprobs
+    assert _ids(lp.tokens) == expected.token_ids and len(lp.text_offset) == MAX_NEW
+    assert [_top_ids(top) for top in lp.top_logprobs] == [[t for t, _ in top] for top in ref.top_logprobs]
+    for top, want in zip(lp.top_logprobs, ref.top_logprobs):
+        assert list(top.values()) == pytest.approx([v for _, v in want], abs=1e-4)
+    chunks = client.completions.create(**asked, stream=True, extra_body=EXTRA)
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.top_logprobs
+    ]
+    assert [_top_ids(t) for t in streamed] == [_top_ids(t) for t in lp.top_logprobs]
+
+    chat = {"model": "adapter-0", "messages": CHAT, "temperature": 0, "max_tokens": MAX_NEW}
+    chat.update(logprobs=True, top_logprobs=2)
+    content = client.chat.completions.create(**chat, extra_body=EXTRA).choices[0].logprobs.content
+    assert _ids([c.token for c in content]) == offline["chat"].token_ids
+    for c in content:  # greedy: the chosen token is the first alternative
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+        assert c.top_logprobs[1].logprob <= c.top_logprobs[0].logprob
+        assert c.bytes == list(c.token.encode()) and c.top_logprobs[1].bytes is not None
+    parts = client.chat.completions.create(**chat, stream=True, extra_body=EXTRA)
+    pieces = [c for p in parts if p.choices and p.choices[0].logprobs for c in p.choices[0].logprobs.content]
+    assert [[a.token for a in c.top_logprobs] for c in pieces] == [
+        [a.token for a in c.top_logprobs] for c in content
+    ]
+
+    for call, bad, field in [
+        (client.chat.completions.create, {**chat, "top_logprobs": 21}, "top_logprobs"),
+        (client.chat.completions.create, {**chat, "logprobs": False}, "top_logprobs"),
+        (client.completions.create, {**asked, "logprobs": 21}, "logprobs"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            call(**bad)
+        assert info.value.body["param"] == field and field in info.value.message
+
+
 def test_disconnected_stream_frees_its_kv_blocks_and_metrics_say_http(server) -> None:
     body = {"model": "adapter-1", "prompt": list(range(3, 200)), "max_tokens": 300, "stream": True}
     body["ignore_eos"] = True

@@ -75,7 +75,9 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     (C, {"model": "fake", "prompt": [1], "ignore_eos": "yes"}, 400, "ignore_eos"),
     (C, {"model": "fake", "prompt": [1], "n": 0}, 400, "n"),
     (C, {"model": "fake", "prompt": [1], "n": "2"}, 400, "n"),
-    (C, {"model": "fake", "prompt": [1], "logprobs": 5}, 400, "logprobs"),
+    (C, {"model": "fake", "prompt": [1], "logprobs": 21}, 400, "logprobs"),  # gRPC's bound, 20
+    (C, {"model": "fake", "prompt": [1], "logprobs": -1}, 400, "logprobs"),
+    (C, {"model": "fake", "prompt": [1], "logprobs": True}, 400, "logprobs"),
     (C, {"model": "fake", "prompt": [1], "logprobs": 0, "echo": True}, 400, "echo"),
     (C, {"model": "fake", "prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (C, {"model": "fake", "prompt": [1], "stream": "yes"}, 400, "stream"),
@@ -96,7 +98,14 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
         400,
         "messages[0].content[0]",
     ),
-    (CHAT, {"model": "fake", "messages": OK_CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
+    (CHAT, {"model": "fake", "messages": OK_CHAT, "top_logprobs": 3}, 400, "top_logprobs"),  # no logprobs
+    (CHAT, {"model": "fake", "messages": OK_CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (
+        CHAT,
+        {"model": "fake", "messages": OK_CHAT, "logprobs": True, "top_logprobs": 1.5},
+        400,
+        "top_logprobs",
+    ),
     (CHAT, {"model": "fake", "messages": OK_CHAT, "logprobs": "yes"}, 400, "logprobs"),
     (
         CHAT,

@@ -32,6 +32,20 @@ CHOICES: list[dict[str, Any]] = [
         "logprobs": oai.chat_logprobs(["a"], [-0.25]),
         "finish_reason": None,
     },
+    {
+        "index": 0,
+        "text": "ab",
+        "logprobs": oai.completion_logprobs(
+            ["a", "é"], [-0.5, -0.25], 0, [[("a", -0.5), ("b", -1.5)], [("é", -0.25)]]
+        ),
+        "finish_reason": None,
+    },
+    {
+        "index": 0,
+        "delta": {"content": "é"},
+        "logprobs": oai.chat_logprobs(["é"], [-0.25], [[("é", -0.25), ('"', -2.0)]]),
+        "finish_reason": None,
+    },
     {"index": 2**40, "text": "x", "logprobs": None, "finish_reason": None, "flag": True, "ratio": 0.1},
 ]
 
