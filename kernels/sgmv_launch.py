@@ -134,7 +134,6 @@ class _ColumnPlan:
         self, lora_bs: Sequence[torch.Tensor], tiles: int, block_m: int, block_r: int, prefetch: bool
     ) -> None:
         self.widths = [b.shape[1] for b in lora_bs] + [0] * (3 - len(lora_bs))
-        self.cols = [0, self.widths[0], self.widths[0] + self.widths[1]]
         if block_m != 16:
             self.block_n, self.num_warps = 64, 4
         else:
@@ -154,9 +153,6 @@ class _ColumnPlan:
         self.n_per_prog = per_prog * self.block_n
         self.n_progs = [triton.cdiv(w, self.n_per_prog) for w in self.widths]
         self.grid = (tiles, sum(self.n_progs))
-        b0 = lora_bs[0]
-        self.b_offs = [_elem_offset(b, b0) for b in lora_bs] + [0, 0]
-        self.slot_strides = [b.stride(0) for b in lora_bs] + [0] * (3 - len(lora_bs))
 
     def _programs(self, n_per_prog: int) -> int:
         return sum(triton.cdiv(w, n_per_prog) for w in self.widths)
@@ -240,6 +236,53 @@ def shrink(
     return out
 
 
+def _expand_args(
+    y: torch.Tensor,
+    partials: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    n_progs: Sequence[int],
+) -> tuple:
+    """The positional arguments both expand kernels take: tensors, slices 1 and 2 as element offsets
+    from slice 0's stack, shapes, each slice's width, first column and first column program, and the
+    strides. ``n_progs``: column programs per slice (3 entries, 0 for absent slices)."""
+    n_slices = len(lora_bs)
+    widths = [b.shape[1] for b in lora_bs] + [0] * (3 - n_slices)
+    b0 = lora_bs[0]
+    b_offs = [_elem_offset(b, b0) for b in lora_bs] + [0, 0]
+    slot_strides = [b.stride(0) for b in lora_bs] + [0] * (3 - n_slices)
+    return (
+        y,
+        partials,
+        b0,
+        seg_indptr,
+        seg_slots,
+        ranks,
+        scales,
+        b_offs[1],
+        b_offs[2],
+        seg_slots.shape[0],
+        y.shape[0],
+        b0.shape[2],
+        *widths,
+        0,
+        widths[0],
+        widths[0] + widths[1],
+        n_progs[0],
+        n_progs[0] + n_progs[1],
+        y.stride(0),
+        partials.stride(0),
+        partials.stride(1),
+        partials.stride(2),
+        *slot_strides,
+        ranks.stride(0),
+        scales.stride(0),
+    )
+
+
 def expand(
     y: torch.Tensor,
     partials: torch.Tensor,
@@ -273,29 +316,7 @@ def expand(
     # starting early only holds SM resources shrink could use.
     pdl = cols.single
     _sgmv_expand_kernel[cols.grid](
-        y,
-        partials,
-        lora_bs[0],
-        seg_indptr,
-        seg_slots,
-        ranks,
-        scales,
-        cols.b_offs[1],
-        cols.b_offs[2],
-        num_segs,
-        T,
-        r_max,
-        *cols.widths,
-        *cols.cols,
-        cols.n_progs[0],
-        cols.n_progs[0] + cols.n_progs[1],
-        y.stride(0),
-        partials.stride(0),
-        partials.stride(1),
-        partials.stride(2),
-        *cols.slot_strides,
-        ranks.stride(0),
-        scales.stride(0),
+        *_expand_args(y, partials, lora_bs, seg_indptr, seg_slots, ranks, scales, cols.n_progs),
         NUM_SPLITS=partials.shape[0],
         NUM_SLICES=n_slices,
         BLOCK_M=block_m,
@@ -334,35 +355,8 @@ def _expand_rows(
     while block_n > 32 and T * sum(triton.cdiv(w, block_n) for w in widths) < ROWS_MIN_PROGRAMS:
         block_n //= 2
     n_progs = [triton.cdiv(w, block_n) for w in widths]
-    b0 = lora_bs[0]
-    b_offs = [_elem_offset(b, b0) for b in lora_bs] + [0, 0]
-    slot_strides = [b.stride(0) for b in lora_bs] + [0] * (3 - n_slices)
     _sgmv_expand_rows_kernel[(T, sum(n_progs))](
-        y,
-        partials,
-        b0,
-        seg_indptr,
-        seg_slots,
-        ranks,
-        scales,
-        b_offs[1],
-        b_offs[2],
-        num_segs,
-        T,
-        r_max,
-        *widths,
-        0,
-        widths[0],
-        widths[0] + widths[1],
-        n_progs[0],
-        n_progs[0] + n_progs[1],
-        y.stride(0),
-        partials.stride(0),
-        partials.stride(1),
-        partials.stride(2),
-        *slot_strides,
-        ranks.stride(0),
-        scales.stride(0),
+        *_expand_args(y, partials, lora_bs, seg_indptr, seg_slots, ranks, scales, n_progs),
         NUM_SPLITS=partials.shape[0],
         NUM_SLICES=n_slices,
         BLOCK_N=block_n,
