@@ -116,6 +116,13 @@ def _add_serve_parser(sub: Any) -> None:
         help="Ray's GCS unreachable this long: fail requests UNAVAILABLE and exit 1 (default 15)",
     )
     p.add_argument("--policy", choices=POLICIES)
+    p.add_argument(
+        "--pack-batch-target",
+        type=int,
+        metavar="N",
+        help="placement fills a worker only to N sequences; past it the fleet grows and the engine's "
+        "headroom takes the overflow meanwhile (default: the engine's max_batch_size)",
+    )
     p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--consolidation-interval-s", type=float)
     p.add_argument("--idle-release-s", type=float)

@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 # The fleet's own choices and number check: one definition, so serve flags and FleetConfig agree.
-from lorafleet.scheduler.fleet_config import DEVICES, DTYPES, POLICIES, check_int, check_positive
+from lorafleet.scheduler.fleet_config import (
+    DEVICES,
+    DTYPES,
+    POLICIES,
+    check_batch_target,
+    check_int,
+    check_positive,
+)
 from lorafleet.serving.tls import check_server_tls
 
 
@@ -62,6 +69,7 @@ class ServeConfig:
     ray_connect_timeout_s: float = 60.0  # give up starting / joining Ray after this, with an error
     ray_lost_timeout_s: float = 15.0  # Ray's GCS silent this long: fail requests UNAVAILABLE, exit 1
     policy: str = "packing"
+    pack_batch_target: int | None = None  # placement fills a worker to this batch; None = engine limit
     max_queue: int = 256  # requests admitted but not yet placed; beyond it -> RESOURCE_EXHAUSTED
     consolidation_interval_s: float = 2.0
     idle_release_s: float = 30.0
@@ -123,6 +131,9 @@ class ServeConfig:
             _check_port("http_port", self.http_port)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not isinstance(self.engine, Mapping) or not all(isinstance(k, str) for k in self.engine):
+            raise ValueError(f"engine must map EngineConfig field names to values, got {self.engine!r}")
+        check_batch_target("pack_batch_target", self.pack_batch_target, self.engine)
         check_int("max_queue", self.max_queue, 1)
         check_positive("ray_connect_timeout_s", self.ray_connect_timeout_s)
         check_positive("ray_lost_timeout_s", self.ray_lost_timeout_s)
@@ -130,8 +141,6 @@ class ServeConfig:
         check_positive("idle_release_s", self.idle_release_s, allow_zero=True)
         check_positive("drain_timeout_s", self.drain_timeout_s, allow_zero=True)
         check_int("metrics_top_adapters", self.metrics_top_adapters, 0)
-        if not isinstance(self.engine, Mapping) or not all(isinstance(k, str) for k in self.engine):
-            raise ValueError(f"engine must map EngineConfig field names to values, got {self.engine!r}")
         object.__setattr__(self, "engine", dict(self.engine))
 
     @classmethod

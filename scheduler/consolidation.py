@@ -4,9 +4,10 @@ Run every few seconds over the current snapshots, it plans, in this order:
 1. KV-pressure evictions: a worker that cannot give each running sequence one spare block has its
    newest sequences evicted (placed again like new requests) until it can; its oldest always stays.
 2. Migrations: the least-loaded workers are emptied into busier workers that have room (Punica's
-   packing rule picks each target), so they become idle. A source is drained completely or not at
-   all (a partial move only shuffles work), and a source whose sequences are about to finish is left
-   to drain by itself, since recomputing their KV would cost more than it saves.
+   packing rule picks each target, below the placement batch target if one is set), so they become
+   idle. A source is drained completely or not at all (a partial move only shuffles work), and a
+   source whose sequences are about to finish is left to drain by itself, since recomputing their KV
+   would cost more than it saves.
 3. Releases: a worker idle for `idle_release_s` is released while more than `min_workers` remain and
    nothing is queued; a draining worker is released as soon as it is empty.
 Deterministic for a given input and clock reading.
@@ -69,8 +70,13 @@ class ConsolidationPolicy:
         idle_release_s: float = 30.0,
         max_migrations: int = 32,
         min_remaining_tokens: int = 4,
+        batch_target: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if batch_target is not None and (
+            isinstance(batch_target, bool) or not isinstance(batch_target, int) or batch_target < 1
+        ):
+            raise ValueError(f"batch_target must be an integer >= 1 or None, got {batch_target!r}")
         if min_workers < 0:
             raise ValueError(f"min_workers must be >= 0, got {min_workers}")
         if idle_release_s < 0:
@@ -81,6 +87,9 @@ class ConsolidationPolicy:
         self.idle_release_s = idle_release_s
         self.max_migrations = max_migrations
         self.min_remaining_tokens = min_remaining_tokens
+        # The placement policy's batch target: a migration fills a target only up to it, as a
+        # placement would (else consolidation would undo the target by packing workers to the limit).
+        self.batch_target = batch_target
         self.clock = clock
 
     def plan(self, workers: Sequence[WorkerSnapshot], *, queue_len: int = 0) -> list[Decision]:
@@ -139,7 +148,9 @@ class ConsolidationPolicy:
                 for s in seqs
             ):
                 continue
-            moves = self._fit_all(index, src, seqs, min_batch=0 if draining else src.batch)
+            moves = self._fit_all(
+                index, src, seqs, min_batch=0 if draining else src.batch, below=self.batch_target
+            )
             if moves is None:
                 continue
             src.role = "source"
@@ -153,7 +164,7 @@ class ConsolidationPolicy:
 
     @staticmethod
     def _fit_all(
-        index: PlacementIndex, src: _Plan, seqs: list[RunningSeq], *, min_batch: int
+        index: PlacementIndex, src: _Plan, seqs: list[RunningSeq], *, min_batch: int, below: int | None
     ) -> list[tuple[RunningSeq, WorkerSlot]] | None:
         """Targets for every sequence of `src`, each the largest batch that fits it (adapter
         resident, then fewer free blocks, then input order), applied to the index; or None, with
@@ -162,7 +173,9 @@ class ConsolidationPolicy:
         moves: list[tuple[RunningSeq, WorkerSlot]] = []
         undo: list[tuple[WorkerSlot, int, int, frozenset[str] | set[str]]] = []
         for seq in seqs:
-            slot = index.best_packing(seq.adapter, seq.num_tokens, min_batch=min_batch, exclude=own)
+            slot = index.best_packing(
+                seq.adapter, seq.num_tokens, min_batch=min_batch, exclude=own, below=below
+            )
             if slot is None:
                 for target, batch, free, resident in reversed(undo):
                     index.set_load(target, batch, free, resident)

@@ -29,6 +29,17 @@ def check_int(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_batch_target(name: str, value: int | None, engine: Mapping[str, Any]) -> None:
+    """None, or an integer >= 1 and, when the engine's batch limit is given, not above it (a target
+    the engine can never reach would silently mean "off")."""
+    if value is None:
+        return
+    check_int(name, value, 1)
+    limit = engine.get("max_batch_size") if isinstance(engine, Mapping) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and value > limit:
+        raise ValueError(f"{name} ({value}) must be <= the engine's max_batch_size ({limit})")
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     model_dir: str
@@ -37,6 +48,9 @@ class FleetConfig:
     min_workers: int = 1
     max_workers: int = 1
     policy: str = "packing"
+    # Placement fills a worker only to this batch (the engine may run more: the headroom takes the
+    # overflow while the fleet grows); None = the engine's limit. See policy.PlacementPolicy.
+    pack_batch_target: int | None = None
     max_queue: int = 1024
     consolidation_interval_s: float = 2.0
     idle_release_s: float = 30.0
@@ -71,6 +85,7 @@ class FleetConfig:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        check_batch_target("pack_batch_target", self.pack_batch_target, self.engine)
         check_int("max_queue", self.max_queue, 1)
         check_positive("consolidation_interval_s", self.consolidation_interval_s)
         check_positive("idle_release_s", self.idle_release_s, allow_zero=True)

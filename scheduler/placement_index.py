@@ -39,7 +39,10 @@ class WorkerSlot:
         """KV blocks the rule asks for: the prompt's plus one spare block per running sequence."""
         return blocks_for(prompt_len, self.block_size) + self.batch
 
-    def feasible(self, prompt_len: int) -> bool:
+    def feasible(self, prompt_len: int, below: int | None = None) -> bool:
+        """Room for the prompt; with `below`, also a batch below it (a placement batch target)."""
+        if below is not None and self.batch >= below:
+            return False
         return self.batch < self.max_batch and self.free >= self.need(prompt_len)
 
 
@@ -75,14 +78,24 @@ class PlacementIndex:
     # ------------------------------------------------------------ queries
 
     def best_packing(
-        self, adapter: str | None, prompt_len: int, *, min_batch: int = 0, exclude: WorkerSlot | None = None
+        self,
+        adapter: str | None,
+        prompt_len: int,
+        *,
+        min_batch: int = 0,
+        exclude: WorkerSlot | None = None,
+        below: int | None = None,
     ) -> WorkerSlot | None:
         """Largest batch among feasible workers; ties: adapter resident, then fewer free blocks.
         Workers whose batch is below `min_batch` are not considered, nor `exclude` (consolidation's
-        targets: at least as busy as the source, never the source itself)."""
+        targets: at least as busy as the source, never the source itself), nor, with `below`, those
+        whose batch has reached it (a placement batch target under the engine's limit)."""
         holders = self._resident.get(adapter) if adapter is not None else None
         skip = exclude.order if exclude is not None else -1
-        for batch in reversed(self._level_keys):
+        keys = self._level_keys
+        top = len(keys) if below is None else bisect_left(keys, below)
+        for k in range(top - 1, -1, -1):
+            batch = keys[k]
             if batch < min_batch:
                 break
             best: tuple[int, int, int] | None = None  # (not resident, free, order)
@@ -137,9 +150,12 @@ class PlacementIndex:
                     best = key
         return best
 
-    def least_loaded(self, prompt_len: int) -> WorkerSlot | None:
-        """Smallest batch among feasible workers; ties: the most free blocks."""
+    def least_loaded(self, prompt_len: int, *, below: int | None = None) -> WorkerSlot | None:
+        """Smallest batch among feasible workers (with `below`: batch below it); ties: the most free
+        blocks."""
         for batch in self._level_keys:
+            if below is not None and batch >= below:
+                break
             best: tuple[int, int] | None = None
             for block_size, entries in self._levels[batch].items():
                 last = entries[-1]
@@ -149,8 +165,8 @@ class PlacementIndex:
                 return self.slots[best[1]]
         return None
 
-    def feasible_slots(self, prompt_len: int) -> list[WorkerSlot]:
-        return [s for s in self.slots if s.feasible(prompt_len)]
+    def feasible_slots(self, prompt_len: int, *, below: int | None = None) -> list[WorkerSlot]:
+        return [s for s in self.slots if s.feasible(prompt_len, below)]
 
     # ------------------------------------------------------------ keeping an index across passes
 

@@ -34,17 +34,32 @@ class PlacementPolicy:
     worker's position in the input. Requests leave the queue strictly in FCFS order: when the head
     fits nowhere, everything behind it waits too, so a large request cannot be starved by a stream
     of small ones; the fleet then asks for another worker if it may grow.
+
+    `batch_target` (every policy; None = the engine's limit): a worker counts as having room for
+    placement only while its batch is below it. When no worker below the target can take the head,
+    the fleet asks for another worker (if it may grow) and, rather than queue the request behind a
+    start-up of tens of seconds, gives it to the feasible worker with the smallest batch up to the
+    engine's limit: the headroom above the target absorbs a surge while the fleet grows, and the
+    target, not the engine's limit, sets how full the fleet runs (fewer GPUs against shorter
+    batches). The overflow goes to the emptiest worker, not the fullest, so no worker's batch (and
+    step time) runs ahead of the others'.
     """
 
     name = "packing"
 
-    def __init__(self, *, max_workers: int | None = None) -> None:
+    def __init__(self, *, max_workers: int | None = None, batch_target: int | None = None) -> None:
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be >= 1 or None, got {max_workers}")
+        if batch_target is not None and (
+            isinstance(batch_target, bool) or not isinstance(batch_target, int) or batch_target < 1
+        ):
+            raise ValueError(f"batch_target must be an integer >= 1 or None, got {batch_target!r}")
         self.max_workers = max_workers
+        self.batch_target = batch_target
 
-    def choose(self, index: PlacementIndex, request: PendingRequest) -> WorkerSlot | None:
-        return index.best_packing(request.adapter, request.prompt_len)
+    def choose(self, index: PlacementIndex, request: PendingRequest, below: int | None) -> WorkerSlot | None:
+        """The worker this policy picks among those with room (batch below `below`, if given)."""
+        return index.best_packing(request.adapter, request.prompt_len, below=below)
 
     def schedule(
         self,
@@ -65,10 +80,23 @@ class PlacementPolicy:
             index = PlacementIndex(workers)
         decisions: list[Decision] = []
         placed = 0
+        target = self.batch_target
+        asked_to_grow = False
         while len(queue) and (limit is None or placed < limit):
             request = queue.peek()
             assert request is not None
-            slot = self.choose(index, request) if index.slots else None
+            slot = self.choose(index, request, target) if index.slots else None
+            if slot is None and target is not None and index.slots:
+                slot = index.least_loaded(request.prompt_len)  # the headroom above the target
+                if slot is not None and not asked_to_grow:
+                    asked_to_grow = True
+                    if self.may_grow(workers):
+                        decisions.append(
+                            StartWorker(
+                                f"request {request.request_id} finds every worker at its batch target "
+                                f"of {target}"
+                            )
+                        )
             if slot is not None:
                 queue.pop()
                 index.assign(slot, request.adapter, request.prompt_len)
@@ -81,7 +109,7 @@ class PlacementPolicy:
                 decisions.append(Reject(request.request_id, reason))
                 continue
             decisions.append(Queue(request.request_id, "no worker can take it now"))
-            if self.may_grow(workers):
+            if not asked_to_grow and self.may_grow(workers):
                 decisions.append(StartWorker(f"request {request.request_id} fits on no running worker"))
             break
         return decisions
@@ -111,8 +139,8 @@ class LeastLoadedPolicy(PlacementPolicy):
 
     name = "least_loaded"
 
-    def choose(self, index: PlacementIndex, request: PendingRequest) -> WorkerSlot | None:
-        return index.least_loaded(request.prompt_len)
+    def choose(self, index: PlacementIndex, request: PendingRequest, below: int | None) -> WorkerSlot | None:
+        return index.least_loaded(request.prompt_len, below=below)
 
 
 class RoundRobinPolicy(PlacementPolicy):
@@ -120,17 +148,17 @@ class RoundRobinPolicy(PlacementPolicy):
 
     name = "round_robin"
 
-    def __init__(self, *, max_workers: int | None = None) -> None:
-        super().__init__(max_workers=max_workers)
+    def __init__(self, *, max_workers: int | None = None, batch_target: int | None = None) -> None:
+        super().__init__(max_workers=max_workers, batch_target=batch_target)
         self._last: str | None = None
 
-    def choose(self, index: PlacementIndex, request: PendingRequest) -> WorkerSlot | None:
+    def choose(self, index: PlacementIndex, request: PendingRequest, below: int | None) -> WorkerSlot | None:
         slots = index.slots
         last = index.by_id.get(self._last) if self._last is not None else None
         start = last.order + 1 if last is not None else 0
         for k in range(len(slots)):
             slot = slots[(start + k) % len(slots)]
-            if slot.feasible(request.prompt_len):
+            if slot.feasible(request.prompt_len, below):
                 self._last = slot.worker_id
                 return slot
         return None
@@ -141,19 +169,21 @@ class RandomPolicy(PlacementPolicy):
 
     name = "random"
 
-    def __init__(self, *, max_workers: int | None = None, seed: int = 0) -> None:
-        super().__init__(max_workers=max_workers)
+    def __init__(
+        self, *, max_workers: int | None = None, batch_target: int | None = None, seed: int = 0
+    ) -> None:
+        super().__init__(max_workers=max_workers, batch_target=batch_target)
         self._rng = random.Random(seed)
 
-    def choose(self, index: PlacementIndex, request: PendingRequest) -> WorkerSlot | None:
+    def choose(self, index: PlacementIndex, request: PendingRequest, below: int | None) -> WorkerSlot | None:
         # Rejection sampling first: a uniform draw over all workers, kept if feasible, is a uniform
         # draw over the feasible ones, without scanning the fleet for each decision.
         slots = index.slots
         for _ in range(16):
             slot = slots[self._rng.randrange(len(slots))]
-            if slot.feasible(request.prompt_len):
+            if slot.feasible(request.prompt_len, below):
                 return slot
-        feasible = index.feasible_slots(request.prompt_len)
+        feasible = index.feasible_slots(request.prompt_len, below=below)
         return self._rng.choice(feasible) if feasible else None
 
 
@@ -162,11 +192,13 @@ PLACEMENT_POLICIES: dict[str, type[PlacementPolicy]] = {
 }
 
 
-def make_placement_policy(name: str, *, max_workers: int | None = None, seed: int = 0) -> PlacementPolicy:
+def make_placement_policy(
+    name: str, *, max_workers: int | None = None, batch_target: int | None = None, seed: int = 0
+) -> PlacementPolicy:
     """The placement policy a config names: packing, round_robin, least_loaded or random."""
     cls = PLACEMENT_POLICIES.get(name)
     if cls is None:
         raise ValueError(f"unknown placement policy {name!r}; choose one of {sorted(PLACEMENT_POLICIES)}")
     if cls is RandomPolicy:
-        return RandomPolicy(max_workers=max_workers, seed=seed)
-    return cls(max_workers=max_workers)
+        return RandomPolicy(max_workers=max_workers, batch_target=batch_target, seed=seed)
+    return cls(max_workers=max_workers, batch_target=batch_target)

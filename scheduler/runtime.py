@@ -64,13 +64,17 @@ class FleetRuntime:
         self.queue = RequestQueue()
         self._resume_states: dict[str, SequenceState] = {}  # queued requests that carry outputs
         self.placement = make_placement_policy(
-            config.policy, max_workers=config.max_workers, seed=config.seed
+            config.policy,
+            max_workers=config.max_workers,
+            batch_target=config.pack_batch_target,
+            seed=config.seed,
         )
         self.consolidation = ConsolidationPolicy(
             min_workers=config.min_workers,
             idle_release_s=config.idle_release_s,
             max_migrations=config.max_migrations_per_pass,
             min_remaining_tokens=config.min_remaining_tokens,
+            batch_target=config.pack_batch_target,
             clock=clock,
         )
         self.counters: dict[str, float] = defaultdict(int)

@@ -71,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sequences per worker step (default and most: the profile's, whose step table ends there)",
     )
+    p.add_argument(
+        "--pack-batch-target",
+        type=int,
+        default=None,
+        metavar="N",
+        help="placement fills a worker only to N sequences, the engine's headroom takes the overflow "
+        "while the fleet grows (every policy; default: the batch limit)",
+    )
     p.add_argument("--out", required=True, help="folder for requests.csv, summary.json and the plots")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last line")
     p.add_argument("--compare", action="store_true", help="run every policy on the workload; one table")
@@ -149,6 +157,7 @@ def sim_config(args: argparse.Namespace, policy: str, migrations: bool) -> SimCo
         extra["consolidation_interval_s"] = args.consolidation_interval_s
     return SimConfig(
         policy=policy,
+        pack_batch_target=args.pack_batch_target,
         max_gpus=args.max_gpus,
         min_gpus=args.min_gpus,
         migrations=migrations,
@@ -191,6 +200,12 @@ def run_cli(args: argparse.Namespace) -> int:
             )
         engine = dataclasses.replace(profile.engine, max_batch_size=args.max_batch_size)
         profile = dataclasses.replace(profile, engine=engine)
+    target = args.pack_batch_target
+    if target is not None and not 1 <= target <= profile.engine.max_batch_size:
+        raise ValueError(
+            f"--pack-batch-target must be in [1, {profile.engine.max_batch_size}] (the worker's batch "
+            f"limit), got {target}"
+        )
     slo = Slo(args.slo_ttft_s, args.slo_tpot_s)
     runs = [(args.policy, not args.no_migration)]
     if args.compare:

@@ -15,7 +15,10 @@ Sweeps (each step timed alone with perf_counter around `Engine.step`, after warm
 - worker start-up: a `WorkerActor` in a local Ray, created until `ready()` answers (as the runtime
   grows the fleet: on the CPU, the second and third beside a running first); with
   `--no-ray-start`, `Engine.from_pretrained` alone.
-The fit (see `sim/profile.py`) is least squares per sweep; the raw samples go into the file too.
+The four engine sweeps are measured in ROUNDS interleaved rounds (each visits every point for a share
+of its repeats), so the machine's speed drifting during the run touches every point alike. The fit
+(see `sim/profile.py`) is least squares per sweep, the adapter slope rescaled to the decode sweep's
+speed (`sim/profile_fit.py`); the raw samples go into the file too, sweep by sweep.
 Imports torch (through the engine): only the `profile` command loads this module.
 """
 
@@ -31,9 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.sim.profile import EngineShape, LatencyProfile
+from lorafleet.sim.profile_fit import adapter_slope, least_squares
 
 # Idle pauses before single requests through the serving stack (the wake-up table's points).
 WAKE_GAPS_S = (0.03, 0.1, 0.3, 1.0)
+# The grid is measured in this many rounds, each visiting every point of every sweep for a share of
+# its repeats: a drift of the machine's speed during the run then touches every point alike, where
+# sweep after sweep it would sit in whichever points were timed while it lasted.
+ROUNDS = 4
 
 Sample = tuple[int, int, int, int, float]  # decode seqs, prefill tokens, total context, adapters, seconds
 
@@ -46,14 +54,10 @@ def _grid(top: int) -> list[int]:
     return [*out, top]
 
 
-def _slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope); slope 0 when the xs do not vary."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return my, 0.0
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - slope * mx, slope
+def _rounds(repeats: int) -> list[int]:
+    """Timed steps per visit when a grid point's `repeats` are spread over up to ROUNDS visits."""
+    rounds = max(1, min(ROUNDS, repeats))
+    return [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
 
 
 class _Runner:
@@ -97,9 +101,9 @@ class _Runner:
         for rid in rids:
             self.engine.abort(rid)
 
-    def decode(self, batch: int, prompt: int, adapters: int) -> list[Sample]:
+    def decode(self, batch: int, prompt: int, adapters: int, repeats: int | None = None) -> list[Sample]:
         """Samples of decode steps with `batch` sequences over `adapters` distinct adapters."""
-        steps = self.warmup + self.repeats
+        steps = self.warmup + (self.repeats if repeats is None else repeats)
         names = [self.adapters[i % adapters] if self.adapters else None for i in range(batch)]
         rids = [self._add(prompt, steps + 2, names[i]) for i in range(batch)]
         sched = self.engine.scheduler
@@ -118,9 +122,9 @@ class _Runner:
         self._clear(rids)
         return out
 
-    def prefill(self, prompt: int) -> list[Sample]:
+    def prefill(self, prompt: int, repeats: int | None = None) -> list[Sample]:
         out: list[Sample] = []
-        for i in range(self.warmup + self.repeats):
+        for i in range(self.warmup + (self.repeats if repeats is None else repeats)):
             rid = self._add(prompt, 1, self.adapters[0] if self.adapters else None)
             t0 = time.perf_counter()
             self.engine.step()
@@ -330,35 +334,39 @@ def measure_profile(
     for n in names[: cfg.max_loras]:  # first use of each: read from disk and upload
         disk_loads.extend(runner.admit(n))
 
-    samples: list[Sample] = []
     room = max_len - (warmup + repeats + 4)
     short = min(16, room)
-    decode = [s for b in _grid(cfg.max_batch_size) for s in runner.decode(b, short, 1 if names else 0)]
-    log(f"decode sweep: {len(decode)} steps")
+    one = 1 if names else 0
     half = max(1, cfg.max_batch_size // 2)
     lengths = sorted({min(room, n) for n in (16, 64, 128, 256, 512, 1024, 2048) if n <= room} or {room})
-    context = [s for n in lengths for s in runner.decode(half, n, 1 if names else 0)]
-    log(f"context sweep: {len(context)} steps")
     top_prefill = min(cfg.max_num_batched_tokens, max_len - 2)
     prompts = sorted({p for p in (16, 64, 128, 256, 512, 1024, 2048, top_prefill) if p <= top_prefill})
-    prefill = [s for p in prompts for s in runner.prefill(p)]
-    log(f"prefill sweep: {len(prefill)} steps")
     adapter_counts = _grid(min(len(names), cfg.max_batch_size, cfg.max_loras)) if names else []
-    adapter = [s for a in adapter_counts for s in runner.decode(cfg.max_batch_size, short, a)]
-    log(f"adapter sweep: {len(adapter)} steps")
+    decode: list[Sample] = []
+    context: list[Sample] = []
+    prefill: list[Sample] = []
+    adapter: list[Sample] = []
+    for share in _rounds(repeats):  # every sweep's points in each round (see ROUNDS)
+        decode += [s for b in _grid(cfg.max_batch_size) for s in runner.decode(b, short, one, share)]
+        context += [s for n in lengths for s in runner.decode(half, n, one, share)]
+        prefill += [s for p in prompts for s in runner.prefill(p, share)]
+        adapter += [s for a in adapter_counts for s in runner.decode(cfg.max_batch_size, short, a, share)]
+    log(
+        f"sweeps in {len(_rounds(repeats))} rounds: decode {len(decode)}, context {len(context)}, "
+        f"prefill {len(prefill)}, adapters {len(adapter)} steps"
+    )
+    # Kept sweep by sweep, in this order (profile_fit.adapter_sweep finds the last one by it).
     samples = decode + context + prefill + adapter
 
-    _, per_ctx = _slope([float(s[2]) for s in context], [s[4] for s in context])
+    _, per_ctx = least_squares([float(s[2]) for s in context], [s[4] for s in context])
     per_ctx = max(0.0, per_ctx)
-    base0, prefill_slope = _slope([float(s[1]) for s in prefill], [s[4] for s in prefill])
+    base0, prefill_slope = least_squares([float(s[1]) for s in prefill], [s[4] for s in prefill])
     per_prefill = max(0.0, prefill_slope - per_ctx)
-    per_adapter = 0.0
-    if len(adapter_counts) > 1:
-        _, per_adapter = _slope([float(s[3] - 1) for s in adapter], [s[4] - per_ctx * s[2] for s in adapter])
-        per_adapter = max(0.0, per_adapter)
     groups = _median_by(decode, lambda s: s[0])
     batches = sorted(groups)
     bases = [statistics.median(s[4] - per_ctx * s[2] for s in groups[b]) for b in batches]
+    # The adapter slope at the decode sweep's speed (profile_fit explains why).
+    per_adapter = adapter_slope(adapter, per_ctx, dict(zip(batches, bases)).get(cfg.max_batch_size))
     host_adapters = 0
     if names:  # how many adapters of this size the host cache's byte budget holds
         from lorafleet.worker.adapters import load_adapter

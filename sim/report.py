@@ -69,6 +69,7 @@ def summarize(result: SimResult, slo: Slo) -> dict[str, Any]:
     )
     out: dict[str, Any] = {
         "policy": result.config.label,
+        "pack_batch_target": result.config.pack_batch_target,
         "profile": result.profile,
         "requests": len(result.records),
         "completed": len(done),

@@ -55,6 +55,7 @@ class SimRequest:
 @dataclass(frozen=True)
 class SimConfig:
     policy: str = "packing"
+    pack_batch_target: int | None = None  # placement fills a worker to this batch; None: engine limit
     max_gpus: int = 1
     min_gpus: int = _DEFAULTS["min_workers"]
     migrations: bool = True  # False: consolidation still evicts and releases, but moves nothing
@@ -72,6 +73,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.pack_batch_target is not None:
+            check_int("pack_batch_target", self.pack_batch_target, 1)
         check_int("max_gpus", self.max_gpus, 1)
         check_int("min_gpus", self.min_gpus, 1)
         if self.min_gpus > self.max_gpus:
@@ -87,7 +90,8 @@ class SimConfig:
 
     @property
     def label(self) -> str:
-        return self.policy if self.migrations else f"{self.policy}-no-migration"
+        label = self.policy if self.migrations else f"{self.policy}-no-migration"
+        return label if self.pack_batch_target is None else f"{label}-target{self.pack_batch_target}"
 
 
 @dataclass
@@ -126,12 +130,21 @@ class Simulator:
         self.on_done = on_done
         self.now = 0.0
         max_migrations = config.max_migrations_per_pass if config.migrations else 0
-        self.placement = make_placement_policy(config.policy, max_workers=config.max_gpus, seed=config.seed)
+        target = config.pack_batch_target
+        if target is not None and target > profile.engine.max_batch_size:
+            raise ValueError(
+                f"pack_batch_target ({target}) must be <= the worker's max_batch_size "
+                f"({profile.engine.max_batch_size})"
+            )
+        self.placement = make_placement_policy(
+            config.policy, max_workers=config.max_gpus, batch_target=target, seed=config.seed
+        )
         self.consolidation = ConsolidationPolicy(
             min_workers=config.min_gpus,
             idle_release_s=config.idle_release_s,
             max_migrations=max_migrations,
             min_remaining_tokens=config.min_remaining_tokens,
+            batch_target=target,
             clock=lambda: self.now,
         )
         self.queue = RequestQueue()

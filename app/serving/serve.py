@@ -264,6 +264,7 @@ def fleet_config(config: ServeConfig) -> Any:
         min_workers=config.workers,
         max_workers=config.max_workers or config.workers,
         policy=config.policy,
+        pack_batch_target=config.pack_batch_target,
         max_queue=config.max_queue,
         consolidation_interval_s=config.consolidation_interval_s,
         idle_release_s=config.idle_release_s,

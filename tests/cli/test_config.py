@@ -58,6 +58,8 @@ def test_defaults_and_max_workers_follow_workers() -> None:
         ({"port": 70000}, "port"),
         ({"metrics_port": -1}, "metrics_port"),
         ({"http_port": 70000}, "http_port"),
+        ({"pack_batch_target": 0}, "pack_batch_target"),
+        ({"pack_batch_target": 9, "engine": {"max_batch_size": 8}}, "pack_batch_target"),
         ({"http_port": "8000"}, "http_port"),
         ({"policy": "best"}, "policy"),
         ({"max_queue": 0}, "max_queue"),
@@ -127,3 +129,19 @@ def test_adapter_roots_default_to_the_adapter_folders(tmp_path: Path) -> None:
     assert ServeConfig(model="/m").effective_adapter_roots() == ()
     with pytest.raises(ValueError, match="adapter_roots must be folder paths"):
         ServeConfig(model="/m", adapter_roots=("",))
+
+
+def test_pack_batch_target_flag_and_yaml_reach_the_fleet(tmp_path: Path) -> None:
+    from lorafleet.cli import serve_config
+    from lorafleet.serving.serve import fleet_config
+
+    args = build_parser().parse_args(["serve", "--model", "/m", "--pack-batch-target", "24"])
+    config = serve_config(args)
+    assert config.pack_batch_target == 24 and fleet_config(config).pack_batch_target == 24
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("model: /m\npack_batch_target: 12\nengine: {max_batch_size: 16}\n")
+    from_yaml = serve_config(build_parser().parse_args(["serve", "--config", str(cfg)]))
+    assert fleet_config(from_yaml).pack_batch_target == 12
+    assert fleet_config(ServeConfig(model="/m")).pack_batch_target is None  # default: off
+    with pytest.raises(ValueError, match=r"pack_batch_target \(17\) must be <= the engine's max_batch_size"):
+        serve_config(build_parser().parse_args(["serve", "--config", str(cfg), "--pack-batch-target", "17"]))

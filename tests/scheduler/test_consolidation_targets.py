@@ -59,6 +59,8 @@ def _scan_targets(policy: ConsolidationPolicy, workers: list[WorkerSnapshot]) ->
                 need = blocks_for(q.num_tokens, w.block_size) + batch[i]
                 if batch[i] < min_batch or batch[i] >= w.max_batch_size or free[i] < need:
                     continue
+                if policy.batch_target is not None and batch[i] >= policy.batch_target:
+                    continue
                 key = (-batch[i], q.adapter not in resident[i], free[i], i)
                 if best is None or key < best[0]:
                     best = (key, i)
@@ -110,7 +112,7 @@ def _fleet(rng: random.Random, n: int) -> list[WorkerSnapshot]:
     return out
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_indexed_targets_match_the_scan(seed: int) -> None:
     rng = random.Random(seed)
     policy = ConsolidationPolicy(
@@ -118,6 +120,7 @@ def test_indexed_targets_match_the_scan(seed: int) -> None:
         idle_release_s=10.0,
         max_migrations=rng.choice((4, 16, 64)),
         min_remaining_tokens=rng.choice((0, 4)),
+        batch_target=rng.choice((None, 1, 2, 3, 5)),
         clock=lambda: 0.0,
     )
     workers = _fleet(rng, rng.randint(2, 40))
@@ -142,6 +145,21 @@ def test_a_source_given_up_is_a_target_again() -> None:
     policy = ConsolidationPolicy(min_workers=1, clock=lambda: 0.0)
     assert policy.plan([a, b]) == [Migrate("b-0", "b", "a"), Migrate("b-1", "b", "a")]
     assert _scan_targets(policy, [a, b]) == ([Migrate("b-0", "b", "a"), Migrate("b-1", "b", "a")], 1)
+
+
+def test_a_batch_target_caps_migration_targets() -> None:
+    # b (batch 1) would move into a (batch 3); a target of 3 leaves a no room, 4 leaves it one.
+    a = WorkerSnapshot("a", WorkerState.ACTIVE, _seqs("a", 3), 8, 60, 64, 16)
+    b = WorkerSnapshot("b", WorkerState.ACTIVE, _seqs("b", 1), 8, 60, 64, 16)
+    for target, expect in ((None, [Migrate("b-0", "b", "a")]), (4, [Migrate("b-0", "b", "a")]), (3, [])):
+        policy = ConsolidationPolicy(min_workers=1, batch_target=target, clock=lambda: 0.0)
+        assert [d for d in policy.plan([a, b]) if isinstance(d, Migrate)] == expect
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "8"])
+def test_consolidation_refuses_a_bad_batch_target(bad: object) -> None:
+    with pytest.raises(ValueError, match="batch_target must be an integer >= 1 or None"):
+        ConsolidationPolicy(batch_target=bad)  # type: ignore[arg-type]
 
 
 def _seqs(wid: str, n: int) -> tuple[RunningSeq, ...]:

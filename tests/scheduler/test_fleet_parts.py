@@ -16,6 +16,11 @@ def test_fleet_config_defaults_and_validation() -> None:
     cfg = FleetConfig(model_dir="/m")
     assert (cfg.min_workers, cfg.max_workers, cfg.policy, cfg.worker_num_gpus) == (1, 1, "packing", 0.0)
     assert FleetConfig(model_dir="/m", device="cuda").worker_num_gpus == 1.0
+    assert cfg.pack_batch_target is None
+    assert (
+        FleetConfig(model_dir="/m", pack_batch_target=32, engine={"max_batch_size": 32}).pack_batch_target
+        == 32
+    )
     bad = [
         ({"model_dir": ""}, "model_dir"),
         ({"device": "tpu"}, "device must be one of"),
@@ -29,6 +34,12 @@ def test_fleet_config_defaults_and_validation() -> None:
         ({"engine": {1: 2}}, "engine must be a mapping"),
         ({"ray_address": ""}, "ray_address"),
         ({"max_start_attempts": 0}, "max_start_attempts"),
+        ({"pack_batch_target": 0}, "pack_batch_target must be an integer >= 1"),
+        ({"pack_batch_target": 2.5}, "pack_batch_target must be an integer >= 1"),
+        (
+            {"pack_batch_target": 33, "engine": {"max_batch_size": 32}},
+            r"pack_batch_target \(33\) must be <= the engine's max_batch_size \(32\)",
+        ),
     ]
     for overrides, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -64,3 +64,10 @@ def test_a_drain_still_starts_the_worker_its_requests_need(monkeypatch: pytest.M
         assert tr.finished
 
     asyncio.run(main())
+
+
+def test_the_fleet_configs_batch_target_reaches_both_policies() -> None:
+    runtime = FleetRuntime(FleetConfig(model_dir="/m", pack_batch_target=12), lambda name: None)
+    assert runtime.placement.batch_target == 12 and runtime.consolidation.batch_target == 12
+    plain = FleetRuntime(FleetConfig(model_dir="/m"), lambda name: None)
+    assert plain.placement.batch_target is None and plain.consolidation.batch_target is None

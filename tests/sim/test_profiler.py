@@ -9,6 +9,7 @@ import pytest
 
 from lorafleet.cli import main
 from lorafleet.sim.profile import load_profile, shipped_profiles
+from lorafleet.sim.profile_fit import adapter_sweep
 
 
 @pytest.mark.slow
@@ -37,6 +38,9 @@ def test_profile_measures_and_writes_a_loadable_profile(tmp_path: Path) -> None:
     assert profile.adapter_disk_load_s > 0 and profile.adapter_host_load_s > 0
     assert profile.worker_start_s > 0
     assert len(profile.samples) > 10 and all(len(s) == 5 for s in profile.samples)
+    # Measured in rounds but kept sweep by sweep: the adapter sweep (full batch) comes last.
+    sweep = adapter_sweep(profile.samples)
+    assert {s[0] for s in sweep} == {2} and {s[3] for s in sweep} == {1, 2} and len(sweep) == 4
 
 
 def test_profile_rejects_a_folder_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -67,6 +67,9 @@ def test_compare_prints_one_table_over_every_policy(tmp_path: Path, capsys: pyte
         (["--rate-scale", "-1"], "rate_scale"),
         (["--max-batch-size", "5"], "--max-batch-size must be in [1, 4]"),
         (["--max-batch-size", "0"], "--max-batch-size must be in [1, 4]"),
+        (["--pack-batch-target", "5"], "--pack-batch-target must be in [1, 4]"),
+        (["--pack-batch-target", "0"], "--pack-batch-target must be in [1, 4]"),
+        (["--max-batch-size", "2", "--pack-batch-target", "3"], "--pack-batch-target must be in [1, 2]"),
     ],
 )
 def test_bad_input_is_one_error_line(
@@ -101,3 +104,21 @@ def test_a_lower_batch_limit_caps_each_worker(tmp_path: Path, capsys: pytest.Cap
         assert main(argv) == 0
         ttft[limit] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ttft_mean_s"]
     assert ttft["1"] > ttft["4"]
+
+
+def test_a_batch_target_spreads_load_over_more_workers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--pack-batch-target 1: each worker is filled to one sequence before the next is used, so the
+    fleet grows further than with packing to the batch limit of 4, and steps are shorter."""
+    got = {}
+    for target in (None, "1"):
+        argv = ["sim", "--trace", str(_trace(tmp_path, 200)), "--profile", PROFILE, "--max-gpus", "6"]
+        argv += ["--out", str(tmp_path / str(target)), "--json", "--quiet", "--no-plots"]
+        if target is not None:
+            argv += ["--pack-batch-target", target]
+        assert main(argv) == 0
+        got[target] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["1"]["policy"] == "packing-target1" and got["1"]["pack_batch_target"] == 1
+    assert got[None]["pack_batch_target"] is None
+    assert got["1"]["completed"] == got[None]["completed"] == 200
+    assert got["1"]["peak_gpus"] > got[None]["peak_gpus"]
+    assert got["1"]["tpot_mean_s"] < got[None]["tpot_mean_s"]

@@ -89,6 +89,26 @@ def test_config_is_validated() -> None:
         SimConfig(policy="nope")
     with pytest.raises(ValueError, match="max_gpus"):
         SimConfig(max_gpus=0)
+    with pytest.raises(ValueError, match="pack_batch_target must be an integer >= 1"):
+        SimConfig(pack_batch_target=0)
+
+
+def test_a_batch_target_above_the_workers_limit_is_refused(tiny_profile: LatencyProfile) -> None:
+    limit = tiny_profile.engine.max_batch_size
+    with pytest.raises(ValueError, match=rf"pack_batch_target \({limit + 1}\) must be <= .* \({limit}\)"):
+        Simulator(SimConfig(pack_batch_target=limit + 1), tiny_profile, [])
+
+
+def test_a_batch_target_grows_the_fleet_further(tiny_profile: LatencyProfile) -> None:
+    """With target 2 (the limit is 4) the fleet grows once workers hold 2 sequences, not 4: more
+    GPUs in the burst, and every request still completes."""
+    reqs = _bursty(900, seed=2)
+    runs = {
+        t: Simulator(SimConfig(max_gpus=12, pack_batch_target=t), tiny_profile, reqs).run() for t in (None, 2)
+    }
+    assert all(r.finish is not None for r in runs[2].records)
+    assert runs[2].peak_gpus > runs[None].peak_gpus
+    assert runs[2].config.label == "packing-target2"
 
 
 def test_the_simulator_imports_neither_torch_nor_ray() -> None:
@@ -102,14 +122,19 @@ def test_the_simulator_imports_neither_torch_nor_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("target", [None, 2])
 @pytest.mark.parametrize("policy", ["packing", "least_loaded", "round_robin", "random"])
 def test_keeping_the_placement_index_across_passes_changes_nothing(
-    tiny_profile: LatencyProfile, policy: str
+    tiny_profile: LatencyProfile, policy: str, target: int | None
 ) -> None:
     reqs = _bursty(600, seed=5)
     runs = [
         Simulator(
-            SimConfig(policy=policy, max_gpus=6, idle_release_s=3.0, keep_index=keep), tiny_profile, reqs
+            SimConfig(
+                policy=policy, max_gpus=6, idle_release_s=3.0, keep_index=keep, pack_batch_target=target
+            ),
+            tiny_profile,
+            reqs,
         ).run()
         for keep in (False, True)
     ]
