@@ -120,7 +120,7 @@ def kill_targets(kill: Mapping[str, Any] | None) -> list[str]:
     d = kill.get("decisive")
     floor = kill.get("noise_floor") or []
     cut = kill.get("cut_off", 0)
-    cut_text = f"; {cut} cut off by the time budget, not judged" if cut else ""
+    cut_text = f"; {cut} not completed in both runs (the time budget), not judged" if cut else ""
     if kill.get("judge") == "raw":  # float32: every token of every request must be equal
         ok = kill["lost"] == 0 and kill["differ"] == 0 and kill["compared"] > 0
         near = f"; {d['differ']} before their first near-tie (gap < {d['tolerance']:g} nats)" if d else ""

@@ -51,7 +51,8 @@ class RequestRecord:
     last_token_at: float | None = None
     done_at: float | None = None
     tokens: int = 0
-    status: str = "ok"  # "ok", "aborted", "incomplete" or the gRPC status name, lower case
+    # "ok", "aborted", "incomplete", "cancelled" (cut off by the caller) or the gRPC status name, lower case
+    status: str = "ok"
     error: str = ""
     # What the stream delivered (gRPC sender only), so runs of one plan can be compared token for token.
     token_ids: list[int] = field(default_factory=list)
@@ -232,6 +233,11 @@ async def _one_request(
     except ApiError as exc:
         record.status = exc.code.name.lower()
         record.error = exc.details
+    except asyncio.CancelledError:
+        # The caller stopped waiting (a deadline, Ctrl-C): the `finally` below still stamps done_at,
+        # so without this the record would keep its default "ok" with whatever tokens had arrived.
+        record.status, record.error = "cancelled", "the client stopped waiting before the stream ended"
+        raise
     finally:
         record.done_at = time.monotonic()
 

@@ -174,8 +174,9 @@ def test_pair_report_judges_raw_tokens(mods, tmp_path: Path) -> None:
     assert (out["lost"], out["cut_off"], out["compared"], out["differ"]) == (0, 1, 2, 0)
     kill = {**out, "pid": 7, "victim_running": 9, "judge": "raw"}
     assert tables.kill_targets(kill) == [
-        "- killed worker (9 sequences on it), packing-f32 against packing-f32-kill: 0 lost; 1 cut off by the "
-        "time budget, not judged, 0 of 2 requests with any token different (raw; 0 before their first "
+        "- killed worker (9 sequences on it), packing-f32 against packing-f32-kill: 0 lost; 1 not completed "
+        "in both runs (the time budget), not judged, 0 of 2 requests with any token different (raw; 0 "
+        "before their first "
         "near-tie (gap < 0.05 nats)): **met**"
     ]
     # One token different anywhere fails the raw rule, though it is after a near-tie.
