@@ -22,7 +22,7 @@ from fleet_server import ServeProcess, StatusSample, sample_status
 from fleet_tokens import top_gap
 
 from lorafleet.bench import runner as bench
-from lorafleet.bench.workload import TraceRow
+from lorafleet.bench.workload import TraceRow, percentile
 from lorafleet.client.grpc_client import AsyncClient
 from lorafleet.demo.calibrate import calibrate, wait_idle
 from lorafleet.serving.api_types import GenerateChunk
@@ -57,6 +57,9 @@ class Warmup:
 
 # Given the first warm-up (one worker's capacity) and the server's start time: the --phases text.
 ChoosePhases = Callable[[Warmup, float], str]
+# Given the run's warm-up, its server's start time, the plan's send times and the burst's start:
+# (how many of the plan's first requests to replay, the replay's deadline in time.monotonic()).
+SizePrefix = Callable[[Warmup, float, list[float], float], tuple[int, float]]
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -136,11 +139,14 @@ async def run_one(
     choose_phases: ChoosePhases | None,
     burst_of: Callable[[str], tuple[float, float, float]],
     deadline: float,
+    size_prefix: SizePrefix | None = None,
 ) -> dict[str, Any]:
     """The run record; `phases` fixed, or chosen by `choose_phases` after the first warm-up.
 
     `burst_of(phases)` gives (burst start, burst end, plan seconds). `deadline` (time.monotonic())
-    bounds the replay: requests still running then count as failed, and the run record says so.
+    bounds the replay: requests still running then are "unfinished", and the run record says so.
+    `size_prefix`, after the warm-up, replaces `spec.max_requests` and `deadline` (the kill pair's
+    reference sizes itself from its own warm-up's speed).
     """
     server = await asyncio.to_thread(
         ServeProcess.start,
@@ -186,13 +192,17 @@ async def run_one(
             )
             plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
             burst_start, burst_end, plan_s = burst_of(phases)
-            if spec.max_requests is not None:
-                if not 0 < spec.max_requests <= len(plan):
-                    raise ValueError(f"max_requests {spec.max_requests} is not in 1..{len(plan)}")
+            max_requests = spec.max_requests
+            if size_prefix is not None:
+                arrivals = [p.at_s for p in plan]
+                max_requests, deadline = size_prefix(warm, server.started_s, arrivals, burst_start)
+            if max_requests is not None:
+                if not 0 < max_requests <= len(plan):
+                    raise ValueError(f"max_requests {max_requests} is not in 1..{len(plan)}")
                 # The prefix ends sending at its last arrival: the kill's by-the-burst's-end rule and
                 # the window follow it.
                 record["plan_requests"] = len(plan)
-                plan = plan[: spec.max_requests]
+                plan = plan[:max_requests]
                 plan_s = min(plan_s, plan[-1].at_s)
                 burst_end = min(burst_end, plan_s)
             window_s = plan_s + spec.tail_s
@@ -319,14 +329,21 @@ def _partial_summary(requests: list[dict[str, Any]]) -> dict[str, Any]:
     for r in requests:
         if r["status"] != "ok":
             errors[r["status"]] = errors.get(r["status"], 0) + 1
-    none = {"p50": None, "p90": None, "p99": None}
+    # The latencies of the requests that did complete: a pair run cut off near its end still has
+    # most of them (the first GPU kill run: 81 of 86), which the report would otherwise show as "–".
+    ttft = [r["first"] - r["sent"] for r in ok if r["first"] is not None]
+    tpot = [
+        (r["last"] - r["first"]) / (r["tokens"] - 1)
+        for r in ok
+        if r["tokens"] > 1 and r["first"] is not None and r["last"] is not None
+    ]
     return {
         "requests": len(requests),
         "completed": len(ok),
         "errors": errors,
         "requests_per_s": 0.0,
-        "ttft_s": none,
-        "tpot_s": none,
+        "ttft_s": {f"p{q}": percentile(ttft, q) for q in (50, 90, 99)},
+        "tpot_s": {f"p{q}": percentile(tpot, q) for q in (50, 90, 99)},
     }
 
 

@@ -91,24 +91,38 @@ def delivery_table(delivery: Mapping[str, Any]) -> str:
 
 
 def pair_intro(pair: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
-    """The line above the kill pair's table: what its runs replayed, and how."""
+    """The line above the kill pair's table: what its runs replayed, and how it was sized."""
     planned = next((r.get("plan_requests") for r in runs if r.get("pair")), None)
     of = f" of {planned}" if planned else ""
-    est = (
-        f"; sized for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay at "
-        f"{pair['worker_requests_per_s']:.2f} requests/s per worker (an estimate)"
-        if pair
+    cap = f", prompts clamped to {pair['max_prompt_tokens']:,} tokens" if "max_prompt_tokens" in pair else ""
+    est = ""
+    if "warmup_tokens_per_s" in pair:
+        est = (
+            f"; sized from the reference's own warm-up: {pair['warmup_tokens_per_s']:,.0f} tokens/s of "
+            f"one worker, taken at {pair['rate_margin']:g}x = {pair['worker_requests_per_s']:.2f} "
+            f"requests/s, for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay"
+        )
+    elif pair:  # fleet.json of the first GPU attempt: sized from a FLOPs guess
+        est = (
+            f"; sized for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay at "
+            f"{pair['worker_requests_per_s']:.2f} requests/s per worker (an estimate)"
+        )
+    kill_run = pair.get("kill_run")
+    shrunk = (
+        f"; the kill run replays the first {kill_run['requests']}"
+        if kill_run and kill_run["requests"] != pair.get("requests")
         else ""
     )
-    held = (
-        f"; the kill waits for a worker holding {pair['kill_min_running']}"
-        if "kill_min_running" in pair
+    held = kill_run or pair
+    held_text = (
+        f"; the kill waits for a worker holding {held['kill_min_running']}"
+        if "kill_min_running" in held
         else ""
     )
     return (
         f"The kill pair ({pair.get('dtype', '?')}, packing; both workers from the start; the plan's first "
-        f"{pair.get('requests', '?')}{of} requests at the same times{est}{held}; GPU-seconds over its own "
-        "window):"
+        f"{pair.get('requests', '?')}{of} requests at the same times{cap}{est}{shrunk}{held_text}; "
+        "GPU-seconds over its own window):"
     )
 
 

@@ -99,6 +99,8 @@ def test_a_replay_cut_off_mid_run_records_no_ok_without_its_tokens(mods, fake_se
     assert all(len(r["token_ids"]) == 3 for r in reqs[:6])
     assert all(0 < len(r["token_ids"]) < 200 for r in reqs[6:12])
     assert record["bench"]["completed"] == 6 and record["bench"]["errors"] == {"unfinished": 6, "unsent": 6}
+    # The completed requests' latencies, not those of the cut-off ones (which would be 0.02 s/token).
+    assert record["bench"]["ttft_s"]["p50"] > 0 and record["bench"]["tpot_s"]["p99"] < 0.2
 
     # Against a full run of the same plan: only the requests completed in both are compared, the
     # rest counted apart (not lost, not "differ").
