@@ -215,6 +215,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="clamp the kill pair's prompts to this many tokens, in both of its runs (default 256 GPU, "
         "64 smoke; float32 prefill is compute bound)",
     )
+    p.add_argument(
+        "--pair-rate-margin",
+        type=float,
+        help="size the kill pair at this share of the speed its reference's warm-up measures (default "
+        "0.7; above 1 overestimates it, which forces cut-off runs: a check of their accounting)",
+    )
     p.add_argument("--migration-contexts", help="comma-separated context lengths (default 1024,4096 GPU)")
     p.add_argument("--migration-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -260,6 +266,10 @@ def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         if args.pair_max_prompt_tokens < 1:
             raise ValueError(f"--pair-max-prompt-tokens must be >= 1, got {args.pair_max_prompt_tokens}")
         changes["pair_max_prompt_tokens"] = args.pair_max_prompt_tokens
+    if args.pair_rate_margin is not None:
+        if not args.pair_rate_margin > 0:
+            raise ValueError(f"--pair-rate-margin must be > 0, got {args.pair_rate_margin}")
+        changes["pair_rate_margin"] = args.pair_rate_margin
     if args.kill_min_running is not None:
         if args.kill_min_running < 1:
             raise ValueError(f"--kill-min-running must be >= 1, got {args.kill_min_running}")

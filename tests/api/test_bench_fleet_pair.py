@@ -84,6 +84,19 @@ def test_skip_and_kill_dtype_flags(mods, tmp_path: Path) -> None:
     assert parse("--no-kill", "--no-delivery")["skip"] == {"kill", "delivery"}
     with pytest.raises(ValueError, match="--skip takes some of kill, migration, delivery, got migrate"):
         parse("--skip", "migrate")
+    assert (
+        st.settings(st.build_parser().parse_args([*base, "--pair-max-prompt-tokens", "128"]))[
+            0
+        ].pair_max_prompt_tokens
+        == 128
+    )
+    assert (
+        st.settings(st.build_parser().parse_args([*base, "--pair-rate-margin", "3"]))[0].pair_rate_margin == 3
+    )
+    with pytest.raises(ValueError, match="--pair-max-prompt-tokens must be >= 1"):
+        parse("--pair-max-prompt-tokens", "0")
+    with pytest.raises(ValueError, match="--pair-rate-margin must be > 0"):
+        parse("--pair-rate-margin", "0")
     with pytest.raises(ValueError, match="cannot go with --skip kill"):
         parse("--kill-dtype", "float32", "--skip", "kill")
     with pytest.raises(SystemExit):
