@@ -301,6 +301,8 @@ class FleetBench:
         self.phases = shaped_phases(quiet, burst, seconds)
         self.result["sizing"] = {
             "warmup_tokens_per_s": warm.tokens_per_s,
+            "warmup_mean_tokens_per_s": warm.mean_tokens_per_s,
+            "warmup_busy_workers": warm.busy_workers,
             "warmup_spread": warm.spread,
             "mean_output_tokens": mean_out,
             "one_worker_requests_per_s": capacity,
@@ -349,10 +351,14 @@ class FleetBench:
         return estimate_seconds(self.pair_fixed_s(), self.prof.pair_replay_s)
 
     def pair_rate(self, warm: Warmup) -> float:
-        """Requests/s of one worker of the pair's dtype from its warm-up, at the sizing's margin."""
+        """Requests/s of one worker of the pair's dtype from its warm-up, at the sizing's margin: the
+        slices' mean (a float32 prefill step can outlast a half-second slice, which the median then
+        drops), per busy worker (packing puts the warm-up's one batch on one of the two)."""
         prof = self.prof
         outputs = [max(1, min(r.generated_tokens, prof.max_new_tokens)) for r in self.rows[:2000]]
-        return warm.tokens_per_s / statistics.fmean(outputs) * prof.pair_rate_margin
+        tokens = warm.mean_tokens_per_s if warm.mean_tokens_per_s is not None else warm.tokens_per_s
+        per_worker = tokens / max(1, warm.busy_workers)
+        return per_worker / statistics.fmean(outputs) * prof.pair_rate_margin
 
     def size_reference(
         self, warm: Warmup, started_s: float, arrivals: list[float], burst_start: float
@@ -387,12 +393,15 @@ class FleetBench:
             "dtype": self.kill_dtype,
             "fixed_s": kill_fixed,
             "warmup_tokens_per_s": warm.tokens_per_s,
+            "warmup_mean_tokens_per_s": warm.mean_tokens_per_s,
+            "warmup_busy_workers": warm.busy_workers,
             "rate_margin": prof.pair_rate_margin,
             "max_prompt_tokens": self.prompt_cap(True),
             "reference_replay_s_allowed": deadline - time.monotonic(),
         }
         self.log(
-            f"kill pair ({self.kill_dtype}): one worker measured {warm.tokens_per_s:.0f} tokens/s = "
+            f"kill pair ({self.kill_dtype}): the warm-up measured {warm.mean_tokens_per_s or 0:.0f} tokens/s "
+            f"(mean; median {warm.tokens_per_s:.0f}) on {warm.busy_workers} busy worker(s) = "
             f"{per_worker:.2f} requests/s at the {prof.pair_rate_margin:g} margin; the plan's first "
             f"{pair.requests} of {len(arrivals)} requests, ~{pair.reference_s:.0f} + {pair.kill_s:.0f} s "
             f"of replay; the reference may replay for {deadline - time.monotonic():.0f} s"

@@ -53,6 +53,10 @@ class Warmup:
     seconds: float
     tokens_per_s: float  # one worker running a full batch of trace-like lengths (median of slices)
     spread: float
+    # The mean over the same slices (the stalls of prefill steps count, which a median of half-second
+    # slices can leave out), and the most workers seen busy: the kill pair's sizing reads these.
+    mean_tokens_per_s: float | None = None
+    busy_workers: int = 1
 
 
 # Given the first warm-up (one worker's capacity) and the server's start time: the --phases text.
@@ -174,7 +178,8 @@ async def run_one(
                     await calibrate(client, seconds=spec.prewarm_s, **loop)
             try:
                 cal = await calibrate(client, seconds=spec.warmup_s, **loop)
-                warm = Warmup(cal.seconds, cal.tokens_per_s, cal.spread)
+                mean = statistics.fmean(cal.slice_tokens_per_s)
+                warm = Warmup(cal.seconds, cal.tokens_per_s, cal.spread, mean, cal.max_busy_workers)
             except ValueError:
                 if phases is None:
                     raise  # the first warm-up sizes the workload: without a figure there is no plan

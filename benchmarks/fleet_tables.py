@@ -97,10 +97,12 @@ def pair_intro(pair: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> st
     cap = f", prompts clamped to {pair['max_prompt_tokens']:,} tokens" if "max_prompt_tokens" in pair else ""
     est = ""
     if "warmup_tokens_per_s" in pair:
+        tokens = pair.get("warmup_mean_tokens_per_s") or pair["warmup_tokens_per_s"]
+        busy = pair.get("warmup_busy_workers", 1)
         est = (
-            f"; sized from the reference's own warm-up: {pair['warmup_tokens_per_s']:,.0f} tokens/s of "
-            f"one worker, taken at {pair['rate_margin']:g}x = {pair['worker_requests_per_s']:.2f} "
-            f"requests/s, for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay"
+            f"; sized from the reference's own warm-up: {tokens:,.0f} tokens/s on {busy} busy worker(s), "
+            f"taken at {pair['rate_margin']:g}x = {pair['worker_requests_per_s']:.2f} requests/s per "
+            f"worker, for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay"
         )
     elif pair:  # fleet.json of the first GPU attempt: sized from a FLOPs guess
         est = (
