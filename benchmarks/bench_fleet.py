@@ -385,7 +385,10 @@ class FleetBench:
             self.note(f"skipped the kill pair: {exc}")
             raise
         least = shortest_prefix(arrivals, burst_start, prof.kill_min_running)
-        keep_s = kill_fixed + replay_estimate(arrivals, least, per_worker, KILL_RUN_WORKERS)
+        # After a cut-off, the reference's server still stops, and the kill run starts only with its
+        # fixed costs and the 10 s reserve left (kill_pair): keep those, not just its replay.
+        stop = self.costs.stop_s if self.costs else prof.stop_s
+        keep_s = kill_fixed + replay_estimate(arrivals, least, per_worker, KILL_RUN_WORKERS) + stop + 10.0
         deadline = self.begin + prof.budget_s - 5.0 - keep_s
         self.pair_arrivals = arrivals
         self.result["kill_pair"] = {
