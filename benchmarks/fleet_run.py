@@ -196,6 +196,7 @@ async def run_one(
                 [*spec.bench_args, "--server", server.address, "--phases", phases]
             )
             plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
+            whole = plan  # a prefix maps its adapters as the whole plan does (run_bench's adapters_of)
             burst_start, burst_end, plan_s = burst_of(phases)
             max_requests = spec.max_requests
             if size_prefix is not None:
@@ -207,12 +208,12 @@ async def run_one(
                 # The prefix ends sending at its last arrival: the kill's by-the-burst's-end rule and
                 # the window follow it.
                 record["plan_requests"] = len(plan)
-                plan = plan[:max_requests]
+                whole, plan = plan, plan[:max_requests]
                 plan_s = min(plan_s, plan[-1].at_s)
                 burst_end = min(burst_end, plan_s)
             window_s = plan_s + spec.tail_s
             record.update(phases=phases, burst=[burst_start, burst_end], plan_s=plan_s, window_s=window_s)
-            await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline)
+            await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline, whole)
             record["bench"]["clamped"] = clamped
     finally:
         stopping = time.monotonic()
@@ -230,6 +231,7 @@ async def _replay(
     record: dict[str, Any],
     burst: tuple[float, float],
     deadline: float,
+    whole: list[Any] | None = None,
 ) -> None:
     samples: list[StatusSample] = []
     t0: list[float] = []
@@ -253,6 +255,7 @@ async def _replay(
                 records_out=requests,
                 on_start=lambda: t0.append(time.monotonic()),
                 send=top_gap_sender(client, gaps),
+                adapters_of=whole,
             ),
             max(1.0, deadline - time.monotonic()),
         )

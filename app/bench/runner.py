@@ -284,19 +284,23 @@ async def run_bench(
     on_sample: Callable[[WorkerSample], None] | None = None,
     on_start: Callable[[], None] | None = None,
     send: Send | None = None,
+    adapters_of: list[PlannedRequest] | None = None,
 ) -> BenchReport:
     """Send `plan` against the server behind `client` (or through `send`); returns the summary.
 
     `records_out`, if given, receives the per-request records in plan order (the simulator's
     validation replays exactly what was sent); `on_sample` sees every worker sample as it is taken;
-    `on_start` runs at the plan's time 0.
+    `on_start` runs at the plan's time 0. `adapters_of`: the plan whose adapters are mapped onto the
+    registered ones (default `plan`): a run of a prefix of a plan then sends each request to the
+    adapter the whole plan's run does (the mapping goes by rank among the adapters a plan uses, so a
+    prefix's own would differ).
     """
     if not plan:
         raise ValueError("the workload is empty: raise --rate or --duration")
     status = await client.status(timeout=10.0)
     vocab = status.model.vocab_size
     before = status.counters
-    mapping, aliases = await _resolve_adapters(client, plan, allow_aliases, use_base)
+    mapping, aliases = await _resolve_adapters(client, adapters_of or plan, allow_aliases, use_base)
     rng = random.Random(seed)
     prompts = [prompt_token_ids(p.prompt_len, vocab, rng) for p in plan]
     records = [RequestRecord(mapping[p.adapter_index], p.prompt_len, 0.0) for p in plan]

@@ -112,3 +112,27 @@ def test_a_replay_cut_off_mid_run_records_no_ok_without_its_tokens(mods, fake_se
     assert (out["compared"], out["differ"], out["cut_off"], out["lost"]) == (6, 0, 12, 0)
     out = tok.compare_runs({"name": "full", "requests": full}, {"name": "cut", "requests": reqs}, 0.05)
     assert (out["compared"], out["differ"], out["cut_off"], out["lost"]) == (6, 0, 12, 0)
+
+
+def test_a_prefix_of_a_plan_sends_its_requests_to_the_whole_plans_adapters(fake_server) -> None:
+    """The adapter mapping goes by rank among the adapters a plan uses: the first pair replayed 86
+    requests of the bf16 runs' plan with other adapters than those runs (adapter-24 for adapter-39),
+    and a kill run replaying fewer requests than its reference could not be compared at all (the
+    CPU smoke of a cut-off reference stopped with "the runs replayed different plans")."""
+    from lorafleet.bench.runner import run_bench
+    from lorafleet.bench.workload import PlannedRequest
+
+    api, fleet, _ = fake_server
+    fleet.max_running = 100
+    whole = [PlannedRequest(0.0, i, 4, 2) for i in (5, 7, 3)]  # ranks 3, 5, 7 -> alice, bob, alice
+
+    async def adapters(plan: list[PlannedRequest], of: list[PlannedRequest] | None) -> list[str | None]:
+        records: list[RequestRecord] = []
+        async with AsyncClient(api.address) as client:
+            await run_bench(client, plan, allow_aliases=0, records_out=records, adapters_of=of)
+        assert all(r.status == "ok" for r in records)
+        return [r.adapter for r in records]
+
+    assert asyncio.run(adapters(whole, None)) == ["bob", "alice", "alice"]
+    assert asyncio.run(adapters(whole[:2], whole)) == ["bob", "alice"]
+    assert asyncio.run(adapters(whole[:2], None)) == ["alice", "bob"]  # the prefix's own mapping

@@ -403,3 +403,19 @@ def test_render_shows_the_pair_apart_from_the_policy_runs(mods, tmp_path: Path) 
     assert "0 of 1 requests with any token different (raw" in md and "**met**" in md
     assert "| – (both workers throughout) |" in pair
     assert "(an estimate); the kill waits for a worker holding 8; GPU-seconds" in md
+
+
+def test_runs_of_different_plans_are_a_note_not_the_end_of_the_benchmark(mods, tmp_path: Path) -> None:
+    bench, _ = _bench(mods, tmp_path, "--kill-dtype", "float32")
+
+    def run(name: str, adapter: str) -> dict:
+        reqs = [{"adapter": adapter, "prompt_len": 8, "status": "ok", "token_ids": [1], "top_gaps": None}]
+        return {"name": name, "requests": reqs, "samples": [], "kill": None}
+
+    bench.result["runs"] = [run("packing-f32", "a"), run("packing-f32-kill", "b")]
+    bench.compare_kill("packing-f32", "packing-f32-kill", [], judge="raw")
+    assert "kill" not in bench.result
+    assert bench.result["notes"][-1] == (
+        "no token comparison of packing-f32-kill against packing-f32: the runs replayed different plans "
+        "(prompts or adapters differ)"
+    )
