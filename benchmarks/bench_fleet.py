@@ -331,16 +331,18 @@ class FleetBench:
         delivery = 0.0 if "delivery" in self.skip else self.prof.delivery_s
         return 0.5 * start + 5.0 + per * moves + delivery
 
-    def pair_fixed_s(self, start_s: float | None = None) -> float:
+    def pair_fixed_s(self, start_s: float | None = None, reference: bool = True) -> float:
         """One run of the kill pair besides its replay: its server's start (`start_s`, else the
-        profile's estimate, else the first server's measured start), warm-up, tail and stop."""
+        profile's estimate, else the first server's measured start), warm-up (the reference's after
+        an untimed pass), tail and stop."""
         c = self.costs
         if start_s is None:
             measured = c.serve_start_s if c else 60.0
             start_s = self.prof.pair_start_s if self.prof.pair_start_s is not None else measured
         return fixed_seconds(
             start_s,
-            self.prof.pair_prewarm_s + self.prof.pair_warmup_s + 2.0,  # + waiting for the fleet to idle
+            # + waiting for the fleet to idle
+            (self.prof.pair_prewarm_s if reference else 0.0) + self.prof.pair_warmup_s + 2.0,
             self.prof.tail_s,
             c.stop_s if c else self.prof.stop_s,
         )
@@ -348,7 +350,8 @@ class FleetBench:
     def pair_estimate(self) -> float:
         if not self.kill or self.kill_dtype is None:
             return 0.0
-        return estimate_seconds(self.pair_fixed_s(), self.prof.pair_replay_s)
+        fixed = (self.pair_fixed_s() + self.pair_fixed_s(reference=False)) / 2
+        return estimate_seconds(fixed, self.prof.pair_replay_s)
 
     def pair_rate(self, warm: Warmup) -> float:
         """Requests/s of one worker of the pair's dtype from its warm-up, at the sizing's margin: the
@@ -374,7 +377,7 @@ class FleetBench:
         if not per_worker > 0:
             self.note(f"skipped the kill pair: the {self.kill_dtype} warm-up measured no tokens")
             raise ValueError(f"the {self.kill_dtype} warm-up measured no tokens: no speed to size the pair")
-        kill_fixed = self.pair_fixed_s(started_s)
+        kill_fixed = self.pair_fixed_s(started_s, reference=False)
         rest = prof.tail_s + (self.costs.stop_s if self.costs else prof.stop_s)
         budget = self.left_s() - 10.0 - self.migration_estimate() - rest - kill_fixed
         try:
@@ -419,7 +422,7 @@ class FleetBench:
         assert self.kill_dtype is not None
         prof = self.prof
         ref_name, kill_name = pair_names(self.kill_dtype)
-        if not self.fits("the kill pair", 2 * self.pair_fixed_s() + 10.0):
+        if not self.fits("the kill pair", self.pair_fixed_s() + self.pair_fixed_s(reference=False) + 10.0):
             return
         await self.one_run(ref_name, "packing", kill=False, pair_run=True, size_prefix=self.size_reference)
         ref = next((r for r in self.result["runs"] if r["name"] == ref_name), None)
@@ -436,7 +439,7 @@ class FleetBench:
         if completed == 0:
             self.note(f"skipped {kill_name}: its reference completed no request")
             return
-        kill_fixed = self.pair_fixed_s(ref["serve_started_s"])
+        kill_fixed = self.pair_fixed_s(ref["serve_started_s"], reference=False)
         budget = self.left_s() - 10.0 - self.migration_estimate() - kill_fixed
         least = shortest_prefix(self.pair_arrivals, ref["burst"][0], prof.kill_min_running)
         plan = kill_run_plan(
