@@ -22,7 +22,9 @@ it measured):
    holds --kill-min-running in the burst: lost requests, and requests whose tokens differ from the
    run without the kill, raw and by the decisive-step rule (fleet_tokens.py), against the noise
    floor of the runs without a kill. With --kill-dtype: a pair of packing runs in that dtype on the
-   plan's first requests instead, without and with the kill (fleet_pair.py; float32: raw equality).
+   plan's first requests instead, without and with the kill, prompts clamped to
+   --pair-max-prompt-tokens, as many requests as the speed the reference's own warm-up measures fits
+   in the budget (fleet_pair.py; float32: raw equality).
 4. One migration between two workers at each --migration-contexts length (fleet_migration.py),
    then the Ray delivery overhead on that fleet (fleet_delivery.py); --skip leaves steps out.
 Outputs in --out: fleet.json (settings, machine, every run's samples and requests, summaries),
@@ -45,9 +47,20 @@ from typing import Any
 # The sibling fleet_*.py modules import as top-level modules: run this file as a script.
 import fleet_report
 from fleet_assets import make_assets
-from fleet_pair import PairPlan, estimate_seconds, fixed_seconds, pair_names, size_pair
+from fleet_pair import (
+    KILL_RUN_WORKERS,
+    PairPlan,
+    completed_prefix,
+    estimate_seconds,
+    fixed_seconds,
+    kill_run_plan,
+    pair_names,
+    replay_estimate,
+    shortest_prefix,
+    size_pair,
+)
 from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, scale_phases, shaped_phases
-from fleet_run import RunSpec, Warmup, run_one
+from fleet_run import RunSpec, SizePrefix, Warmup, run_one
 from fleet_settings import Profile, build_parser, engine_dict, machine, settings
 from fleet_tokens import compare_runs
 
@@ -66,6 +79,7 @@ class FleetBench:
         self.phases: str | None = None
         self.costs: RunCosts | None = None
         self.later_runs_s: list[float] = []  # measured length of each run after the first
+        self.pair_arrivals: list[float] = []  # the kill pair's plan send times (its reference's)
         self.result: dict[str, Any] = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "machine": machine(),
@@ -151,12 +165,16 @@ class FleetBench:
         self.log(f"{name}: {time.monotonic() - start:.1f} s")
         self.save()
 
-    def spec(self, name: str, policy: str, kill: bool, pair: PairPlan | None = None) -> RunSpec:
-        """The run's settings; `pair`: a run of the kill pair (its dtype, both workers from the start,
-        the plan's first requests)."""
+    def spec(
+        self, name: str, policy: str, kill: bool, pair: PairPlan | None = None, pair_run: bool = False
+    ) -> RunSpec:
+        """The run's settings. `pair_run`: a run of the kill pair (its dtype, both workers from the
+        start, its prompt cap and warm-up); `pair`: its prefix and kill rule (None: the reference,
+        which sizes its prefix after its warm-up)."""
         prof, a = self.prof, self.assets
-        dtype = self.kill_dtype if pair is not None and self.kill_dtype else prof.dtype
-        workers = "2" if pair is not None else "1"
+        pair_run = pair_run or pair is not None
+        dtype = self.kill_dtype if pair_run and self.kill_dtype else prof.dtype
+        workers = "2" if pair_run else "1"
         serve = ["--model", str(a.model_dir), "--adapters-dir", str(a.adapters_dir)]
         serve += ["--device", prof.device, "--dtype", dtype, "--workers", workers, "--max-workers", "2"]
         serve += ["--port", "0", "--http-port", "off", "--metrics-port", "off", "--max-queue", "8192"]
@@ -170,10 +188,17 @@ class FleetBench:
             "--max-new-tokens",
             str(prof.max_new_tokens),
             "--max-prompt-tokens",
-            str(prof.max_prompt_tokens),
+            str(self.prompt_cap(pair_run)),
         ]
         bench += ["--aliases", "0", "--request-timeout", "600"]
         first = self.phases is None
+        warmup_s = prof.warmup_s[0] if first else prof.warmup_s[1]
+        prewarm_s = prof.prewarm_s if first else 0.0
+        if pair_run:
+            # The reference's warm-up measures the speed its prefix is sized from, after an untimed
+            # pass through the dtype's first kernel compiles; the kill run's finds them cached.
+            warmup_s = prof.pair_warmup_s
+            prewarm_s = prof.pair_prewarm_s if pair is None else 0.0
         return RunSpec(
             name=name,
             policy=policy,
@@ -181,8 +206,8 @@ class FleetBench:
             serve_args=serve,
             bench_args=bench,
             max_batch_size=prof.max_batch_size,
-            warmup_s=prof.warmup_s[0] if first else prof.warmup_s[1],
-            prewarm_s=prof.prewarm_s if first else 0.0,
+            warmup_s=warmup_s,
+            prewarm_s=prewarm_s,
             tail_s=prof.tail_s,
             sample_every_s=prof.sample_every_s,
             serve_timeout_s=prof.serve_timeout_s,
@@ -190,14 +215,28 @@ class FleetBench:
             max_requests=pair.requests if pair is not None else None,
         )
 
+    def prompt_cap(self, pair_run: bool) -> int:
+        """--max-prompt-tokens of a run: both runs of the kill pair clamp to the pair's cap."""
+        prof = self.prof
+        if pair_run and prof.pair_max_prompt_tokens is not None:
+            return min(prof.max_prompt_tokens, prof.pair_max_prompt_tokens)
+        return prof.max_prompt_tokens
+
     async def one_run(
-        self, name: str, policy: str, kill: bool, pair: PairPlan | None = None, keep_s: float = 0.0
+        self,
+        name: str,
+        policy: str,
+        kill: bool,
+        pair: PairPlan | None = None,
+        pair_run: bool = False,
+        size_prefix: SizePrefix | None = None,
     ) -> None:
-        """One run, recorded; its replay ends `keep_s` seconds before the budget's end at the latest."""
+        """One run, recorded; its replay ends 5 s before the budget's end at the latest (or when
+        `size_prefix` says, fleet_run.run_one)."""
         start = time.monotonic()
         self.log(f"run {name}: starting lorafleet serve --policy {policy}")
-        deadline = self.begin + self.prof.budget_s - 5.0 - keep_s
-        spec = self.spec(name, policy, kill, pair)
+        deadline = self.begin + self.prof.budget_s - 5.0
+        spec = self.spec(name, policy, kill, pair, pair_run)
         try:
             record = await run_one(
                 spec,
@@ -207,13 +246,14 @@ class FleetBench:
                 choose_phases=self.choose_phases,
                 burst_of=burst_window,
                 deadline=deadline,
+                size_prefix=size_prefix,
             )
         except Exception as exc:  # a failed run is a result: record it and go on with the next
             self.note(f"run {name} failed: {type(exc).__name__}: {exc}")
             return
         record["kill_run"] = kill
         record["dtype"] = spec.serve_args[spec.serve_args.index("--dtype") + 1]
-        record["pair"] = pair is not None
+        record["pair"] = pair_run or pair is not None
         self.result["runs"].append(record)
         if self.costs is not None:
             self.costs = replace(self.costs, stop_s=max(self.costs.stop_s, record["serve_stop_s"]))
@@ -261,6 +301,8 @@ class FleetBench:
         self.phases = shaped_phases(quiet, burst, seconds)
         self.result["sizing"] = {
             "warmup_tokens_per_s": warm.tokens_per_s,
+            "warmup_mean_tokens_per_s": warm.mean_tokens_per_s,
+            "warmup_busy_workers": warm.busy_workers,
             "warmup_spread": warm.spread,
             "mean_output_tokens": mean_out,
             "one_worker_requests_per_s": capacity,
@@ -289,15 +331,18 @@ class FleetBench:
         delivery = 0.0 if "delivery" in self.skip else self.prof.delivery_s
         return 0.5 * start + 5.0 + per * moves + delivery
 
-    def pair_fixed_s(self) -> float:
-        """One run of the kill pair besides its replay (the profile's start estimate, or a measured
-        start where the profile has none)."""
+    def pair_fixed_s(self, start_s: float | None = None, reference: bool = True) -> float:
+        """One run of the kill pair besides its replay: its server's start (`start_s`, else the
+        profile's estimate, else the first server's measured start), warm-up (the reference's after
+        an untimed pass), tail and stop."""
         c = self.costs
-        measured = c.serve_start_s if c else 60.0
-        start = self.prof.pair_start_s if self.prof.pair_start_s is not None else measured
+        if start_s is None:
+            measured = c.serve_start_s if c else 60.0
+            start_s = self.prof.pair_start_s if self.prof.pair_start_s is not None else measured
         return fixed_seconds(
-            start,
-            c.warmup_s if c else self.prof.warmup_s[1],
+            start_s,
+            # + waiting for the fleet to idle
+            (self.prof.pair_prewarm_s if reference else 0.0) + self.prof.pair_warmup_s + 2.0,
             self.prof.tail_s,
             c.stop_s if c else self.prof.stop_s,
         )
@@ -305,59 +350,114 @@ class FleetBench:
     def pair_estimate(self) -> float:
         if not self.kill or self.kill_dtype is None:
             return 0.0
-        return estimate_seconds(self.pair_fixed_s(), self.prof.pair_replay_s)
+        fixed = (self.pair_fixed_s() + self.pair_fixed_s(reference=False)) / 2
+        return estimate_seconds(fixed, self.prof.pair_replay_s)
 
-    def size_kill_pair(self) -> PairPlan | None:
-        """How many of the plan's requests the kill pair replays, from the time left (None: none)."""
-        base = next((r for r in self.result["runs"] if r["name"] == "packing"), None)
-        if base is None or not base.get("requests"):
-            self.note("skipped the kill pair: no packing run to take its plan's arrivals from")
-            return None
-        arrivals: list[float] = []
-        for r in base["requests"]:  # plan order; a cut-off run sent a prefix
-            if r["sent"] is None:
-                break
-            arrivals.append(max(r["sent"], arrivals[-1]) if arrivals else r["sent"])
-        sizing = self.result.get("sizing") or {}
-        one_worker = sizing.get("one_worker_requests_per_s") or sizing["rates"][1] / self.args.burst_factor
-        per_worker = one_worker * self.prof.pair_speed
-        fixed = self.pair_fixed_s()
-        budget = self.left_s() - 10.0 - self.migration_estimate() - 2 * fixed
+    def pair_rate(self, warm: Warmup) -> float:
+        """Requests/s of one worker of the pair's dtype from its warm-up, at the sizing's margin: the
+        slices' mean (a float32 prefill step can outlast a half-second slice, which the median then
+        drops), per busy worker (packing puts the warm-up's one batch on one of the two)."""
+        prof = self.prof
+        outputs = [max(1, min(r.generated_tokens, prof.max_new_tokens)) for r in self.rows[:2000]]
+        tokens = warm.mean_tokens_per_s if warm.mean_tokens_per_s is not None else warm.tokens_per_s
+        per_worker = tokens / max(1, warm.busy_workers)
+        return per_worker / statistics.fmean(outputs) * prof.pair_rate_margin
+
+    def size_reference(
+        self, warm: Warmup, started_s: float, arrivals: list[float], burst_start: float
+    ) -> tuple[int, float]:
+        """The kill pair's prefix and its reference's deadline, once the reference's warm-up has
+        measured one worker of the pair's dtype (fleet_run.SizePrefix). The prefix: the longest
+        whose two replays fit what is left after both runs' other costs (the kill run's server
+        start taken as long as this first one's, which paid the dtype's compiles). The deadline
+        leaves the kill run only its shortest useful replay, so that a reference slower than the
+        estimate still completes its prefix; the kill run then shrinks (kill_pair)."""
+        prof = self.prof
+        per_worker = self.pair_rate(warm)
+        if not per_worker > 0:
+            self.note(f"skipped the kill pair: the {self.kill_dtype} warm-up measured no tokens")
+            raise ValueError(f"the {self.kill_dtype} warm-up measured no tokens: no speed to size the pair")
+        kill_fixed = self.pair_fixed_s(started_s, reference=False)
+        rest = prof.tail_s + (self.costs.stop_s if self.costs else prof.stop_s)
+        budget = self.left_s() - 10.0 - self.migration_estimate() - rest - kill_fixed
         try:
             pair = size_pair(
-                arrivals,
-                base["burst"][0],
-                budget,
-                per_worker,
-                self.prof.kill_min_running,
-                self.prof.max_batch_size,
+                arrivals, burst_start, budget, per_worker, prof.kill_min_running, prof.max_batch_size
             )
         except ValueError as exc:
             self.note(f"skipped the kill pair: {exc}")
-            return None
-        self.result["kill_pair"] = {**asdict(pair), "dtype": self.kill_dtype, "fixed_s": fixed}
+            raise
+        least = shortest_prefix(arrivals, burst_start, prof.kill_min_running)
+        # After a cut-off, the reference's server still stops, and the kill run starts only with its
+        # fixed costs and the 10 s reserve left (kill_pair): keep those, not just its replay.
+        stop = self.costs.stop_s if self.costs else prof.stop_s
+        keep_s = kill_fixed + replay_estimate(arrivals, least, per_worker, KILL_RUN_WORKERS) + stop + 10.0
+        deadline = self.begin + prof.budget_s - 5.0 - keep_s
+        self.pair_arrivals = arrivals
+        self.result["kill_pair"] = {
+            **asdict(pair),
+            "dtype": self.kill_dtype,
+            "fixed_s": kill_fixed,
+            "warmup_tokens_per_s": warm.tokens_per_s,
+            "warmup_mean_tokens_per_s": warm.mean_tokens_per_s,
+            "warmup_busy_workers": warm.busy_workers,
+            "rate_margin": prof.pair_rate_margin,
+            "max_prompt_tokens": self.prompt_cap(True),
+            "reference_replay_s_allowed": deadline - time.monotonic(),
+        }
         self.log(
-            f"kill pair ({self.kill_dtype}): the plan's first {pair.requests} of {len(base['requests'])} "
-            f"requests, ~{pair.reference_s:.0f} + {pair.kill_s:.0f} s of replay at {per_worker:.2f} "
-            "requests/s per worker"
+            f"kill pair ({self.kill_dtype}): the warm-up measured {warm.mean_tokens_per_s or 0:.0f} tokens/s "
+            f"(mean; median {warm.tokens_per_s:.0f}) on {warm.busy_workers} busy worker(s) = "
+            f"{per_worker:.2f} requests/s at the {prof.pair_rate_margin:g} margin; the plan's first "
+            f"{pair.requests} of {len(arrivals)} requests, ~{pair.reference_s:.0f} + {pair.kill_s:.0f} s "
+            f"of replay; the reference may replay for {deadline - time.monotonic():.0f} s"
         )
-        return pair
+        self.save()
+        return pair.requests, deadline
 
     async def kill_pair(self) -> None:
-        """The kill comparison as its own pair of packing runs in --kill-dtype (fleet_pair.py)."""
+        """The kill comparison as its own pair of packing runs in --kill-dtype (fleet_pair.py): the
+        reference sizes the prefix from its own warm-up; the kill run replays the leading requests
+        the reference completed, as many as the time left holds."""
         assert self.kill_dtype is not None
+        prof = self.prof
         ref_name, kill_name = pair_names(self.kill_dtype)
-        pair = self.size_kill_pair()
-        if pair is None:
+        if not self.fits("the kill pair", self.pair_fixed_s() + self.pair_fixed_s(reference=False) + 10.0):
             return
-        fixed = self.pair_fixed_s()
-        # The reference's replay leaves the kill run its estimate.
-        await self.one_run(ref_name, "packing", kill=False, pair=pair, keep_s=fixed + pair.kill_s)
-        if not any(r["name"] == ref_name for r in self.result["runs"]):
+        await self.one_run(ref_name, "packing", kill=False, pair_run=True, size_prefix=self.size_reference)
+        ref = next((r for r in self.result["runs"] if r["name"] == ref_name), None)
+        info = self.result.get("kill_pair")
+        if ref is None or info is None or not self.pair_arrivals:
             return
-        if not self.fits(f"the {kill_name} run", fixed + 10.0):
+        sent = len(ref["requests"])
+        completed = completed_prefix(ref["requests"])
+        if completed < sent:
+            self.note(
+                f"{ref_name} completed only its first {completed} of {sent} requests in the time it had: "
+                "the kill run replays those"
+            )
+        if completed == 0:
+            self.note(f"skipped {kill_name}: its reference completed no request")
             return
-        await self.one_run(kill_name, "packing", kill=True, pair=pair)
+        kill_fixed = self.pair_fixed_s(ref["serve_started_s"], reference=False)
+        budget = self.left_s() - 10.0 - self.migration_estimate() - kill_fixed
+        least = shortest_prefix(self.pair_arrivals, ref["burst"][0], prof.kill_min_running)
+        plan = kill_run_plan(
+            self.pair_arrivals,
+            completed,
+            budget,
+            info["worker_requests_per_s"],
+            least,
+            prof.kill_min_running,
+            prof.max_batch_size,
+        )
+        if plan.requests < completed:
+            self.note(f"{kill_name}: the time left holds {plan.requests} of the {completed} requests")
+        info["kill_run"] = asdict(plan)
+        self.save()
+        if not self.fits(f"the {kill_name} run", kill_fixed + 10.0):
+            return
+        await self.one_run(kill_name, "packing", kill=True, pair=plan)
         judge = "raw" if self.kill_dtype == "float32" else "decisive"
         self.compare_kill(ref_name, kill_name, [], judge=judge)
 
@@ -370,7 +470,11 @@ class FleetBench:
         if ref is None or killed is None:
             return
         tol = self.prof.decisive_gap
-        out = compare_runs(ref, killed, tol)
+        try:
+            out = compare_runs(ref, killed, tol)
+        except ValueError as exc:  # runs of different plans: no comparison, but the steps after it run
+            self.note(f"no token comparison of {kill_name} against {ref_name}: {exc}")
+            return
         out["judge"] = judge
         out.update(killed.get("kill") or {"at_s": None, "pid": None, "running_at_kill": 0})
         out["resumed_after_fault"] = fleet_report.counter_delta(killed, "resumed_after_fault")

@@ -3,18 +3,22 @@ of the policy runs, once without and once with the worker kill, both in that dty
 greedy tokens of the two must be equal, which bf16's half-ulp argmax flips rule out).
 
 The pair serves both workers from the start (`--workers 2`): the kill needs two active workers,
-and waiting for the fleet to grow would cost a whole server start of that dtype inside each run. A
-float32 worker serves a fraction of a bf16 one (prefill is compute bound), so at the policy runs'
-rates the pair replays only the plan's first requests, as many as the budget holds; the rates and
-the requests are those of the plan, so the pair's requests are the policy runs' first ones.
+and waiting for the fleet to grow would cost a whole server start of that dtype inside each run.
+Both runs replay the plan's first requests at the same times, their prompts clamped to
+`--pair-max-prompt-tokens` (float32 prefill is compute bound: ~67 TFLOPS on an H200 against ~990
+in bf16, so prompt length dominates its cost). How many: sized from the speed the reference run's
+own warm-up measures (the first GPU attempt sized it from a FLOPs guess, 1/8 of bf16, and its
+reference was cut off), so that the reference replays them all and the kill run still fits. The
+kill run then replays the prefix the reference completed (fewer if the time left holds fewer).
 Pure functions: the sizing. bench_fleet.py runs the two runs.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fleet_settings import SHORT_DTYPES
 
@@ -29,7 +33,7 @@ class PairPlan:
     requests: int  # both runs replay the plan's first `requests` requests
     reference_s: float  # estimated replay seconds of the run without the kill
     kill_s: float  # and of the run with it
-    worker_requests_per_s: float  # one worker of the pair's dtype, the estimate the sizing used
+    worker_requests_per_s: float  # one worker of the pair's dtype, as the sizing took it
     # The kill waits for a worker holding this many: a third of the prefix up to a full batch, so
     # that many of the compared requests are resumed ones (the pair's workers fill up at once).
     kill_min_running: int
@@ -72,7 +76,7 @@ def size_pair(
     if any(b < a for a, b in itertools.pairwise(arrivals)):
         raise ValueError("the arrivals must be sorted")
     before = sum(1 for t in arrivals if t < burst_start_s)
-    least = min(len(arrivals), before + 2 * kill_min_running)
+    least = shortest_prefix(arrivals, burst_start_s, kill_min_running)
 
     def cost(n: int) -> tuple[float, float]:
         return (
@@ -95,6 +99,47 @@ def size_pair(
     return best
 
 
+def shortest_prefix(arrivals: Sequence[float], burst_start_s: float, kill_min_running: int) -> int:
+    """The fewest requests a pair can use: the kill waits for the burst and for a worker holding
+    `kill_min_running`, so the prefix reaches `2 * kill_min_running` requests into the burst."""
+    before = sum(1 for t in arrivals if t < burst_start_s)
+    return min(len(arrivals), before + 2 * kill_min_running)
+
+
+def completed_prefix(requests: Sequence[Mapping[str, Any]]) -> int:
+    """How many leading requests of a run record completed ("ok"): the kill run replays those, so
+    that every request it sends has a reference (a cut-off reference shrinks the pair)."""
+    return next((i for i, r in enumerate(requests) if r["status"] != "ok"), len(requests))
+
+
+def kill_run_plan(
+    arrivals: Sequence[float],
+    completed: int,
+    replay_budget_s: float,
+    per_worker: float,
+    least: int,
+    kill_min_running: int,
+    batch_cap: int,
+) -> PairPlan:
+    """The kill run's prefix: the longest of the reference's `completed` leading requests whose
+    replay on one worker fits `replay_budget_s`, and never fewer than min(completed, least) (what
+    the budget then cuts off is counted apart, not compared)."""
+    if not per_worker > 0:
+        raise ValueError(f"a worker's requests/s must be > 0, got {per_worker}")
+    n = min(completed, least)
+    for m in range(n + 1, completed + 1):
+        if replay_estimate(arrivals, m, per_worker, KILL_RUN_WORKERS) > replay_budget_s:
+            break
+        n = m
+    return PairPlan(
+        n,
+        replay_estimate(arrivals, n, per_worker, REFERENCE_WORKERS),
+        replay_estimate(arrivals, n, per_worker, KILL_RUN_WORKERS),
+        per_worker,
+        max(kill_min_running, min(batch_cap, n // 3)),
+    )
+
+
 def fixed_seconds(start_s: float, warmup_s: float, tail_s: float, stop_s: float) -> float:
     """One pair run's seconds besides its replay."""
     return start_s + warmup_s + tail_s + stop_s
@@ -102,5 +147,6 @@ def fixed_seconds(start_s: float, warmup_s: float, tail_s: float, stop_s: float)
 
 def estimate_seconds(fixed_s: float, replay_s: float) -> float:
     """The pair's seconds for the budget planner before the phases are known: two runs' fixed
-    costs and the replay seconds reserved for them."""
+    costs (estimates: the speed is measured in the reference's warm-up) and the replay seconds
+    reserved for them."""
     return 2 * fixed_s + replay_s

@@ -22,7 +22,7 @@ from fleet_server import ServeProcess, StatusSample, sample_status
 from fleet_tokens import top_gap
 
 from lorafleet.bench import runner as bench
-from lorafleet.bench.workload import TraceRow
+from lorafleet.bench.workload import TraceRow, percentile
 from lorafleet.client.grpc_client import AsyncClient
 from lorafleet.demo.calibrate import calibrate, wait_idle
 from lorafleet.serving.api_types import GenerateChunk
@@ -53,10 +53,17 @@ class Warmup:
     seconds: float
     tokens_per_s: float  # one worker running a full batch of trace-like lengths (median of slices)
     spread: float
+    # The mean over the same slices (the stalls of prefill steps count, which a median of half-second
+    # slices can leave out), and the most workers seen busy: the kill pair's sizing reads these.
+    mean_tokens_per_s: float | None = None
+    busy_workers: int = 1
 
 
 # Given the first warm-up (one worker's capacity) and the server's start time: the --phases text.
 ChoosePhases = Callable[[Warmup, float], str]
+# Given the run's warm-up, its server's start time, the plan's send times and the burst's start:
+# (how many of the plan's first requests to replay, the replay's deadline in time.monotonic()).
+SizePrefix = Callable[[Warmup, float, list[float], float], tuple[int, float]]
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -136,11 +143,14 @@ async def run_one(
     choose_phases: ChoosePhases | None,
     burst_of: Callable[[str], tuple[float, float, float]],
     deadline: float,
+    size_prefix: SizePrefix | None = None,
 ) -> dict[str, Any]:
     """The run record; `phases` fixed, or chosen by `choose_phases` after the first warm-up.
 
     `burst_of(phases)` gives (burst start, burst end, plan seconds). `deadline` (time.monotonic())
-    bounds the replay: requests still running then count as failed, and the run record says so.
+    bounds the replay: requests still running then are "unfinished", and the run record says so.
+    `size_prefix`, after the warm-up, replaces `spec.max_requests` and `deadline` (the kill pair's
+    reference sizes itself from its own warm-up's speed).
     """
     server = await asyncio.to_thread(
         ServeProcess.start,
@@ -168,7 +178,8 @@ async def run_one(
                     await calibrate(client, seconds=spec.prewarm_s, **loop)
             try:
                 cal = await calibrate(client, seconds=spec.warmup_s, **loop)
-                warm = Warmup(cal.seconds, cal.tokens_per_s, cal.spread)
+                mean = statistics.fmean(cal.slice_tokens_per_s)
+                warm = Warmup(cal.seconds, cal.tokens_per_s, cal.spread, mean, cal.max_busy_workers)
             except ValueError:
                 if phases is None:
                     raise  # the first warm-up sizes the workload: without a figure there is no plan
@@ -185,19 +196,24 @@ async def run_one(
                 [*spec.bench_args, "--server", server.address, "--phases", phases]
             )
             plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
+            whole = plan  # a prefix maps its adapters as the whole plan does (run_bench's adapters_of)
             burst_start, burst_end, plan_s = burst_of(phases)
-            if spec.max_requests is not None:
-                if not 0 < spec.max_requests <= len(plan):
-                    raise ValueError(f"max_requests {spec.max_requests} is not in 1..{len(plan)}")
+            max_requests = spec.max_requests
+            if size_prefix is not None:
+                arrivals = [p.at_s for p in plan]
+                max_requests, deadline = size_prefix(warm, server.started_s, arrivals, burst_start)
+            if max_requests is not None:
+                if not 0 < max_requests <= len(plan):
+                    raise ValueError(f"max_requests {max_requests} is not in 1..{len(plan)}")
                 # The prefix ends sending at its last arrival: the kill's by-the-burst's-end rule and
                 # the window follow it.
                 record["plan_requests"] = len(plan)
-                plan = plan[: spec.max_requests]
+                whole, plan = plan, plan[:max_requests]
                 plan_s = min(plan_s, plan[-1].at_s)
                 burst_end = min(burst_end, plan_s)
             window_s = plan_s + spec.tail_s
             record.update(phases=phases, burst=[burst_start, burst_end], plan_s=plan_s, window_s=window_s)
-            await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline)
+            await _replay(spec, server, client, args, plan, record, (burst_start, burst_end), deadline, whole)
             record["bench"]["clamped"] = clamped
     finally:
         stopping = time.monotonic()
@@ -215,6 +231,7 @@ async def _replay(
     record: dict[str, Any],
     burst: tuple[float, float],
     deadline: float,
+    whole: list[Any] | None = None,
 ) -> None:
     samples: list[StatusSample] = []
     t0: list[float] = []
@@ -238,6 +255,7 @@ async def _replay(
                 records_out=requests,
                 on_start=lambda: t0.append(time.monotonic()),
                 send=top_gap_sender(client, gaps),
+                adapters_of=whole,
             ),
             max(1.0, deadline - time.monotonic()),
         )
@@ -281,9 +299,7 @@ def _request_json(r: bench.RequestRecord, start: float, gaps: list[float] | None
     def rel(x: float | None) -> float | None:
         return None if x is None else x - start
 
-    # Requests the budget cut off never got a status: they did not complete.
     sent = r.sent_at if r.sent_at > 0 else None  # records start at 0.0 until sent
-    status = r.status if r.done_at is not None else ("unfinished" if sent is not None else "unsent")
     return {
         "adapter": r.adapter,
         "prompt_len": r.prompt_len,
@@ -292,12 +308,26 @@ def _request_json(r: bench.RequestRecord, start: float, gaps: list[float] | None
         "done": rel(r.done_at),
         "last": rel(r.last_token_at),  # TPOT's end (fleet_stats.py)
         "tokens": r.tokens,
-        "status": status,
+        "status": request_status(r),
         "error": r.error,
         "token_ids": r.token_ids,
         # One per token, or None (the sender did not get alternatives for every token).
         "top_gaps": gaps if gaps is not None and len(gaps) == len(r.token_ids) else None,
     }
+
+
+def request_status(r: bench.RequestRecord) -> str:
+    """The record's status, with the requests the time budget cut off as "unfinished" (sent) or
+    "unsent": the first GPU float32 pair recorded its 11 cut-off requests as "ok" with no tokens
+    (the cancelled stream kept the record's default status) and compared them."""
+    if r.sent_at <= 0:
+        return "unsent"
+    if r.done_at is None or r.status == "cancelled":
+        return "unfinished"
+    if r.status == "ok" and not r.token_ids:
+        # Every bench request asks for at least one token and ignores EOS: a completed one has some.
+        return "unfinished"
+    return r.status
 
 
 def _partial_summary(requests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -307,14 +337,21 @@ def _partial_summary(requests: list[dict[str, Any]]) -> dict[str, Any]:
     for r in requests:
         if r["status"] != "ok":
             errors[r["status"]] = errors.get(r["status"], 0) + 1
-    none = {"p50": None, "p90": None, "p99": None}
+    # The latencies of the requests that did complete: a pair run cut off near its end still has
+    # most of them (the first GPU kill run: 81 of 86), which the report would otherwise show as "–".
+    ttft = [r["first"] - r["sent"] for r in ok if r["first"] is not None]
+    tpot = [
+        (r["last"] - r["first"]) / (r["tokens"] - 1)
+        for r in ok
+        if r["tokens"] > 1 and r["first"] is not None and r["last"] is not None
+    ]
     return {
         "requests": len(requests),
         "completed": len(ok),
         "errors": errors,
         "requests_per_s": 0.0,
-        "ttft_s": none,
-        "tpot_s": none,
+        "ttft_s": {f"p{q}": percentile(ttft, q) for q in (50, 90, 99)},
+        "tpot_s": {f"p{q}": percentile(tpot, q) for q in (50, 90, 99)},
     }
 
 

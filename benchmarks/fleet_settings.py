@@ -53,12 +53,21 @@ class Profile:
     decisive_gap: float  # nats: a top-2 logprob gap below this is a near-tie (fleet_tokens.py)
     delivery_requests: int  # Ray delivery overhead: requests, and tokens each (fleet_delivery.py)
     delivery_new_tokens: int
-    # The kill pair in another dtype (--kill-dtype; kill_pair.py): one server start of it (both
-    # workers, weights in that dtype, its own first kernel compiles), one such worker's requests/s
-    # over one worker of the policy runs, and the replay seconds the phases leave it before sizing.
+    # The kill pair in another dtype (--kill-dtype; fleet_pair.py): one server start of it (both
+    # workers, weights in that dtype, its own first kernel compiles) until the reference measures
+    # its own, and the replay seconds the phases leave the pair before it is sized.
     pair_start_s: float | None  # None: as long as the first server's start
-    pair_speed: float
     pair_replay_s: float
+    # Both pair runs clamp their prompts to this (--pair-max-prompt-tokens; None: max_prompt_tokens).
+    pair_max_prompt_tokens: int | None
+    # The reference's untimed pass (the dtype's first kernel compiles) and the warm-up that measures
+    # one worker of the dtype, from which the pair's prefix is sized; the kill run warms up as long.
+    pair_prewarm_s: float
+    pair_warmup_s: float
+    # The prefix is sized at this share of the measured speed: the warm-up is a closed loop of one
+    # full batch; the replay's arrivals come in bursts, and the kill run re-prefills its resumed
+    # sequences on the one worker left.
+    pair_rate_margin: float
 
 
 PROFILES = {
@@ -103,18 +112,18 @@ PROFILES = {
         decisive_gap=0.05,
         delivery_requests=32,
         delivery_new_tokens=128,
-        # A bf16 start took 48-51 s with the first Triton compiles, 29-39 s without. The first
-        # float32 server compiles its own kernels (the second finds them cached) and both cast
-        # twice the bytes: 55 s each, more than the two starts' likely mean.
-        pair_start_s=55.0,
-        # Decode reads twice the bytes (2x slower), but prefill is compute bound: H200 float32
-        # without TF32 peaks at 67 TFLOPS against bf16's 990, and at ~780-token prompts prefill is
-        # most of a worker's time (2,048-token chunks of 29 TFLOP). So a float32 worker serves
-        # about 1/6 of a bf16 one: 1/8 to be safe.
-        pair_speed=0.125,
-        # With the bf16 starts of the second run, 3 / 27 / 27 s phases shrink to 1.5 / 25 / 25 s
-        # and the pair replays ~60 requests (test_bench_fleet's budget walk).
+        # The first GPU pair (2026-11-30): the first float32 server (two workers, its own Triton
+        # compiles) started in 85 s, the second in 57 s. The reference's own start then stands in
+        # for the kill run's.
+        pair_start_s=85.0,
         pair_replay_s=40.0,
+        # float32 prefill is compute bound (H200: ~67 TFLOPS without TF32 against bf16's ~990): the
+        # first pair, at the 1,024-token cap, had TTFT p50 13 s and TPOT p50 257 ms. At 256 the
+        # conv trace's mean clamped prompt falls from 782 to 243 tokens (its first 2,000 rows).
+        pair_max_prompt_tokens=256,
+        pair_prewarm_s=10.0,
+        pair_warmup_s=10.0,
+        pair_rate_margin=0.7,
     ),
     # CPU smoke: the tiny demo (512-token context), batch 4 as in `lorafleet demo`.
     "smoke": Profile(
@@ -145,8 +154,11 @@ PROFILES = {
         delivery_requests=8,
         delivery_new_tokens=32,
         pair_start_s=None,  # the smoke's float32 is its own dtype: a start as any other
-        pair_speed=1.0,
         pair_replay_s=20.0,
+        pair_max_prompt_tokens=64,  # below max_prompt_tokens, so that the smoke clamps as the GPU does
+        pair_prewarm_s=1.0,
+        pair_warmup_s=3.0,
+        pair_rate_margin=0.7,
     ),
 }
 
@@ -197,6 +209,18 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="run the kill comparison as its own pair of packing runs in this dtype, on the same plan: "
         "packing-<dtype> and packing-<dtype>-kill (the policy runs keep the profile's dtype)",
     )
+    p.add_argument(
+        "--pair-max-prompt-tokens",
+        type=int,
+        help="clamp the kill pair's prompts to this many tokens, in both of its runs (default 256 GPU, "
+        "64 smoke; float32 prefill is compute bound)",
+    )
+    p.add_argument(
+        "--pair-rate-margin",
+        type=float,
+        help="size the kill pair at this share of the speed its reference's warm-up measures (default "
+        "0.7; above 1 overestimates it, which forces cut-off runs: a check of their accounting)",
+    )
     p.add_argument("--migration-contexts", help="comma-separated context lengths (default 1024,4096 GPU)")
     p.add_argument("--migration-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -238,6 +262,14 @@ def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         if not args.decisive_gap > 0:
             raise ValueError(f"--decisive-gap must be > 0, got {args.decisive_gap}")
         changes["decisive_gap"] = args.decisive_gap
+    if args.pair_max_prompt_tokens is not None:
+        if args.pair_max_prompt_tokens < 1:
+            raise ValueError(f"--pair-max-prompt-tokens must be >= 1, got {args.pair_max_prompt_tokens}")
+        changes["pair_max_prompt_tokens"] = args.pair_max_prompt_tokens
+    if args.pair_rate_margin is not None:
+        if not args.pair_rate_margin > 0:
+            raise ValueError(f"--pair-rate-margin must be > 0, got {args.pair_rate_margin}")
+        changes["pair_rate_margin"] = args.pair_rate_margin
     if args.kill_min_running is not None:
         if args.kill_min_running < 1:
             raise ValueError(f"--kill-min-running must be >= 1, got {args.kill_min_running}")

@@ -91,24 +91,40 @@ def delivery_table(delivery: Mapping[str, Any]) -> str:
 
 
 def pair_intro(pair: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
-    """The line above the kill pair's table: what its runs replayed, and how."""
+    """The line above the kill pair's table: what its runs replayed, and how it was sized."""
     planned = next((r.get("plan_requests") for r in runs if r.get("pair")), None)
     of = f" of {planned}" if planned else ""
-    est = (
-        f"; sized for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay at "
-        f"{pair['worker_requests_per_s']:.2f} requests/s per worker (an estimate)"
-        if pair
+    cap = f", prompts clamped to {pair['max_prompt_tokens']:,} tokens" if "max_prompt_tokens" in pair else ""
+    est = ""
+    if "warmup_tokens_per_s" in pair:
+        tokens = pair.get("warmup_mean_tokens_per_s") or pair["warmup_tokens_per_s"]
+        busy = pair.get("warmup_busy_workers", 1)
+        est = (
+            f"; sized from the reference's own warm-up: {tokens:,.0f} tokens/s on {busy} busy worker(s), "
+            f"taken at {pair['rate_margin']:g}x = {pair['worker_requests_per_s']:.2f} requests/s per "
+            f"worker, for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay"
+        )
+    elif pair:  # fleet.json of the first GPU attempt: sized from a FLOPs guess
+        est = (
+            f"; sized for ~{pair['reference_s']:.0f} + {pair['kill_s']:.0f} s of replay at "
+            f"{pair['worker_requests_per_s']:.2f} requests/s per worker (an estimate)"
+        )
+    kill_run = pair.get("kill_run")
+    shrunk = (
+        f"; the kill run replays the first {kill_run['requests']}"
+        if kill_run and kill_run["requests"] != pair.get("requests")
         else ""
     )
-    held = (
-        f"; the kill waits for a worker holding {pair['kill_min_running']}"
-        if "kill_min_running" in pair
+    held = kill_run or pair
+    held_text = (
+        f"; the kill waits for a worker holding {held['kill_min_running']}"
+        if "kill_min_running" in held
         else ""
     )
     return (
         f"The kill pair ({pair.get('dtype', '?')}, packing; both workers from the start; the plan's first "
-        f"{pair.get('requests', '?')}{of} requests at the same times{est}{held}; GPU-seconds over its own "
-        "window):"
+        f"{pair.get('requests', '?')}{of} requests at the same times{cap}{est}{shrunk}{held_text}; "
+        "GPU-seconds over its own window):"
     )
 
 
@@ -120,7 +136,7 @@ def kill_targets(kill: Mapping[str, Any] | None) -> list[str]:
     d = kill.get("decisive")
     floor = kill.get("noise_floor") or []
     cut = kill.get("cut_off", 0)
-    cut_text = f"; {cut} cut off by the time budget, not judged" if cut else ""
+    cut_text = f"; {cut} not completed in both runs (the time budget), not judged" if cut else ""
     if kill.get("judge") == "raw":  # float32: every token of every request must be equal
         ok = kill["lost"] == 0 and kill["differ"] == 0 and kill["compared"] > 0
         near = f"; {d['differ']} before their first near-tie (gap < {d['tolerance']:g} nats)" if d else ""

@@ -15,11 +15,13 @@
 # latency through the fleet against the engine in-process); FLEET_RATES=QUIET,BURST and
 # FLEET_PHASES=Q,B,Q (seconds) override the profile's 4,22 requests/s and 3,27,27 s
 # (benchmarks/fleet_sim_check.py checks a choice in the simulator first); FLEET_ARGS adds flags.
-# fleet-f32 is fleet with `--kill-dtype float32 --skip migration,delivery`: the three bf16 policy runs,
-# then the kill as a float32 pair (packing-f32, packing-f32-kill: the plan's first requests, raw
-# token equality) instead of the bf16 kill run, and no migration or delivery measurement, into
-# OUT/fleet-f32/ (fleet.json, fleet.md, fleet.png, logs.txt). Call 2 is then
-#   2) carry .gpuwheels/b:  FLEET_BUDGET_S=515 bash benchmarks/gpu_suite.sh $OUT fleet-f32
+# fleet-f32 is fleet with `--kill-dtype float32 --skip migration,delivery`: the bf16 policy runs,
+# then the kill as a float32 pair (packing-f32, packing-f32-kill: the plan's first requests, prompts
+# clamped to 256 tokens, as many as the reference's own warm-up speed fits; raw token equality)
+# instead of the bf16 kill run, and no migration or delivery measurement, into OUT/fleet-f32/
+# (fleet.json, fleet.md, fleet.png, logs.txt). Two float32 server starts (85 and 57 s on the first
+# try) do not fit after three bf16 runs: with the policy comparison already measured, call 2 is
+#   2) carry .gpuwheels/b:  FLEET_BUDGET_S=540 FLEET_ARGS="--policies packing" bash benchmarks/gpu_suite.sh $OUT fleet-f32
 # fleet-assets makes the 7B model and adapters (about a minute) so that the fleet call spends its
 # budget on the runs; fleet alone makes them too when they are missing. fleet assembles Ray as
 # ../shared/gpu/README.md says, adds the serve extras only if the image lacks them, and reads the

@@ -125,6 +125,10 @@ def http_sender(client: SseClient, base_model: str) -> Send:
         except (OSError, HttpClientError, ValueError, KeyError, TypeError) as exc:
             # Connection failures, broken framing, or a chunk that is not a completion chunk.
             record.status, record.error = "unavailable", f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            # Cut off by the caller: not a completed request, whatever arrived before (runner.py).
+            record.status, record.error = "cancelled", "the client stopped waiting before the stream ended"
+            raise
         finally:
             record.done_at = time.monotonic()
 

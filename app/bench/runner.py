@@ -51,7 +51,8 @@ class RequestRecord:
     last_token_at: float | None = None
     done_at: float | None = None
     tokens: int = 0
-    status: str = "ok"  # "ok", "aborted", "incomplete" or the gRPC status name, lower case
+    # "ok", "aborted", "incomplete", "cancelled" (cut off by the caller) or the gRPC status name, lower case
+    status: str = "ok"
     error: str = ""
     # What the stream delivered (gRPC sender only), so runs of one plan can be compared token for token.
     token_ids: list[int] = field(default_factory=list)
@@ -232,6 +233,11 @@ async def _one_request(
     except ApiError as exc:
         record.status = exc.code.name.lower()
         record.error = exc.details
+    except asyncio.CancelledError:
+        # The caller stopped waiting (a deadline, Ctrl-C): the `finally` below still stamps done_at,
+        # so without this the record would keep its default "ok" with whatever tokens had arrived.
+        record.status, record.error = "cancelled", "the client stopped waiting before the stream ended"
+        raise
     finally:
         record.done_at = time.monotonic()
 
@@ -278,19 +284,23 @@ async def run_bench(
     on_sample: Callable[[WorkerSample], None] | None = None,
     on_start: Callable[[], None] | None = None,
     send: Send | None = None,
+    adapters_of: list[PlannedRequest] | None = None,
 ) -> BenchReport:
     """Send `plan` against the server behind `client` (or through `send`); returns the summary.
 
     `records_out`, if given, receives the per-request records in plan order (the simulator's
     validation replays exactly what was sent); `on_sample` sees every worker sample as it is taken;
-    `on_start` runs at the plan's time 0.
+    `on_start` runs at the plan's time 0. `adapters_of`: the plan whose adapters are mapped onto the
+    registered ones (default `plan`): a run of a prefix of a plan then sends each request to the
+    adapter the whole plan's run does (the mapping goes by rank among the adapters a plan uses, so a
+    prefix's own would differ).
     """
     if not plan:
         raise ValueError("the workload is empty: raise --rate or --duration")
     status = await client.status(timeout=10.0)
     vocab = status.model.vocab_size
     before = status.counters
-    mapping, aliases = await _resolve_adapters(client, plan, allow_aliases, use_base)
+    mapping, aliases = await _resolve_adapters(client, adapters_of or plan, allow_aliases, use_base)
     rng = random.Random(seed)
     prompts = [prompt_token_ids(p.prompt_len, vocab, rng) for p in plan]
     records = [RequestRecord(mapping[p.adapter_index], p.prompt_len, 0.0) for p in plan]

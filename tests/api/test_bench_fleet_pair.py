@@ -4,9 +4,11 @@ walk of the GPU profile with the second H200 run's measured costs, and the pair'
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,19 @@ def test_skip_and_kill_dtype_flags(mods, tmp_path: Path) -> None:
     assert parse("--no-kill", "--no-delivery")["skip"] == {"kill", "delivery"}
     with pytest.raises(ValueError, match="--skip takes some of kill, migration, delivery, got migrate"):
         parse("--skip", "migrate")
+    assert (
+        st.settings(st.build_parser().parse_args([*base, "--pair-max-prompt-tokens", "128"]))[
+            0
+        ].pair_max_prompt_tokens
+        == 128
+    )
+    assert (
+        st.settings(st.build_parser().parse_args([*base, "--pair-rate-margin", "3"]))[0].pair_rate_margin == 3
+    )
+    with pytest.raises(ValueError, match="--pair-max-prompt-tokens must be >= 1"):
+        parse("--pair-max-prompt-tokens", "0")
+    with pytest.raises(ValueError, match="--pair-rate-margin must be > 0"):
+        parse("--pair-rate-margin", "0")
     with pytest.raises(ValueError, match="cannot go with --skip kill"):
         parse("--kill-dtype", "float32", "--skip", "kill")
     with pytest.raises(SystemExit):
@@ -107,55 +122,160 @@ def _bench(mods, tmp_path: Path, *flags: str):
     return bench, left
 
 
-def test_gpu_budget_holds_three_bf16_runs_and_the_float32_pair(mods, tmp_path: Path) -> None:
-    """The walk of FLEET_BUDGET_S=515 with the second H200 run's costs: first server 51 s, its
-    untimed pass and warm-up ~20 s, later bf16 runs 97-103 s besides ... as measured there."""
+def _arrivals(q1: float, burst: float, q2: float) -> list[float]:
+    """The plan's send times at the GPU profile's 4 and 22 requests/s."""
+    sent = [i / 4.0 for i in range(int(4 * q1))]
+    sent += [q1 + i / 22.0 for i in range(int(22 * burst))]
+    return sent + [q1 + burst + i / 4.0 for i in range(int(4 * q2))]
+
+
+def _at(bench, left: list[float], seconds_left: float) -> None:
+    """The budget clock at `seconds_left`, for left_s() and the deadlines size_reference computes."""
+    left[0] = seconds_left
+    bench.begin = time.monotonic() - (bench.prof.budget_s - seconds_left)
+
+
+def test_pair_sizes_from_its_own_warmup_and_the_reference_gets_its_time(mods, tmp_path: Path) -> None:
+    """The walk of the next GPU call (`--policies packing`, FLEET_BUDGET_S=540) with the first float32
+    attempt's costs: the bf16 packing run 127 s, the first float32 server 85 s."""
     Warmup = importlib.import_module("fleet_run").Warmup
-    plan = mods["fleet_plan"]
-    bench, left = _bench(
-        mods, tmp_path, "--time-budget-s", "515", "--kill-dtype", "float32", "--skip", "migration,delivery"
-    )
-    left[0] = 515.0 - 70.0  # the first server's start, untimed pass and warm-up
-    phases = bench.choose_phases(Warmup(4.5, 2264.0, 1.3), 51.0)
-    start, end, plan_s = plan.burst_window(phases)
-    q1, burst, q2 = start, end - start, plan_s - end
-    # The burst keeps most of its 27 s, and the quiet after it the 25 s that hold the release.
-    assert burst >= 20.0 and q2 >= 25.0 - 1e-6 and q1 > 0
-    # The three bf16 runs as measured (133, 102, 107 s with a 56 s plan), shortened to this plan.
-    spent = 70.0 + (133.0 - 70.0 - 56.4 + plan_s) + (102.0 - 56.4 + plan_s) + (107.0 - 56.4 + plan_s)
-    left[0] = 515.0 - spent
-    sent = [i / 4.0 for i in range(int(4 * start))]
-    sent += [start + i / 22.0 for i in range(int(22 * (end - start)))]
-    sent += [end + i / 4.0 for i in range(int(4 * (plan_s - end)))]
-    bench.result["runs"] = [
-        {"name": "packing", "burst": [start, end], "requests": [{"sent": t} for t in sent]}
-    ]
-    pair = bench.size_kill_pair()
-    assert pair is not None and 40 <= pair.requests < len(sent)
-    assert pair.kill_min_running == pair.requests // 3
-    # The pair's server: float32, both workers from the start, the prefix, the pair's kill rule.
+    pair_mod, plan_mod = mods["fleet_pair"], mods["fleet_plan"]
+    flags = ("--time-budget-s", "540", "--kill-dtype", "float32", "--skip", "migration,delivery")
+    bench, left = _bench(mods, tmp_path, *flags, "--policies", "packing")
+    _at(bench, left, 540.0 - 75.0)  # the first server's start, untimed pass and warm-up
+    phases = bench.choose_phases(Warmup(4.5, 2228.0, 1.3), 57.0)
+    start, end, plan_s = plan_mod.burst_window(phases)
+    # With no other policy run, the pair's reserve leaves the profile's phases whole.
+    assert (start, end - start, plan_s - end) == pytest.approx((3.0, 27.0, 27.0))
+    _at(bench, left, 540.0 - 127.0)
+    assert bench.fits("the kill pair", bench.pair_fixed_s() + bench.pair_fixed_s(reference=False) + 10.0)
+    # The reference: its server up after 85 s, its untimed pass and warm-up 20 s; one float32 worker
+    # measured 300 tokens/s (a pessimistic guess: the first attempt's kill run made ~250 at 4x the
+    # prompt length).
+    _at(bench, left, 540.0 - 127.0 - 105.0)
+    arrivals = _arrivals(3.0, 27.0, 27.0)
+    # The slices' mean (prefill stalls count) sizes it, not their median; per busy worker.
+    assert bench.pair_rate(Warmup(6.0, 400.0, 1.0, 300.0, 2)) == pytest.approx(150.0 / 109 * 0.7)
+    n, deadline = bench.size_reference(Warmup(6.0, 400.0, 1.0, 300.0, 1), 85.0, arrivals, 3.0)
+    pair = bench.result["kill_pair"]
+    least = pair_mod.shortest_prefix(arrivals, 3.0, bench.prof.kill_min_running)
+    assert n == pair["requests"] and least < n < len(arrivals)
+    assert pair["worker_requests_per_s"] == pytest.approx(300.0 / 109.411 * 0.7, rel=0.01)
+    # Both replays, the kill run's start (as long as the reference's), warm-up, tails and stops fit
+    # with the 10 s reserve ...
+    kill_fixed = bench.pair_fixed_s(85.0, reference=False)
+    assert pair["reference_s"] + pair["kill_s"] + kill_fixed + 5.0 + 3.0 <= left[0] - 10.0
+    # ... and the reference may run on past its estimate until only the kill run's shortest useful
+    # replay is left: the first attempt's reference was cut off 1.7 s into its replay.
+    shortest_kill = pair_mod.replay_estimate(arrivals, least, pair["worker_requests_per_s"], 1.0)
+    allowed = deadline - time.monotonic()
+    assert allowed == pytest.approx(left[0] - 5.0 - kill_fixed - shortest_kill - 3.0 - 10.0, abs=0.5)
+    assert allowed > pair["reference_s"] + (pair["kill_s"] - shortest_kill) - 1.0
+    # Both pair runs clamp their prompts to 256 tokens and run float32 on both workers; the policy
+    # runs keep 1,024. The reference pays the dtype's compiles untimed before its measured warm-up.
     bench.assets = argparse.Namespace(model_dir=tmp_path / "model", adapters_dir=tmp_path / "adapters")
-    spec = bench.spec("packing-f32-kill", "packing", True, pair)
-    serve = " ".join(spec.serve_args)
-    assert "--dtype float32 --workers 2 --max-workers 2" in serve and spec.max_requests == pair.requests
-    assert spec.kill_min_running == pair.kill_min_running and spec.prewarm_s == 0
+    ref = bench.spec("packing-f32", "packing", False, pair_run=True)
+    kill_plan = pair_mod.PairPlan(n, 1.0, 2.0, 1.0, 16)
+    kill = bench.spec("packing-f32-kill", "packing", True, kill_plan)
+    for spec in (ref, kill):
+        assert "--max-prompt-tokens 256" in " ".join(spec.bench_args)
+        assert "--dtype float32 --workers 2 --max-workers 2" in " ".join(spec.serve_args)
+        assert spec.warmup_s == bench.prof.pair_warmup_s
+    assert (ref.prewarm_s, kill.prewarm_s) == (bench.prof.pair_prewarm_s, 0.0)
+    assert (ref.max_requests, kill.max_requests, kill.kill_min_running) == (None, n, 16)
     policy = bench.spec("least_loaded", "least_loaded", False)
-    assert "--dtype bfloat16 --workers 1" in " ".join(policy.serve_args) and policy.max_requests is None
-    # What the pair costs on the estimates fits what the bf16 runs left, with the 10 s reserve.
-    assert 2 * bench.pair_fixed_s() + pair.reference_s + pair.kill_s <= left[0] - 10.0
+    assert "--max-prompt-tokens 1024" in " ".join(policy.bench_args) and policy.max_requests is None
+    assert "--dtype bfloat16 --workers 1" in " ".join(policy.serve_args)
 
 
-def test_without_time_for_the_pair_it_is_skipped_with_a_note(mods, tmp_path: Path) -> None:
+def test_the_first_attempts_timeline_now_skips_the_pair_instead_of_cutting_it(mods, tmp_path: Path) -> None:
+    """Three bf16 runs left the first attempt ~200 s: two float32 starts need more, so the pair is
+    skipped with a note; before, its reference was cut off and the kill run compared against it."""
+    bench, left = _bench(
+        mods, tmp_path, "--time-budget-s", "505", "--kill-dtype", "float32", "--skip", "migration,delivery"
+    )
+    _at(bench, left, 505.0 - 305.0)
+
+    async def no_run(*args, **kwargs) -> None:
+        raise AssertionError("no pair run may start")
+
+    bench.one_run = no_run
+    asyncio.run(bench.kill_pair())
+    assert bench.result["notes"][-1].startswith("skipped the kill pair: 200 s of the budget left, about")
+
+
+def test_without_time_or_speed_for_the_pair_it_is_skipped_with_a_note(mods, tmp_path: Path) -> None:
+    Warmup = importlib.import_module("fleet_run").Warmup
     bench, left = _bench(mods, tmp_path, "--kill-dtype", "float32")
-    bench.result["sizing"] = {"one_worker_requests_per_s": 20.0, "rates": [4.0, 22.0]}
-    bench.result["runs"] = [
-        {"name": "packing", "burst": [3.0, 30.0], "requests": [{"sent": 0.1 * i} for i in range(500)]}
-    ]
-    left[0] = 60.0
-    assert bench.size_kill_pair() is None
+    arrivals = _arrivals(3.0, 27.0, 27.0)
+    _at(bench, left, 150.0)
+    with pytest.raises(ValueError):
+        bench.size_reference(Warmup(6.0, 0.0, 0.0), 85.0, arrivals, 3.0)
+    assert "warm-up measured no tokens" in bench.result["notes"][-1]
+    with pytest.raises(ValueError):  # 150 s: the kill run's start, warm-up and stop alone take 113 s
+        bench.size_reference(Warmup(6.0, 300.0, 1.0), 85.0, arrivals, 3.0)
     assert bench.result["notes"][-1].startswith("skipped the kill pair: the kill pair needs")
-    bench.result["runs"] = []
-    assert bench.size_kill_pair() is None and "no packing run" in bench.result["notes"][-1]
+    assert "kill_pair" not in bench.result
+
+
+def test_a_cut_off_reference_shrinks_the_kill_run_to_what_it_completed(mods, tmp_path: Path) -> None:
+    """A forced cut-off: the reference completes only its first 30 requests. The kill run replays
+    those 30, and the comparison holds only requests completed in both."""
+    Warmup = importlib.import_module("fleet_run").Warmup
+    bench, left = _bench(
+        mods, tmp_path, "--time-budget-s", "505", "--kill-dtype", "float32", "--skip", "migration,delivery"
+    )
+    arrivals = _arrivals(3.0, 27.0, 27.0)
+    _at(bench, left, 400.0)
+    calls: list[tuple[str, int | None]] = []
+
+    def request(i: int, status: str) -> dict:
+        tokens = [i, i + 1] if status == "ok" else []
+        return {"adapter": "a", "prompt_len": 8, "status": status, "token_ids": tokens, "top_gaps": None}
+
+    async def fake_run(name, policy, kill, pair=None, pair_run=False, size_prefix=None) -> None:
+        if size_prefix is not None:  # the reference: sized after its warm-up, then cut off after 30
+            n, _ = size_prefix(Warmup(6.0, 300.0, 1.0), 85.0, arrivals, 3.0)
+            calls.append((name, n))
+            statuses = ["ok"] * 30 + ["unfinished"] * 5 + ["unsent"] * (n - 35)
+            reqs = [request(i, s) for i, s in enumerate(statuses)]
+        else:
+            calls.append((name, pair.requests))
+            reqs = [request(i, "ok") for i in range(pair.requests)]
+        kill_info = {"at_s": 4.0, "pid": 9, "victim_running": 20, "workers_at_kill": 2, "running_at_kill": 20}
+        bench.result["runs"].append(
+            {
+                "name": name,
+                "requests": reqs,
+                "serve_started_s": 85.0,
+                "burst": [3.0, 10.0],
+                "kill": kill_info if kill else None,
+                "samples": [],
+            }
+        )
+
+    bench.one_run = fake_run
+    asyncio.run(bench.kill_pair())
+    (ref_name, n), (kill_name, m) = calls
+    assert (ref_name, kill_name) == ("packing-f32", "packing-f32-kill") and n > 35 and m == 30
+    assert bench.result["kill_pair"]["kill_run"]["requests"] == 30
+    assert any("completed only its first 30 of" in note for note in bench.result["notes"])
+    kill = bench.result["kill"]
+    assert (kill["compared"], kill["differ"], kill["cut_off"], kill["lost"]) == (30, 0, 0, 0)
+
+
+def test_kill_run_plan_takes_the_completed_prefix_that_fits(mods) -> None:
+    pair = mods["fleet_pair"]
+    arrivals = [0.5 * i for i in range(4)] + [2.0 + 0.05 * i for i in range(200)]
+    assert pair.completed_prefix([{"status": "ok"}] * 3 + [{"status": "unfinished"}, {"status": "ok"}]) == 3
+    assert pair.completed_prefix([{"status": "ok"}] * 2) == 2
+    # One worker at 2 requests/s: n requests need about n/2 s; 30 s hold ~59 of the 120 completed.
+    plan = pair.kill_run_plan(arrivals, 120, 30.0, 2.0, 20, 8, 16)
+    assert 55 <= plan.requests <= 60 and plan.kill_s <= 30.0 and plan.kill_min_running == 16
+    assert pair.kill_run_plan(arrivals, 40, 1e6, 2.0, 20, 8, 16).requests == 40
+    # Never below the shortest useful prefix (the budget's cut-offs are then counted apart).
+    assert pair.kill_run_plan(arrivals, 120, 1.0, 2.0, 20, 8, 16).requests == 20
+    assert pair.kill_run_plan(arrivals, 12, 1.0, 2.0, 20, 8, 16).requests == 12
 
 
 def test_pair_report_judges_raw_tokens(mods, tmp_path: Path) -> None:
@@ -174,8 +294,9 @@ def test_pair_report_judges_raw_tokens(mods, tmp_path: Path) -> None:
     assert (out["lost"], out["cut_off"], out["compared"], out["differ"]) == (0, 1, 2, 0)
     kill = {**out, "pid": 7, "victim_running": 9, "judge": "raw"}
     assert tables.kill_targets(kill) == [
-        "- killed worker (9 sequences on it), packing-f32 against packing-f32-kill: 0 lost; 1 cut off by the "
-        "time budget, not judged, 0 of 2 requests with any token different (raw; 0 before their first "
+        "- killed worker (9 sequences on it), packing-f32 against packing-f32-kill: 0 lost; 1 not completed "
+        "in both runs (the time budget), not judged, 0 of 2 requests with any token different (raw; 0 "
+        "before their first "
         "near-tie (gap < 0.05 nats)): **met**"
     ]
     # One token different anywhere fails the raw rule, though it is after a near-tie.
@@ -282,3 +403,19 @@ def test_render_shows_the_pair_apart_from_the_policy_runs(mods, tmp_path: Path) 
     assert "0 of 1 requests with any token different (raw" in md and "**met**" in md
     assert "| – (both workers throughout) |" in pair
     assert "(an estimate); the kill waits for a worker holding 8; GPU-seconds" in md
+
+
+def test_runs_of_different_plans_are_a_note_not_the_end_of_the_benchmark(mods, tmp_path: Path) -> None:
+    bench, _ = _bench(mods, tmp_path, "--kill-dtype", "float32")
+
+    def run(name: str, adapter: str) -> dict:
+        reqs = [{"adapter": adapter, "prompt_len": 8, "status": "ok", "token_ids": [1], "top_gaps": None}]
+        return {"name": name, "requests": reqs, "samples": [], "kill": None}
+
+    bench.result["runs"] = [run("packing-f32", "a"), run("packing-f32-kill", "b")]
+    bench.compare_kill("packing-f32", "packing-f32-kill", [], judge="raw")
+    assert "kill" not in bench.result
+    assert bench.result["notes"][-1] == (
+        "no token comparison of packing-f32-kill against packing-f32: the runs replayed different plans "
+        "(prompts or adapters differ)"
+    )
