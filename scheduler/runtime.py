@@ -23,11 +23,10 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import ray
-
 from lorafleet.scheduler.consolidation import ConsolidationPolicy, group_moves
 from lorafleet.scheduler.errors import short_reason
 from lorafleet.scheduler.fleet_config import FleetConfig
+from lorafleet.scheduler.migration import MoveHooks, drain_released, move
 from lorafleet.scheduler.policy import make_placement_policy
 from lorafleet.scheduler.policy_types import (
     PendingRequest,
@@ -36,16 +35,17 @@ from lorafleet.scheduler.policy_types import (
     StartWorker,
     WorkerState,
 )
+from lorafleet.scheduler.report_delivery import deliver_report
 from lorafleet.scheduler.request_queue import RequestQueue
 from lorafleet.scheduler.tracked_request import TrackedRequest
-from lorafleet.scheduler.worker_actor import StepReport, WorkerActor, WorkerInfo, WorkItem
+from lorafleet.scheduler.worker_actor import StepReport, WorkerInfo, WorkItem
+from lorafleet.scheduler.worker_launch import StartBackoff, kill_actor, launch_actor
 from lorafleet.scheduler.worker_record import WorkerRecord, add_engine_totals
-from lorafleet.worker.types import FinishReason, SequenceState
+from lorafleet.worker.types import SequenceState
 
 log = logging.getLogger("lorafleet.scheduler")
 
 MAX_RESUMES = 3  # a request whose workers keep dying with it is failed, not retried forever
-MAX_BACKOFF_S = 60.0
 
 
 class FleetRuntime:
@@ -87,8 +87,7 @@ class FleetRuntime:
         self.lost: str | None = None  # why the Ray cluster counts as lost (cluster_lost)
         self._torn_down = False
         self._worker_ids = itertools.count()
-        self._start_failures = 0  # consecutive
-        self._start_not_before = 0.0
+        self._backoff = StartBackoff()
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -150,7 +149,7 @@ class FleetRuntime:
         # (e.g. theirs died), and refusing it would leave them, and the drain, waiting forever.
         if self._torn_down or self.start_gave_up is not None or self.lost is not None:
             return None
-        if self.clock() < self._start_not_before:  # backing off after failed starts
+        if self._backoff.waiting(self.clock()):  # backing off after failed starts
             return None
         if len(self.live_workers()) >= self.config.max_workers:
             return None
@@ -173,18 +172,8 @@ class FleetRuntime:
                 return
 
     async def _start_worker(self, rec: WorkerRecord) -> None:
-        cfg = self.config
         try:
-            # No task events: the GCS keeps them for every call (3.3 MB per 1,000 here, up to 100,000
-            # tasks; benchmarks/leak_checks.py), and every request makes calls (soak, issue 13).
-            actor = ray.remote(WorkerActor).options(
-                num_cpus=cfg.worker_num_cpus,
-                num_gpus=cfg.worker_num_gpus,
-                max_restarts=0,
-                enable_task_events=False,
-            )
-            rec.handle = actor.remote(rec.worker_id, cfg.model_dir, cfg.device, cfg.dtype, dict(cfg.engine))
-            info, stats = await asyncio.wait_for(rec.handle.ready.remote(), cfg.worker_start_timeout_s)
+            info, stats = await launch_actor(rec, self.config)
         except asyncio.CancelledError:
             self._kill(rec)
             raise
@@ -197,7 +186,7 @@ class FleetRuntime:
         rec.info, rec.stats, rec.state = info, stats, WorkerState.ACTIVE
         rec.idle_since = self.clock()
         self.info = self.info or info
-        self._start_failures = 0
+        self._backoff.succeeded()
         self.counters["worker_starts"] += 1
         self._ready.set()
         rec.stream_task = self._spawn(self._consume(rec), f"stream-{rec.worker_id}")
@@ -211,14 +200,12 @@ class FleetRuntime:
         rec.state = WorkerState.STOPPED
         self.workers.pop(rec.worker_id, None)
         self.counters["worker_start_failures"] += 1
-        self._start_failures += 1
-        if self._start_failures >= self.config.max_start_attempts:
-            self.start_gave_up = f"{self._start_failures} consecutive worker starts failed; last: {reason}"
+        delay = self._backoff.failed(self.config, self.clock())
+        if delay is None:
+            self.start_gave_up = f"{self._backoff.failures} consecutive worker starts failed; last: {reason}"
             self._ready.set()
             self._fail_queued_if_stranded()
             return
-        delay = min(MAX_BACKOFF_S, self.config.start_backoff_s * 2 ** (self._start_failures - 1))
-        self._start_not_before = self.clock() + delay
         self._spawn(self._retry_start_after(delay), f"retry-start-{rec.worker_id}")
 
     async def _retry_start_after(self, delay: float) -> None:
@@ -228,11 +215,8 @@ class FleetRuntime:
 
     def _kill(self, rec: WorkerRecord) -> None:
         # Without a GCS nothing can kill an actor; the workers end with their cluster.
-        if rec.handle is not None and self.lost is None:
-            try:
-                ray.kill(rec.handle, no_restart=True)
-            except Exception as exc:  # already gone
-                log.debug("kill %s: %s", rec.worker_id, exc)
+        if self.lost is None:
+            kill_actor(rec)
 
     def _stop_worker(self, rec: WorkerRecord, reason: str, *, count_release: bool = True) -> None:
         if rec.state is WorkerState.STOPPED:
@@ -312,26 +296,13 @@ class FleetRuntime:
     def _on_report(self, rec: WorkerRecord, report: StepReport) -> None:
         if rec.state is WorkerState.STOPPED:
             return
-        rec.stats = report.stats
-        if report.stats.adapter_load_seconds:
-            self.recent_load_seconds.extend(report.stats.adapter_load_seconds)
-            self.counters["adapter_load_seconds_sum"] += sum(report.stats.adapter_load_seconds)
-            self.counters["adapter_load_count"] += len(report.stats.adapter_load_seconds)
-        for delta, produced_at in zip(report.deltas, report.produced_at):
-            tr = rec.assigned.get(delta.request_id)
-            if tr is None or tr.finished:
-                continue  # not (or no longer) this worker's: e.g. exported, resumed elsewhere
-            if delta.finish_reason is FinishReason.ERROR:
-                tr.fail(delta.error or "the engine failed the request")
-                self._finalize(tr, "requests_failed")
-                continue
-            tr.deliver(delta, produced_at)
-            self.counters["tokens_generated"] += len(delta.new_token_ids)
-            if delta.finish_reason is not None:
-                done = (
-                    "requests_aborted" if delta.finish_reason is FinishReason.ABORT else "requests_completed"
-                )
-                self._finalize(tr, done)
+        deliver_report(
+            rec,
+            report,
+            counters=self.counters,
+            recent_load_seconds=self.recent_load_seconds,
+            finalize=self._finalize,
+        )
         if rec.state is WorkerState.DRAINING and not rec.assigned:
             self._stop_worker(rec, "drained")
         if len(self.queue):
@@ -461,12 +432,7 @@ class FleetRuntime:
         workers = self.live_workers()
         decisions = self.consolidation.plan([w.snapshot() for w in workers], queue_len=len(self.queue))
         moves, releases = group_moves(decisions)
-        for d in releases:
-            rec = self.workers.get(d.worker_id)
-            if rec is not None and rec.state is not WorkerState.STOPPED:
-                rec.state = WorkerState.DRAINING
-                if not rec.assigned:
-                    self._stop_worker(rec, d.reason)
+        drain_released(self.workers, releases, self._stop_worker)
         for (source, target), rids in moves.items():
             src = self.workers.get(source)
             dst = self.workers.get(target) if target is not None else None
@@ -474,49 +440,24 @@ class FleetRuntime:
                 self._spawn(self._move(src, dst, rids), f"move-{source}")
 
     async def _move(self, src: WorkerRecord, dst: WorkerRecord | None, rids: list[str]) -> None:
-        """Migrate `rids` from `src` to `dst`, or evict them back to the queue when `dst` is None."""
-        trs = [tr for rid in rids if (tr := src.assigned.get(rid)) is not None and not tr.migrating]
-        if not trs:
-            return
-        for tr in trs:
-            tr.migrating = True
-        try:
-            states = await src.handle.export.remote([tr.request_id for tr in trs])
-        except Exception as exc:
-            for tr in trs:
-                tr.migrating = False
-            self._on_worker_dead(src, f"export failed: {short_reason(exc)}")
-            return
-        exported = {s.request.request_id: s for s in states}
-        items: list[WorkItem] = []
-        now = self.clock()
-        for tr in trs:
-            tr.migrating = False
-            state = exported.get(tr.request_id)
-            if state is None or tr.owner != src.worker_id or tr.finished:
-                continue  # it finished on the source; its final delta is in the source's stream
-            try:
-                missing = tr.catch_up(state)
-            except RuntimeError as exc:  # already off the source: fail it rather than lose it
-                tr.fail(str(exc))
-                self._finalize(tr, "requests_failed")
-                continue
-            if missing is not None:
-                tr.deliver(missing, time.time())
-                self.counters["tokens_generated"] += len(missing.new_token_ids)
-            src.unassign(tr.request_id, now)
-            if dst is None or dst.state is not WorkerState.ACTIVE or tr.abort_requested:
-                self.counters["evictions" if dst is None else "requeued_migrations"] += 1
-                self._requeue(tr, state)
-                continue
-            dst.assign(tr, now)
-            items.append(self._work_item(state))
-            self.counters["migrations"] += 1
-        if src.state is WorkerState.DRAINING and not src.assigned:
-            self._stop_worker(src, "drained")
-        if items and dst is not None:
-            self._send(dst, items)
-        self._wake.set()
+        """Migrate `rids` from `src` to `dst`, or evict them back to the queue when `dst` is None
+        (`migration.move`; benchmarks/fleet_migration.py times this call)."""
+        await move(self._move_hooks(), src, dst, rids)
+
+    def _move_hooks(self) -> MoveHooks:
+        # Built per move, not once in __init__: a handler patched on the instance (as tests do
+        # with others) is then the one the move calls, as when this code was inline here.
+        return MoveHooks(
+            clock=self.clock,
+            counters=self.counters,
+            requeue=self._requeue,
+            finalize=self._finalize,
+            worker_dead=self._on_worker_dead,
+            stop_worker=self._stop_worker,
+            work_item=self._work_item,
+            send=self._send,
+            wake=self._wake.set,
+        )
 
     # ------------------------------------------------------------ abort
 
