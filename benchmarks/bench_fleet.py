@@ -24,9 +24,11 @@ it measured):
    floor of the runs without a kill. With --kill-dtype: a pair of packing runs in that dtype on the
    plan's first requests instead, without and with the kill, prompts clamped to
    --pair-max-prompt-tokens, as many requests as the speed the reference's own warm-up measures fits
-   in the budget (fleet_pair.py; float32: raw equality).
+   in the budget (fleet_pair.py sizes it; float32: raw equality). fleet_kill.py runs the pair and
+   compares either kill run with its reference.
 4. One migration between two workers at each --migration-contexts length (fleet_migration.py),
-   then the Ray delivery overhead on that fleet (fleet_delivery.py); --skip leaves steps out.
+   then the Ray delivery overhead on that fleet (fleet_delivery.py), both on one in-process fleet
+   (fleet_inprocess.py); --skip leaves steps out.
 Outputs in --out: fleet.json (settings, machine, every run's samples and requests, summaries),
 fleet.md (tables, bootstrap intervals: fleet_stats.py), fleet.png (GPUs in use per run), logs.txt.
 """
@@ -47,27 +49,20 @@ from typing import Any
 # The sibling fleet_*.py modules import as top-level modules: run this file as a script.
 import fleet_report
 from fleet_assets import make_assets
-from fleet_pair import (
-    KILL_RUN_WORKERS,
-    PairPlan,
-    completed_prefix,
-    estimate_seconds,
-    fixed_seconds,
-    kill_run_plan,
-    pair_names,
-    replay_estimate,
-    shortest_prefix,
-    size_pair,
-)
+from fleet_inprocess import InProcessSteps
+from fleet_kill import KillSteps
+from fleet_pair import PairPlan
 from fleet_plan import RunCosts, burst_window, capacity_rates, replay_seconds, scale_phases, shaped_phases
 from fleet_run import RunSpec, SizePrefix, Warmup, run_one
-from fleet_settings import Profile, build_parser, engine_dict, machine, settings
-from fleet_tokens import compare_runs
+from fleet_settings import Profile, build_parser, machine, settings
 
 from lorafleet.bench.workload import read_azure_trace
 
 
-class FleetBench:
+class FleetBench(KillSteps, InProcessSteps):
+    """The steps in order (module doc) on one time budget; the kill step is fleet_kill.py's, the
+    migration and delivery step fleet_inprocess.py's."""
+
     def __init__(self, prof: Profile, extra: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
         self.prof, self.args, self.out = prof, args, out
         self.policies: list[str] = extra["policies"]
@@ -215,13 +210,6 @@ class FleetBench:
             max_requests=pair.requests if pair is not None else None,
         )
 
-    def prompt_cap(self, pair_run: bool) -> int:
-        """--max-prompt-tokens of a run: both runs of the kill pair clamp to the pair's cap."""
-        prof = self.prof
-        if pair_run and prof.pair_max_prompt_tokens is not None:
-            return min(prof.max_prompt_tokens, prof.pair_max_prompt_tokens)
-        return prof.max_prompt_tokens
-
     async def one_run(
         self,
         name: str,
@@ -315,252 +303,6 @@ class FleetBench:
         self.log(f"one worker: {warm.tokens_per_s:.0f} tokens/s = {per_worker}; phases {self.phases}")
         self.save()
         return self.phases
-
-    def migration_estimate(self) -> float:
-        """The migration fleet's start and moves, and the delivery measurement after them."""
-        if {"migration", "delivery"} <= self.skip:
-            return 0.0
-        c = self.costs
-        start = c.serve_start_s if c else 60.0
-        per = 1.5 if self.prof.device == "cuda" else 3.0
-        moves = (
-            0
-            if "migration" in self.skip
-            else len(self.prof.migration_contexts) * (2 + self.args.migration_repeats)
-        )
-        delivery = 0.0 if "delivery" in self.skip else self.prof.delivery_s
-        return 0.5 * start + 5.0 + per * moves + delivery
-
-    def pair_fixed_s(self, start_s: float | None = None, reference: bool = True) -> float:
-        """One run of the kill pair besides its replay: its server's start (`start_s`, else the
-        profile's estimate, else the first server's measured start), warm-up (the reference's after
-        an untimed pass), tail and stop."""
-        c = self.costs
-        if start_s is None:
-            measured = c.serve_start_s if c else 60.0
-            start_s = self.prof.pair_start_s if self.prof.pair_start_s is not None else measured
-        return fixed_seconds(
-            start_s,
-            # + waiting for the fleet to idle
-            (self.prof.pair_prewarm_s if reference else 0.0) + self.prof.pair_warmup_s + 2.0,
-            self.prof.tail_s,
-            c.stop_s if c else self.prof.stop_s,
-        )
-
-    def pair_estimate(self) -> float:
-        if not self.kill or self.kill_dtype is None:
-            return 0.0
-        fixed = (self.pair_fixed_s() + self.pair_fixed_s(reference=False)) / 2
-        return estimate_seconds(fixed, self.prof.pair_replay_s)
-
-    def pair_rate(self, warm: Warmup) -> float:
-        """Requests/s of one worker of the pair's dtype from its warm-up, at the sizing's margin: the
-        slices' mean (a float32 prefill step can outlast a half-second slice, which the median then
-        drops), per busy worker (packing puts the warm-up's one batch on one of the two)."""
-        prof = self.prof
-        outputs = [max(1, min(r.generated_tokens, prof.max_new_tokens)) for r in self.rows[:2000]]
-        tokens = warm.mean_tokens_per_s if warm.mean_tokens_per_s is not None else warm.tokens_per_s
-        per_worker = tokens / max(1, warm.busy_workers)
-        return per_worker / statistics.fmean(outputs) * prof.pair_rate_margin
-
-    def size_reference(
-        self, warm: Warmup, started_s: float, arrivals: list[float], burst_start: float
-    ) -> tuple[int, float]:
-        """The kill pair's prefix and its reference's deadline, once the reference's warm-up has
-        measured one worker of the pair's dtype (fleet_run.SizePrefix). The prefix: the longest
-        whose two replays fit what is left after both runs' other costs (the kill run's server
-        start taken as long as this first one's, which paid the dtype's compiles). The deadline
-        leaves the kill run only its shortest useful replay, so that a reference slower than the
-        estimate still completes its prefix; the kill run then shrinks (kill_pair)."""
-        prof = self.prof
-        per_worker = self.pair_rate(warm)
-        if not per_worker > 0:
-            self.note(f"skipped the kill pair: the {self.kill_dtype} warm-up measured no tokens")
-            raise ValueError(f"the {self.kill_dtype} warm-up measured no tokens: no speed to size the pair")
-        kill_fixed = self.pair_fixed_s(started_s, reference=False)
-        rest = prof.tail_s + (self.costs.stop_s if self.costs else prof.stop_s)
-        budget = self.left_s() - 10.0 - self.migration_estimate() - rest - kill_fixed
-        try:
-            pair = size_pair(
-                arrivals, burst_start, budget, per_worker, prof.kill_min_running, prof.max_batch_size
-            )
-        except ValueError as exc:
-            self.note(f"skipped the kill pair: {exc}")
-            raise
-        least = shortest_prefix(arrivals, burst_start, prof.kill_min_running)
-        # After a cut-off, the reference's server still stops, and the kill run starts only with its
-        # fixed costs and the 10 s reserve left (kill_pair): keep those, not just its replay.
-        stop = self.costs.stop_s if self.costs else prof.stop_s
-        keep_s = kill_fixed + replay_estimate(arrivals, least, per_worker, KILL_RUN_WORKERS) + stop + 10.0
-        deadline = self.begin + prof.budget_s - 5.0 - keep_s
-        self.pair_arrivals = arrivals
-        self.result["kill_pair"] = {
-            **asdict(pair),
-            "dtype": self.kill_dtype,
-            "fixed_s": kill_fixed,
-            "warmup_tokens_per_s": warm.tokens_per_s,
-            "warmup_mean_tokens_per_s": warm.mean_tokens_per_s,
-            "warmup_busy_workers": warm.busy_workers,
-            "rate_margin": prof.pair_rate_margin,
-            "max_prompt_tokens": self.prompt_cap(True),
-            "reference_replay_s_allowed": deadline - time.monotonic(),
-        }
-        self.log(
-            f"kill pair ({self.kill_dtype}): the warm-up measured {warm.mean_tokens_per_s or 0:.0f} tokens/s "
-            f"(mean; median {warm.tokens_per_s:.0f}) on {warm.busy_workers} busy worker(s) = "
-            f"{per_worker:.2f} requests/s at the {prof.pair_rate_margin:g} margin; the plan's first "
-            f"{pair.requests} of {len(arrivals)} requests, ~{pair.reference_s:.0f} + {pair.kill_s:.0f} s "
-            f"of replay; the reference may replay for {deadline - time.monotonic():.0f} s"
-        )
-        self.save()
-        return pair.requests, deadline
-
-    async def kill_pair(self) -> None:
-        """The kill comparison as its own pair of packing runs in --kill-dtype (fleet_pair.py): the
-        reference sizes the prefix from its own warm-up; the kill run replays the leading requests
-        the reference completed, as many as the time left holds."""
-        assert self.kill_dtype is not None
-        prof = self.prof
-        ref_name, kill_name = pair_names(self.kill_dtype)
-        if not self.fits("the kill pair", self.pair_fixed_s() + self.pair_fixed_s(reference=False) + 10.0):
-            return
-        await self.one_run(ref_name, "packing", kill=False, pair_run=True, size_prefix=self.size_reference)
-        ref = next((r for r in self.result["runs"] if r["name"] == ref_name), None)
-        info = self.result.get("kill_pair")
-        if ref is None or info is None or not self.pair_arrivals:
-            return
-        sent = len(ref["requests"])
-        completed = completed_prefix(ref["requests"])
-        if completed < sent:
-            self.note(
-                f"{ref_name} completed only its first {completed} of {sent} requests in the time it had: "
-                "the kill run replays those"
-            )
-        if completed == 0:
-            self.note(f"skipped {kill_name}: its reference completed no request")
-            return
-        kill_fixed = self.pair_fixed_s(ref["serve_started_s"], reference=False)
-        budget = self.left_s() - 10.0 - self.migration_estimate() - kill_fixed
-        least = shortest_prefix(self.pair_arrivals, ref["burst"][0], prof.kill_min_running)
-        plan = kill_run_plan(
-            self.pair_arrivals,
-            completed,
-            budget,
-            info["worker_requests_per_s"],
-            least,
-            prof.kill_min_running,
-            prof.max_batch_size,
-        )
-        if plan.requests < completed:
-            self.note(f"{kill_name}: the time left holds {plan.requests} of the {completed} requests")
-        info["kill_run"] = asdict(plan)
-        self.save()
-        if not self.fits(f"the {kill_name} run", kill_fixed + 10.0):
-            return
-        await self.one_run(kill_name, "packing", kill=True, pair=plan)
-        judge = "raw" if self.kill_dtype == "float32" else "decisive"
-        self.compare_kill(ref_name, kill_name, [], judge=judge)
-
-    def compare_kill(self, ref_name: str, kill_name: str, noise: list[str], judge: str) -> None:
-        """Lost requests and token differences of the kill run against `ref_name`, and the same
-        between the runs without a kill named in `noise` (the noise floor). `judge`: the target's
-        rule, "raw" (every token equal) or "decisive" (equal before the first near-tie)."""
-        runs = {r["name"]: r for r in self.result["runs"]}
-        ref, killed = runs.get(ref_name), runs.get(kill_name)
-        if ref is None or killed is None:
-            return
-        tol = self.prof.decisive_gap
-        try:
-            out = compare_runs(ref, killed, tol)
-        except ValueError as exc:  # runs of different plans: no comparison, but the steps after it run
-            self.note(f"no token comparison of {kill_name} against {ref_name}: {exc}")
-            return
-        out["judge"] = judge
-        out.update(killed.get("kill") or {"at_s": None, "pid": None, "running_at_kill": 0})
-        out["resumed_after_fault"] = fleet_report.counter_delta(killed, "resumed_after_fault")
-        out["worker_deaths"] = fleet_report.counter_delta(killed, "worker_deaths")
-        out["noise_floor"] = [compare_runs(ref, runs[p], tol) for p in noise if p in runs]
-        self.result["kill"] = out
-        self.save()
-
-    async def migration_and_delivery(self) -> None:
-        from fleet_delivery import in_process, summary, through_fleet
-        from fleet_migration import start_pair
-
-        start = time.monotonic()
-        self.log("migration / delivery: an in-process fleet of two workers")
-        prof, adapter = self.prof, str(self.assets.adapters_dir / "adapter-0")
-        engine = engine_dict(prof)
-        try:
-            fleet, started_s = await asyncio.wait_for(
-                start_pair(
-                    model_dir=str(self.assets.model_dir), device=prof.device, dtype=prof.dtype, engine=engine
-                ),
-                max(10.0, self.left_s()),
-            )
-        except Exception as exc:
-            self.note(f"migration fleet failed to start: {type(exc).__name__}: {exc}")
-            return
-        fleet_side = None
-        try:
-            if "migration" not in self.skip:
-                await self.migration(fleet, adapter, start, started_s)
-            if "delivery" not in self.skip and self.left_s() > prof.delivery_s:
-                begin = time.monotonic()
-                try:
-                    fleet_side = await asyncio.wait_for(
-                        through_fleet(fleet, adapter, prof.delivery_requests, prof.delivery_new_tokens),
-                        max(10.0, self.left_s()),
-                    )
-                    self.result["delivery"] = summary(fleet_side, None)
-                    self.stage("delivery through the fleet", begin)
-                except Exception as exc:
-                    self.note(f"delivery measurement through the fleet failed: {type(exc).__name__}: {exc}")
-        finally:
-            await fleet.shutdown(drain=False)
-        if fleet_side is None:
-            return
-        # No deadline can cut a model load short: start it only with its whole estimate left.
-        if not self.fits("the in-process side of the delivery measurement", prof.delivery_s):
-            return
-        begin = time.monotonic()
-        try:
-            engine_side = await asyncio.to_thread(
-                in_process,
-                model_dir=str(self.assets.model_dir),
-                adapter_dir=adapter,
-                device=prof.device,
-                dtype=prof.dtype,
-                engine=engine,
-                n=prof.delivery_requests,
-                new_tokens=prof.delivery_new_tokens,
-                shards=fleet_side["shards"],
-            )
-        except Exception as exc:
-            self.note(f"delivery measurement in-process failed: {type(exc).__name__}: {exc}")
-            return
-        self.result["delivery"] = summary(fleet_side, engine_side)
-        self.stage("delivery in-process", begin)
-
-    async def migration(self, fleet: Any, adapter: str, start: float, started_s: float) -> None:
-        from fleet_migration import measure_migrations
-
-        try:
-            mig = await asyncio.wait_for(
-                measure_migrations(
-                    fleet,
-                    adapter_dir=adapter,
-                    contexts=list(self.prof.migration_contexts),
-                    warmups=2,
-                    repeats=self.args.migration_repeats,
-                    seed=self.args.seed,
-                ),
-                max(10.0, self.left_s()),
-            )
-            self.result["migration"] = {**mig, "fleet_start_s": started_s}
-            self.stage("migration", start)
-        except Exception as exc:
-            self.note(f"migration measurement failed: {type(exc).__name__}: {exc}")
 
     def finish(self) -> None:
         logs = sorted(self.work.glob("*.log"))

@@ -10,7 +10,7 @@ in bf16, so prompt length dominates its cost). How many: sized from the speed th
 own warm-up measures (the first GPU attempt sized it from a FLOPs guess, 1/8 of bf16, and its
 reference was cut off), so that the reference replays them all and the kill run still fits. The
 kill run then replays the prefix the reference completed (fewer if the time left holds fewer).
-Pure functions: the sizing. bench_fleet.py runs the two runs.
+Pure functions: the sizing. fleet_kill.py runs the two runs (bench_fleet.py's kill step).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def mods(monkeypatch):
         "bench_fleet",
     )
     yield {n: importlib.import_module(n) for n in names}
-    for n in (*names, "fleet_server", "fleet_migration", "fleet_sim_check"):
+    for n in (*names, "fleet_kill", "fleet_inprocess", "fleet_server", "fleet_migration", "fleet_sim_check"):
         sys.modules.pop(n, None)
 
 

@@ -29,7 +29,16 @@ NAMES = (
 def mods(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
     yield {n: importlib.import_module(n) for n in NAMES}
-    for n in (*NAMES, "fleet_run", "fleet_server", "fleet_assets", "fleet_delivery", "fleet_migration"):
+    for n in (
+        *NAMES,
+        "fleet_kill",
+        "fleet_inprocess",
+        "fleet_run",
+        "fleet_server",
+        "fleet_assets",
+        "fleet_delivery",
+        "fleet_migration",
+    ):
         sys.modules.pop(n, None)
 
 
