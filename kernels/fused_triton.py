@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lorafleet.kernels.lora_fused_triton import TILE_ELEMS, _lora_delta, _lora_row, block_r, lora_args
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -85,8 +87,45 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(gu_ptr, gu_stride, out_ptr, out_stride, inter, BLOCK: tl.constexpr):
-    """Columns [pid1 * BLOCK, +BLOCK) of row pid0: out = silu(gate).to(dtype) * up."""
+def _silu_and_mul_kernel(
+    gu_ptr,
+    gu_stride,
+    out_ptr,
+    out_stride,
+    inter,
+    l_tmp,
+    l_b,
+    l_indptr,
+    l_slots,
+    l_ranks,
+    l_scales,
+    l_num_segs,
+    l_rmax,
+    l_boff1,
+    l_boff2,
+    l_sb0,
+    l_sb1,
+    l_sb2,
+    l_col0,
+    l_col1,
+    l_col2,
+    l_w0,
+    l_w1,
+    l_w2,
+    l_st_split,
+    l_st_slice,
+    l_st_m,
+    l_st_rank,
+    l_st_scale,
+    BLOCK: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_SPLITS: tl.constexpr,
+    LORA_SLICES: tl.constexpr,
+    LORA_BLOCK_R: tl.constexpr,
+    LORA_SEG_BLOCK: tl.constexpr,
+):
+    """Columns [pid1 * BLOCK, +BLOCK) of row pid0: out = silu(gate).to(dtype) * up; with HAS_LORA,
+    gate and up first get their pending LoRA delta (rounded to the dtype, as the expand stores it)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -94,6 +133,57 @@ def _silu_and_mul_kernel(gu_ptr, gu_stride, out_ptr, out_stride, inter, BLOCK: t
     dtype = out_ptr.dtype.element_ty
     g = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        k, rk0, rk1, rk2, v0, v1, v2 = _lora_row(
+            row,
+            l_tmp,
+            l_indptr,
+            l_slots,
+            l_ranks,
+            l_scales,
+            l_num_segs,
+            l_rmax,
+            l_st_split,
+            l_st_slice,
+            l_st_m,
+            l_st_rank,
+            l_st_scale,
+            LORA_SPLITS,
+            LORA_SLICES,
+            LORA_BLOCK_R,
+            LORA_SEG_BLOCK,
+            dtype,
+        )
+        both = tl.arange(0, 2)[:, None]
+        # Gate columns in row 0 of the tile, up columns in row 1: one call, one set of loads.
+        ycols = cols[None, :] + both * inter
+        d = _lora_delta(
+            ycols,
+            mask[None, :] & (both >= 0),
+            k,
+            rk0,
+            rk1,
+            rk2,
+            v0,
+            v1,
+            v2,
+            l_b,
+            l_boff1,
+            l_boff2,
+            l_sb0,
+            l_sb1,
+            l_sb2,
+            l_col0,
+            l_col1,
+            l_col2,
+            l_w0,
+            l_w1,
+            l_w2,
+            l_rmax,
+            LORA_BLOCK_R,
+        )
+        g = (g + tl.sum(tl.where(both == 0, d, 0.0), axis=0)).to(dtype).to(tl.float32)
+        u = (u + tl.sum(tl.where(both == 1, d, 0.0), axis=0)).to(dtype).to(tl.float32)
     # F.silu rounds its result to the activation dtype before the product; so do we.
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * out_stride + cols, (act * u).to(dtype), mask=mask)
@@ -113,9 +203,38 @@ def _rope_and_cache_kernel(
     num_slots,
     NUM_Q_HEADS,
     NUM_KV_HEADS,
+    l_tmp,
+    l_b,
+    l_indptr,
+    l_slots,
+    l_ranks,
+    l_scales,
+    l_num_segs,
+    l_rmax,
+    l_boff1,
+    l_boff2,
+    l_sb0,
+    l_sb1,
+    l_sb2,
+    l_col0,
+    l_col1,
+    l_col2,
+    l_w0,
+    l_w1,
+    l_w2,
+    l_st_split,
+    l_st_slice,
+    l_st_m,
+    l_st_rank,
+    l_st_scale,
     HEAD_DIM: tl.constexpr,
     HALF_BLOCK: tl.constexpr,
     HEAD_BLOCK: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LORA_SPLITS: tl.constexpr,
+    LORA_SLICES: tl.constexpr,
+    LORA_BLOCK_R: tl.constexpr,
+    LORA_SEG_BLOCK: tl.constexpr,
 ):
     """Heads [pid1 * HEAD_BLOCK, +HEAD_BLOCK) of the q|k|v heads of row pid0.
 
@@ -123,7 +242,8 @@ def _rope_and_cache_kernel(
     heads: that is their column order in qkv), each as its two halves [HEAD_BLOCK, D/2]. Query
     heads are rotated and stored back in place, key heads rotated and stored to k_cache, value
     heads copied to v_cache; which store applies to a head is a mask, so one tile may mix kinds.
-    k and v in qkv are left as they were.
+    k and v in qkv are left as they were, except that with HAS_LORA every head first gets its pending
+    LoRA delta, and k and v with it are stored back to qkv (as the separate expand would leave them).
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     row = tl.program_id(0).to(tl.int64)
@@ -135,6 +255,62 @@ def _rope_and_cache_kernel(
     lo_ptr = qkv_ptr + row * qkv_stride + heads[:, None] * HEAD_DIM + d[None, :]
     x_lo = tl.load(lo_ptr, mask=tile_mask, other=0.0)
     x_hi = tl.load(lo_ptr + HALF, mask=tile_mask, other=0.0)
+    qkv_dtype = qkv_ptr.dtype.element_ty
+    if HAS_LORA:
+        k, rk0, rk1, rk2, v0, v1, v2 = _lora_row(
+            row,
+            l_tmp,
+            l_indptr,
+            l_slots,
+            l_ranks,
+            l_scales,
+            l_num_segs,
+            l_rmax,
+            l_st_split,
+            l_st_slice,
+            l_st_m,
+            l_st_rank,
+            l_st_scale,
+            LORA_SPLITS,
+            LORA_SLICES,
+            LORA_BLOCK_R,
+            LORA_SEG_BLOCK,
+            qkv_dtype,
+        )
+        lo_cols = heads[:, None] * HEAD_DIM + d[None, :]
+        for half in tl.static_range(2):
+            dl = _lora_delta(
+                lo_cols + half * HALF,
+                tile_mask,
+                k,
+                rk0,
+                rk1,
+                rk2,
+                v0,
+                v1,
+                v2,
+                l_b,
+                l_boff1,
+                l_boff2,
+                l_sb0,
+                l_sb1,
+                l_sb2,
+                l_col0,
+                l_col1,
+                l_col2,
+                l_w0,
+                l_w1,
+                l_w2,
+                l_rmax,
+                LORA_BLOCK_R,
+            )
+            if half == 0:
+                x_lo = (x_lo.to(tl.float32) + dl).to(qkv_dtype)
+            else:
+                x_hi = (x_hi.to(tl.float32) + dl).to(qkv_dtype)
+        kv_mask = tile_mask & (heads >= NUM_Q_HEADS)[:, None]
+        tl.store(lo_ptr, x_lo, mask=kv_mask)
+        tl.store(lo_ptr + HALF, x_hi, mask=kv_mask)
     cos_row = cos_ptr + row * cos_stride
     sin_row = sin_ptr + row * sin_stride
     c_lo = tl.load(cos_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
@@ -149,7 +325,6 @@ def _rope_and_cache_kernel(
 
     is_q = (heads < NUM_Q_HEADS)[:, None]
     q_mask = tile_mask & is_q
-    qkv_dtype = qkv_ptr.dtype.element_ty
     tl.store(lo_ptr, r_lo.to(qkv_dtype), mask=q_mask)
     tl.store(lo_ptr + HALF, r_hi.to(qkv_dtype), mask=q_mask)
 
@@ -213,23 +388,41 @@ def launch_rms_norm(x, residual, weight, out, eps: float) -> None:  # tensors va
     )
 
 
-def launch_silu_and_mul(gate_up, out) -> None:
+def launch_silu_and_mul(gate_up, out, lora=None) -> None:  # lora: a PendingLoraDelta over gate_up
     T, inter = out.shape
     block = min(triton.next_power_of_2(inter), SILU_BLOCK)
+    warps = _warps(block)
+    if lora is not None:
+        # Two B tiles (gate and up) of block x rank each: keep them near TILE_ELEMS.
+        block = min(block, max(16, TILE_ELEMS // (2 * block_r(lora))))
+        warps = max(4, min(8, _warps(2 * block * block_r(lora))))
+    largs, lconst = lora_args(lora, gate_up)
     grid = (T, triton.cdiv(inter, block))
     _silu_and_mul_kernel[grid](
-        gate_up, gate_up.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=_warps(block)
+        gate_up, gate_up.stride(0), out, out.stride(0), inter, *largs, BLOCK=block, **lconst, num_warps=warps
     )
 
 
 def launch_rope_and_cache(
-    qkv, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads: int, num_kv_heads: int, head_dim: int
+    qkv,
+    cos,
+    sin,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    lora=None,  # a PendingLoraDelta over qkv
 ) -> None:
     T = qkv.shape[0]
     total = num_q_heads + 2 * num_kv_heads
     half_block = triton.next_power_of_2(head_dim // 2)
     head_block = min(triton.next_power_of_2(total), max(1, ROPE_TILE_ELEMS // half_block))
+    if lora is not None:
+        head_block = min(head_block, max(1, TILE_ELEMS // (2 * half_block * block_r(lora))))
     num_slots = k_cache.shape[0] * k_cache.shape[1]
+    largs, lconst = lora_args(lora, qkv)
     grid = (T, triton.cdiv(total, head_block))
     _rope_and_cache_kernel[grid](
         qkv,
@@ -244,8 +437,10 @@ def launch_rope_and_cache(
         num_slots,
         num_q_heads,
         num_kv_heads,
+        *largs,
         HEAD_DIM=head_dim,
         HALF_BLOCK=half_block,
         HEAD_BLOCK=head_block,
-        num_warps=_warps(2 * head_block * half_block),
+        **lconst,
+        num_warps=_warps(2 * head_block * half_block * block_r(lora)),
     )
