@@ -133,7 +133,7 @@ def _add_serve_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorafleet.bench import runner as bench
+    from lorafleet.bench import cli_flags as bench_flags
     from lorafleet.demo import runner as demo
 
     parser = argparse.ArgumentParser(
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_flag(q)
     q.add_argument("name")
 
-    bench.add_arguments(sub.add_parser("bench", help="load-test a server (trace replay or synthetic)"))
+    bench_flags.add_arguments(sub.add_parser("bench", help="load-test a server (trace replay or synthetic)"))
     demo.add_arguments(sub.add_parser("demo", help="the whole system on this machine in about a minute"))
 
     from lorafleet.sim import cli as sim_cli

@@ -25,7 +25,8 @@ import time
 
 from lorafleet.bench.workload import adapter_indices
 from lorafleet.sim.profile import LatencyProfile, load_profile
-from lorafleet.sim.simulator import SimConfig, SimRequest, Simulator
+from lorafleet.sim.sim_types import SimConfig, SimRequest
+from lorafleet.sim.simulator import Simulator
 
 
 def workload(

@@ -21,6 +21,7 @@ from typing import Any
 from fleet_server import ServeProcess, StatusSample, sample_status
 from fleet_tokens import top_gap
 
+from lorafleet.bench import cli_flags
 from lorafleet.bench import runner as bench
 from lorafleet.bench.workload import TraceRow, percentile
 from lorafleet.client.grpc_client import AsyncClient
@@ -68,7 +69,7 @@ SizePrefix = Callable[[Warmup, float, list[float], float], tuple[int, float]]
 
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet bench", add_help=False)
-    bench.add_arguments(parser)
+    cli_flags.add_arguments(parser)
     return parser
 
 
@@ -195,7 +196,7 @@ async def run_one(
             record["bench_command"] = "lorafleet bench " + " ".join(
                 [*spec.bench_args, "--server", server.address, "--phases", phases]
             )
-            plan, clamped = bench.build_plan(args, status.model.max_context_tokens, rows)
+            plan, clamped = cli_flags.build_plan(args, status.model.max_context_tokens, rows)
             whole = plan  # a prefix maps its adapters as the whole plan does (run_bench's adapters_of)
             burst_start, burst_end, plan_s = burst_of(phases)
             max_requests = spec.max_requests

@@ -30,10 +30,11 @@ from fleet_plan import burst_window, shaped_phases
 from fleet_run import bench_parser
 from fleet_settings import TRACES
 
-from lorafleet.bench import runner as bench
+from lorafleet.bench.cli_flags import build_plan
 from lorafleet.bench.workload import read_azure_trace
 from lorafleet.sim.profile import load_profile
-from lorafleet.sim.simulator import SimConfig, SimRequest, Simulator
+from lorafleet.sim.sim_types import SimConfig, SimRequest
+from lorafleet.sim.simulator import Simulator
 
 
 def sim_requests(args: argparse.Namespace, phases: str, max_context: int) -> list[SimRequest]:
@@ -44,7 +45,7 @@ def sim_requests(args: argparse.Namespace, phases: str, max_context: int) -> lis
         "--max-prompt-tokens",
         str(args.max_prompt_tokens),
     ]
-    plan, _ = bench.build_plan(bench_parser().parse_args(flags), max_context, read_azure_trace(args.trace))
+    plan, _ = build_plan(bench_parser().parse_args(flags), max_context, read_azure_trace(args.trace))
     return [SimRequest(p.at_s, f"adapter-{p.adapter_index}", p.prompt_len, p.max_new_tokens) for p in plan]
 
 

@@ -46,7 +46,8 @@ from sim_equal_slo_plots import write_study_plots
 from lorafleet.sim.cli import add_arguments, load_workload, sim_config
 from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.report import Slo, latencies, summarize
-from lorafleet.sim.simulator import SimRequest, Simulator
+from lorafleet.sim.sim_types import SimRequest
+from lorafleet.sim.simulator import Simulator
 
 FAMILIES = {  # name -> (policy, migrations, knob)
     "packing": ("packing", True, "target"),

@@ -32,7 +32,7 @@ from lorafleet.bench.runner import RequestRecord, WorkerSample
 from lorafleet.bench.workload import phased_workload
 from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.profiler import cpu_name
-from lorafleet.sim.simulator import SimRequest
+from lorafleet.sim.sim_types import SimRequest
 from lorafleet.sim.validate import (
     EVENTS,
     TARGETS,

@@ -21,7 +21,8 @@ from lorafleet.bench.workload import POPULARITIES
 from lorafleet.scheduler.fleet_config import POLICIES
 from lorafleet.sim.profile import LatencyProfile, load_profile
 from lorafleet.sim.report import Slo, format_compare, format_summary, summarize, write_requests_csv
-from lorafleet.sim.simulator import SimConfig, SimRequest, SimResult, Simulator
+from lorafleet.sim.sim_types import SimConfig, SimRequest, SimResult
+from lorafleet.sim.simulator import Simulator
 from lorafleet.sim.workloads import (
     WorkloadInfo,
     build_workload,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafleet.sim.report import latencies
-from lorafleet.sim.simulator import SimResult
+from lorafleet.sim.sim_types import SimResult
 
 
 def _pyplot():

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lorafleet.sim.simulator import SimResult
+from lorafleet.sim.sim_types import SimResult
 
 REQUEST_COLUMNS = (
     "request_id",

@@ -17,7 +17,8 @@ from typing import Any
 
 from lorafleet.sim.profile import LatencyProfile
 from lorafleet.sim.report import latencies
-from lorafleet.sim.simulator import SimConfig, SimRequest, SimResult, Simulator
+from lorafleet.sim.sim_types import SimConfig, SimRequest, SimResult
+from lorafleet.sim.simulator import Simulator
 
 # Quantities compared, with the targets (relative error).
 TARGETS = {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.bench.workload import AZURE_COLUMNS, POPULARITIES, adapter_indices, read_azure_trace
-from lorafleet.sim.simulator import SimRequest
+from lorafleet.sim.sim_types import SimRequest
 
 GENERIC_COLUMNS = ("timestamp_s", "prompt_tokens", "output_tokens")
 SERVEGEN_WINDOW_S = 600.0  # ServeGen m-large rows are 10-minute windows

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lorafleet.bench import cli_flags
 from lorafleet.bench import runner as bench
 from lorafleet.bench.trace_phases import (
     Phase,
@@ -117,7 +118,7 @@ def test_tenant_weights_and_assignment(tmp_path: Path) -> None:
 
 def bench_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    cli_flags.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -136,7 +137,7 @@ def test_bench_plan_with_phases_and_tenants(tmp_path: Path) -> None:
         "--trace", str(tmp_path / "t.csv"), "--phases", "1:10,5:10,1:10", "--trace-start-s", "20",
         "--servegen", str(tmp_path / "sg"), "--servegen-span-s", "3600", "--max-new-tokens", "16",
     )  # fmt: skip
-    plan, clamped = bench.build_plan(args, 512)
+    plan, clamped = cli_flags.build_plan(args, 512)
     assert len(plan) == 70 and plan[-1].at_s < 30.0
     assert plan[0].prompt_len == 120  # the row 20 s into the trace comes first
     assert all(p.max_new_tokens <= 16 for p in plan) and clamped == 70
@@ -144,17 +145,17 @@ def test_bench_plan_with_phases_and_tenants(tmp_path: Path) -> None:
     per_phase = Counter(int(p.at_s // 10) for p in plan)
     assert per_phase == {0: 10, 1: 50, 2: 10}
     with pytest.raises(ValueError, match="drop --rate"):
-        bench.build_plan(
+        cli_flags.build_plan(
             bench_args("--trace", str(tmp_path / "t.csv"), "--phases", "1:10", "--rate", "2"), 512
         )
     with pytest.raises(ValueError, match="pass --trace"):
-        bench.build_plan(bench_args("--synthetic", "--phases", "1:10"), 512)
+        cli_flags.build_plan(bench_args("--synthetic", "--phases", "1:10"), 512)
 
 
 def test_bench_servegen_on_synthetic_load(tmp_path: Path) -> None:
     write_servegen(tmp_path / "sg")
     args = bench_args("--synthetic", "--rate", "50", "--duration", "4", "--servegen", str(tmp_path / "sg"))
-    plan, _ = bench.build_plan(args, 512)
+    plan, _ = cli_flags.build_plan(args, 512)
     assert len(plan) > 100 and {p.adapter_index for p in plan} == {0, 1, 2}  # a day: tenant-5 too
 
 

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from lorafleet.sim.profile import EngineShape, LatencyProfile
-from lorafleet.sim.worker import RequestRecord, SimSeq, SimWorker
+from lorafleet.sim.sequences import RequestRecord, SimSeq
+from lorafleet.sim.worker import SimWorker
 from lorafleet.worker.batching import Scheduler
 from lorafleet.worker.block_allocator import KVBlockAllocator
 from lorafleet.worker.sequence import Sequence

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from lorafleet.sim.profile import LatencyProfile
-from lorafleet.sim.simulator import SimConfig, SimRequest, Simulator
+from lorafleet.sim.sim_types import SimConfig, SimRequest
+from lorafleet.sim.simulator import Simulator
 
 
 def _bursty(n: int = 1200, seed: int = 0) -> list[SimRequest]:
