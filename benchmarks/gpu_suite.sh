@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
-#                                                tests-fused, adapters, engine-quick, engine-rows, engine-fused,
+#                                                tests-fused, fused-kernels, adapters, engine-quick, engine-rows, engine-fused,
 #                                                engine-e2e, engine-7b, engine-8b,
 #                                                sgmv, sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
 #                                                startup-7b, fleet-assets, fleet, fleet-f32, sim-validate
@@ -151,6 +151,9 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/rows" --shapes llama2-7b --batches 16,64 \
             --contexts 256 --popularities backbone,identical,uniform,distinct --no-e2e --peft-new-tokens 0 \
             --compare-sgmv-rows ;;
+    fused-kernels)  # the deferred expand inside RoPE and SiLU against the separate expand, per call
+        python3 benchmarks/bench_fused_lora.py --tile-elems "${FUSED_TILES:-4096}" \
+            --by-rank "${FUSED_BY_RANK:-1}" ;;
     engine-fused)  # decode steps with q|k|v's and gate|up's expands inside RoPE and SiLU, against separate
         # expand launches (FUSED_SHAPES: llama2-7b unless given)
         python3 benchmarks/bench_engine.py --out "$out/fused" --shapes "${FUSED_SHAPES:-llama2-7b}" --batches 16,64 \

@@ -16,10 +16,21 @@ the sum of squares) and the transcendental functions can differ from torch by an
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
-from lorafleet.kernels.lora_fused_triton import TILE_ELEMS, _lora_delta, _lora_row, block_r, lora_args
+from lorafleet.kernels import lora_fused_triton
+from lorafleet.kernels.lora_fused_triton import (
+    _row_slot,
+    _slice_delta,
+    _slice_delta_1d,
+    _slice_state,
+    block_r,
+    lora_args,
+    part_slices,
+)
 
 
 @triton.jit
@@ -106,12 +117,6 @@ def _silu_and_mul_kernel(
     l_sb0,
     l_sb1,
     l_sb2,
-    l_col0,
-    l_col1,
-    l_col2,
-    l_w0,
-    l_w1,
-    l_w2,
     l_st_split,
     l_st_slice,
     l_st_m,
@@ -120,9 +125,12 @@ def _silu_and_mul_kernel(
     BLOCK: tl.constexpr,
     HAS_LORA: tl.constexpr,
     LORA_SPLITS: tl.constexpr,
-    LORA_SLICES: tl.constexpr,
     LORA_BLOCK_R: tl.constexpr,
     LORA_SEG_BLOCK: tl.constexpr,
+    LORA_BY_RANK: tl.constexpr,
+    PART0: tl.constexpr,
+    PART1: tl.constexpr,
+    PART2: tl.constexpr,
 ):
     """Columns [pid1 * BLOCK, +BLOCK) of row pid0: out = silu(gate).to(dtype) * up; with HAS_LORA,
     gate and up first get their pending LoRA delta (rounded to the dtype, as the expand stores it)."""
@@ -134,56 +142,41 @@ def _silu_and_mul_kernel(
     g = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
-        k, rk0, rk1, rk2, v0, v1, v2 = _lora_row(
-            row,
-            l_tmp,
-            l_indptr,
-            l_slots,
-            l_ranks,
-            l_scales,
-            l_num_segs,
-            l_rmax,
-            l_st_split,
-            l_st_slice,
-            l_st_m,
-            l_st_rank,
-            l_st_scale,
-            LORA_SPLITS,
-            LORA_SLICES,
-            LORA_BLOCK_R,
-            LORA_SEG_BLOCK,
-            dtype,
-        )
-        both = tl.arange(0, 2)[:, None]
-        # Gate columns in row 0 of the tile, up columns in row 1: one call, one set of loads.
-        ycols = cols[None, :] + both * inter
-        d = _lora_delta(
-            ycols,
-            mask[None, :] & (both >= 0),
-            k,
-            rk0,
-            rk1,
-            rk2,
-            v0,
-            v1,
-            v2,
-            l_b,
-            l_boff1,
-            l_boff2,
-            l_sb0,
-            l_sb1,
-            l_sb2,
-            l_col0,
-            l_col1,
-            l_col2,
-            l_w0,
-            l_w1,
-            l_w2,
-            l_rmax,
-            LORA_BLOCK_R,
-        )
-        g = (g + tl.sum(tl.where(both == 0, d, 0.0), axis=0)).to(dtype).to(tl.float32)
-        u = (u + tl.sum(tl.where(both == 1, d, 0.0), axis=0)).to(dtype).to(tl.float32)
+        # Parts: 0 = gate, 1 = up; PARTi is the pending delta's slice for part i (-1: none).
+        slot = _row_slot(l_indptr, l_slots, l_num_segs, row, LORA_SEG_BLOCK)
+        k = tl.maximum(slot, 0)
+        for part in tl.static_range(2):
+            sl = row * 0 + (PART0 if part == 0 else PART1)
+            b_base, rank, vec, use = _slice_state(
+                row,
+                k,
+                slot >= 0,
+                sl,
+                l_tmp,
+                l_ranks,
+                l_scales,
+                l_b,
+                l_boff1,
+                l_boff2,
+                l_sb0,
+                l_sb1,
+                l_sb2,
+                l_rmax,
+                l_st_split,
+                l_st_slice,
+                l_st_m,
+                l_st_rank,
+                l_st_scale,
+                LORA_SPLITS,
+                LORA_BLOCK_R,
+                dtype,
+                LORA_BY_RANK,
+            )
+            d = _slice_delta_1d(b_base, cols, mask, use, rank, vec, l_rmax, LORA_BLOCK_R, LORA_BY_RANK)
+            if part == 0:
+                g = (g + d).to(dtype).to(tl.float32)
+            else:
+                u = (u + d).to(dtype).to(tl.float32)
     # F.silu rounds its result to the activation dtype before the product; so do we.
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * out_stride + cols, (act * u).to(dtype), mask=mask)
@@ -216,12 +209,6 @@ def _rope_and_cache_kernel(
     l_sb0,
     l_sb1,
     l_sb2,
-    l_col0,
-    l_col1,
-    l_col2,
-    l_w0,
-    l_w1,
-    l_w2,
     l_st_split,
     l_st_slice,
     l_st_m,
@@ -232,9 +219,12 @@ def _rope_and_cache_kernel(
     HEAD_BLOCK: tl.constexpr,
     HAS_LORA: tl.constexpr,
     LORA_SPLITS: tl.constexpr,
-    LORA_SLICES: tl.constexpr,
     LORA_BLOCK_R: tl.constexpr,
     LORA_SEG_BLOCK: tl.constexpr,
+    LORA_BY_RANK: tl.constexpr,
+    PART0: tl.constexpr,
+    PART1: tl.constexpr,
+    PART2: tl.constexpr,
 ):
     """Heads [pid1 * HEAD_BLOCK, +HEAD_BLOCK) of the q|k|v heads of row pid0.
 
@@ -257,14 +247,27 @@ def _rope_and_cache_kernel(
     x_hi = tl.load(lo_ptr + HALF, mask=tile_mask, other=0.0)
     qkv_dtype = qkv_ptr.dtype.element_ty
     if HAS_LORA:
-        k, rk0, rk1, rk2, v0, v1, v2 = _lora_row(
+        # A tile's heads are of one part (q, k or v: the launcher sizes tiles to divide Hq and Hkv);
+        # PART0..2 are the pending delta's slices for q, k and v (-1: none).
+        first = tl.program_id(1) * HEAD_BLOCK
+        kind = (first >= NUM_Q_HEADS).to(tl.int32) + (first >= NUM_Q_HEADS + NUM_KV_HEADS).to(tl.int32)
+        sl = tl.where(kind == 0, PART0, tl.where(kind == 1, PART1, PART2))
+        part_head = tl.where(kind == 0, 0, tl.where(kind == 1, NUM_Q_HEADS, NUM_Q_HEADS + NUM_KV_HEADS))
+        slot = _row_slot(l_indptr, l_slots, l_num_segs, row, LORA_SEG_BLOCK)
+        b_base, rank, vec, use = _slice_state(
             row,
+            tl.maximum(slot, 0),
+            slot >= 0,
+            sl,
             l_tmp,
-            l_indptr,
-            l_slots,
             l_ranks,
             l_scales,
-            l_num_segs,
+            l_b,
+            l_boff1,
+            l_boff2,
+            l_sb0,
+            l_sb1,
+            l_sb2,
             l_rmax,
             l_st_split,
             l_st_slice,
@@ -272,42 +275,20 @@ def _rope_and_cache_kernel(
             l_st_rank,
             l_st_scale,
             LORA_SPLITS,
-            LORA_SLICES,
             LORA_BLOCK_R,
-            LORA_SEG_BLOCK,
             qkv_dtype,
+            LORA_BY_RANK,
         )
-        lo_cols = heads[:, None] * HEAD_DIM + d[None, :]
-        for half in tl.static_range(2):
-            dl = _lora_delta(
-                lo_cols + half * HALF,
-                tile_mask,
-                k,
-                rk0,
-                rk1,
-                rk2,
-                v0,
-                v1,
-                v2,
-                l_b,
-                l_boff1,
-                l_boff2,
-                l_sb0,
-                l_sb1,
-                l_sb2,
-                l_col0,
-                l_col1,
-                l_col2,
-                l_w0,
-                l_w1,
-                l_w2,
-                l_rmax,
-                LORA_BLOCK_R,
-            )
-            if half == 0:
-                x_lo = (x_lo.to(tl.float32) + dl).to(qkv_dtype)
-            else:
-                x_hi = (x_hi.to(tl.float32) + dl).to(qkv_dtype)
+        n_lo = (heads - part_head)[:, None] * HEAD_DIM + d[None, :]
+        x_lo = (
+            x_lo.to(tl.float32)
+            + _slice_delta(b_base, n_lo, tile_mask, use, rank, vec, l_rmax, LORA_BLOCK_R, LORA_BY_RANK)
+        ).to(qkv_dtype)
+        n_hi = n_lo + HALF
+        x_hi = (
+            x_hi.to(tl.float32)
+            + _slice_delta(b_base, n_hi, tile_mask, use, rank, vec, l_rmax, LORA_BLOCK_R, LORA_BY_RANK)
+        ).to(qkv_dtype)
         kv_mask = tile_mask & (heads >= NUM_Q_HEADS)[:, None]
         tl.store(lo_ptr, x_lo, mask=kv_mask)
         tl.store(lo_ptr + HALF, x_hi, mask=kv_mask)
@@ -392,11 +373,18 @@ def launch_silu_and_mul(gate_up, out, lora=None) -> None:  # lora: a PendingLora
     T, inter = out.shape
     block = min(triton.next_power_of_2(inter), SILU_BLOCK)
     warps = _warps(block)
+    slices: tuple[int, ...] = ()
     if lora is not None:
-        # Two B tiles (gate and up) of block x rank each: keep them near TILE_ELEMS.
-        block = min(block, max(16, TILE_ELEMS // (2 * block_r(lora))))
-        warps = max(4, min(8, _warps(2 * block * block_r(lora))))
-    largs, lconst = lora_args(lora, gate_up)
+        slices = part_slices(lora, [(0, inter), (inter, inter)]) or ()
+        if not slices:  # a slice that is not exactly gate or up: the separate expand, on a copy
+            gate_up = gate_up.clone()
+            lora.apply(gate_up)
+            lora = None
+        else:
+            # Two B tiles (gate and up) of block x rank each: keep them near TILE_ELEMS.
+            block = min(block, max(16, lora_fused_triton.TILE_ELEMS // (2 * block_r(lora))))
+            warps = max(4, min(8, _warps(2 * block * block_r(lora))))
+    largs, lconst = lora_args(lora, gate_up, slices)
     grid = (T, triton.cdiv(inter, block))
     _silu_and_mul_kernel[grid](
         gate_up, gate_up.stride(0), out, out.stride(0), inter, *largs, BLOCK=block, **lconst, num_warps=warps
@@ -419,10 +407,22 @@ def launch_rope_and_cache(
     total = num_q_heads + 2 * num_kv_heads
     half_block = triton.next_power_of_2(head_dim // 2)
     head_block = min(triton.next_power_of_2(total), max(1, ROPE_TILE_ELEMS // half_block))
+    slices: tuple[int, ...] = ()
     if lora is not None:
-        head_block = min(head_block, max(1, TILE_ELEMS // (2 * half_block * block_r(lora))))
+        q, kv = num_q_heads * head_dim, num_kv_heads * head_dim
+        slices = part_slices(lora, [(0, q), (q, kv), (q + kv, kv)]) or ()
+        if not slices:  # a slice that is not exactly q, k or v: the separate expand first
+            lora.apply(qkv)
+            lora = None
+        else:
+            head_block = min(
+                head_block, max(1, lora_fused_triton.TILE_ELEMS // (2 * half_block * block_r(lora)))
+            )
+            # Every tile within one part: the largest power of two dividing both head counts.
+            common = math.gcd(num_q_heads, num_kv_heads)
+            head_block = min(head_block, common & -common)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    largs, lconst = lora_args(lora, qkv)
+    largs, lconst = lora_args(lora, qkv, slices)
     grid = (T, triton.cdiv(total, head_block))
     _rope_and_cache_kernel[grid](
         qkv,

@@ -148,6 +148,31 @@ def test_rope_and_cache_with_pending_lora(dtype, tol, targets):
         assert torch.isnan(got.view(-1, hkv, d)[1]).all()  # a slot no row writes stays untouched
 
 
+@needs_interpreter
+def test_slices_that_are_not_whole_parts_fall_back_to_the_separate_expand():
+    # A slice over part of gate (and one across q|k) cannot be fused: applied first, same result.
+    x, la, lb, indptr, slots, ranks, scales = problem((16,))
+    gate_up = torch.randn(7, 48, generator=gen(5))
+    pending = shrink_lora_slices(x, la, lb, indptr, slots, cols=(4,), ranks=ranks, scales=scales)
+    ref_in = gate_up.clone()
+    pending.apply(ref_in)
+    got = silu_and_mul(gate_up, lora=pending, backend="triton")
+    torch.testing.assert_close(got, silu_and_mul(ref_in, backend="torch"), rtol=1e-5, atol=1e-5)
+    qkv = torch.randn(7, 64, generator=gen(6))
+    cos, sin = torch.randn(7, 8, generator=gen(7)), torch.randn(7, 8, generator=gen(8))
+    cache = torch.zeros(4, 4, 2, 8)
+    pending = shrink_lora_slices(x, la, lb, indptr, slots, cols=(24,), ranks=ranks, scales=scales)
+    ref_qkv, got_qkv = qkv.clone(), qkv.clone()
+    pending.apply(ref_qkv)
+    kw = dict(num_q_heads=4, num_kv_heads=2, head_dim=8)
+    slot_mapping = torch.arange(7)
+    rope_and_cache(ref_qkv, cos, sin, cache.clone(), cache.clone(), slot_mapping, backend="torch", **kw)
+    rope_and_cache(
+        got_qkv, cos, sin, cache.clone(), cache.clone(), slot_mapping, lora=pending, backend="triton", **kw
+    )
+    torch.testing.assert_close(got_qkv, ref_qkv, rtol=1e-5, atol=1e-5)
+
+
 def test_errors():
     x, la, lb, indptr, slots, ranks, _ = problem((16, 8))
     with pytest.raises(ValueError, match="cols: 1 column offsets for 2 slices"):

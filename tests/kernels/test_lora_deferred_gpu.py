@@ -25,7 +25,7 @@ def layout(T: int, popularity: str, seed: int = 0) -> tuple[torch.Tensor, torch.
     if popularity == "distinct":
         indptr = torch.arange(T + 1, dtype=torch.int32)
         slots = torch.randperm(N_SLOTS, generator=g)[: min(T, N_SLOTS)].repeat(T // N_SLOTS + 1)[:T]
-        slots[::7] = -1
+        slots[3::7] = -1
     else:
         indptr = torch.full((T + 1,), T, dtype=torch.int32)
         indptr[0] = 0
