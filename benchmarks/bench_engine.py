@@ -355,11 +355,6 @@ def main() -> int:
         help="time the adapter cases again with the SGMV tile kernels only (row-wise expand off)",
     )
     parser.add_argument(
-        "--compare-lora-fused",
-        action="store_true",
-        help="time the adapter cases again with separate expand launches (lora_fused_expand off)",
-    )
-    parser.add_argument(
         "--compare-sync", action="store_true", help="also time each decode case without overlapped stepping"
     )
     args = parser.parse_args()
@@ -418,13 +413,6 @@ def main() -> int:
             engine.runner.recapture()
             run_steps(engine, config, bw, rows, shape, args, with_lora, " (tile SGMV only)")
             sgmv_launch.ROWS_MAX_AVG_ROWS = saved
-            engine.runner.recapture()
-        if args.compare_lora_fused and with_lora:
-            # The same batches with every expand as its own launch (how it ran before), re-captured.
-            engine.model.defer_lora_expand = False
-            engine.runner.recapture()
-            run_steps(engine, config, bw, rows, shape, args, with_lora, " (separate expand)")
-            engine.model.defer_lora_expand = True
             engine.runner.recapture()
         if not args.no_e2e:
             run_end_to_end(engine, shape, tmp, rows, args)

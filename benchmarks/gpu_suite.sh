@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
-#                                                tests-fused, fused-kernels, adapters, engine-quick, engine-rows, engine-fused,
-#                                                engine-e2e, engine-7b, engine-8b,
+#                                                adapters, engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b,
 #                                                sgmv, sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
 #                                                startup-7b, fleet-assets, fleet, fleet-f32, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
@@ -113,9 +112,6 @@ for stage in "$@"; do
     tests-new)  # what the decode-loop work touched (the SGMV kernels' own GPU tests are unchanged)
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/worker tests/kernels/test_paged_attention_gpu.py \
             tests/kernels/test_fused_ops_gpu.py ;;
-    tests-fused)  # the deferred LoRA expand (RoPE and SiLU with a pending delta) and everything it runs in
-        python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_lora_deferred_gpu.py \
-            tests/kernels/test_fused_ops_gpu.py tests/worker ;;
     graph-tests)  # CUDA graphs against eager mode, idle captures and steps whose graph is not captured yet
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/worker/test_cuda_graphs_gpu.py ;;
     startup-7b)  # engine start-up by phase, graph_capture start vs idle, the idle captures (~1-2 min)
@@ -151,14 +147,6 @@ for stage in "$@"; do
         python3 benchmarks/bench_engine.py --out "$out/rows" --shapes llama2-7b --batches 16,64 \
             --contexts 256 --popularities backbone,identical,uniform,distinct --no-e2e --peft-new-tokens 0 \
             --compare-sgmv-rows ;;
-    fused-kernels)  # the deferred expand inside RoPE and SiLU against the separate expand, per call
-        python3 benchmarks/bench_fused_lora.py --tile-elems "${FUSED_TILES:-4096}" \
-            --by-rank "${FUSED_BY_RANK:-1}" ;;
-    engine-fused)  # decode steps with q|k|v's and gate|up's expands inside RoPE and SiLU, against separate
-        # expand launches (FUSED_SHAPES: llama2-7b unless given)
-        python3 benchmarks/bench_engine.py --out "$out/fused" --shapes "${FUSED_SHAPES:-llama2-7b}" --batches 16,64 \
-            --contexts 256,1024 --popularities backbone,identical,uniform,distinct --no-e2e --peft-new-tokens 0 \
-            --compare-lora-fused ;;
     profile-engine)  # host profile of eager prefill steps, kernel tables of decode steps (7B shape)
         (cd benchmarks && python3 profile_engine.py --out "$out/profile-engine") ;;
     profile-7b)  # the simulator's H200 profile of the 7B shape, on fleet-assets' model when it is there

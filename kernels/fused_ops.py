@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.kernels.dispatch import FLOAT_DTYPES, checks_values, fail, resolve_backend
-from lorafleet.kernels.lora_deferred import PendingLoraDelta
 
 
 def _check_tensor(t: object, name: str, dim: int, what: str) -> torch.Tensor:
@@ -47,15 +46,6 @@ def _check_rows(t: torch.Tensor, name: str) -> None:
     # Rows may be strided views (a column slice of a fused output); elements within a row may not.
     if t.shape[0] > 0 and t.shape[1] > 1 and t.stride(1) != 1:
         fail(name, "the last dimension must be contiguous (stride 1)")
-
-
-def _check_lora(lora: object, y: torch.Tensor, y_name: str) -> None:
-    if lora is None:
-        return
-    if not isinstance(lora, PendingLoraDelta):
-        fail("lora", f"expected a PendingLoraDelta or None, got {type(lora).__name__}")
-    assert isinstance(lora, PendingLoraDelta)
-    lora.check_target(y, f"lora (on {y_name})")
 
 
 def _check_eps(eps: object) -> float:
@@ -271,7 +261,6 @@ def rope_and_cache(
     num_q_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    lora: PendingLoraDelta | None = None,
     backend: str = "auto",
 ) -> None:
     """Llama/NeoX rotary embedding of q and k, and the paged KV-cache write, in one launch.
@@ -282,17 +271,13 @@ def rope_and_cache(
       k_cache[s // bs, s % bs] <- k * cos + rotate_half(k) * sin  (s = slot_mapping[t], bs = block size)
       v_cache[s // bs, s % bs] <- v
     Rows with s < 0 are padding: nothing of theirs is written to the caches (q is still rotated).
-    k and v in qkv are left unrotated and unchanged on both paths. With ``lora`` (the pending expand
-    of the q|k|v projection, ``lora_deferred.py``), qkv first gets its LoRA delta: on the Triton path
-    as each column is loaded, on the torch path by ``lora.apply(qkv)``; either way q, the caches and
-    k and v in qkv end as ``add_lora_slices`` followed by this operator would leave them.
+    k and v in qkv are left unrotated and unchanged on both paths.
 
     qkv:          [T, (Hq + 2 * Hkv) * D] float16 / bfloat16 / float32, last dim contiguous
     cos, sin:     [T, D] one float dtype, last dim contiguous (worker/rope.py ``cos_sin``)
     k_cache, v_cache: [num_blocks, block_size, Hkv, D] contiguous, one float dtype (values cast to it)
     slot_mapping: [T] int32 or int64, contiguous; every slot < num_blocks * block_size
     num_q_heads (Hq), num_kv_heads (Hkv), head_dim (D, even): ints >= 1
-    lora:         None, or a PendingLoraDelta of T rows whose slices lie within qkv's columns
     backend:      "auto" | "triton" | "torch"
 
     The torch path rounds q*cos, rotate_half(q)*sin and their sum to the activation dtype in turn
@@ -300,27 +285,20 @@ def rope_and_cache(
     least as accurate. T == 0 is a no-op.
     """
     _check_rope_args(qkv, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, head_dim)
-    _check_lora(lora, qkv, "qkv")
     use = resolve_backend(backend, qkv.device)
     if qkv.shape[0] == 0:
         return
     args = (qkv, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads, head_dim)
     if use == "torch":
-        if lora is not None:
-            lora.apply(qkv)
         rope_and_cache_torch(*args)
         return
     from lorafleet.kernels import fused_triton
 
-    fused_triton.launch_rope_and_cache(*args, lora=lora)
+    fused_triton.launch_rope_and_cache(*args)
 
 
 def silu_and_mul(
-    gate_up: torch.Tensor,
-    out: torch.Tensor | None = None,
-    *,
-    lora: PendingLoraDelta | None = None,
-    backend: str = "auto",
+    gate_up: torch.Tensor, out: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> torch.Tensor:
     """SwiGLU on a fused gate|up projection: ``out = silu(gate) * up`` with
     ``gate = gate_up[:, :I]``, ``up = gate_up[:, I:]``, ``silu(g) = g * sigmoid(g)`` rounded to the
@@ -328,9 +306,6 @@ def silu_and_mul(
 
     gate_up: [T, 2 * I] float16 / bfloat16 / float32, last dim contiguous
     out:     optional [T, I], gate_up's dtype and device, last dim contiguous, not overlapping gate_up
-    lora:    None, or the pending LoRA expand of the gate|up projection (``lora_deferred.py``):
-             gate and up get their delta (rounded as ``add_lora_slices`` rounds it) before the
-             product; gate_up itself is not modified
     backend: "auto" | "triton" | "torch"
     returns: out (a new contiguous [T, I] tensor when not given); T == 0 launches nothing
     """
@@ -347,17 +322,13 @@ def silu_and_mul(
         if tuple(out.shape) != (T, inter):
             fail("out", f"shape {tuple(out.shape)}, expected [T, I] = ({T}, {inter})")
         _check_rows(out, "out")
-    _check_lora(lora, gate_up, "gate_up")
     use = resolve_backend(backend, gate_up.device)
     if use == "torch":
-        if lora is not None:
-            gate_up = gate_up.clone()
-            lora.apply(gate_up)
         return silu_and_mul_torch(gate_up, out)
     if out is None:
         out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device)
     if T > 0:
         from lorafleet.kernels import fused_triton
 
-        fused_triton.launch_silu_and_mul(gate_up, out, lora)
+        fused_triton.launch_silu_and_mul(gate_up, out)
     return out

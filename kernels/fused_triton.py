@@ -16,21 +16,8 @@ the sum of squares) and the transcendental functions can differ from torch by an
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
-
-from lorafleet.kernels import lora_fused_triton
-from lorafleet.kernels.lora_fused_triton import (
-    _row_slot,
-    _slice_delta,
-    _slice_delta_1d,
-    _slice_state,
-    block_r,
-    lora_args,
-    part_slices,
-)
 
 
 @triton.jit
@@ -98,42 +85,8 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(
-    gu_ptr,
-    gu_stride,
-    out_ptr,
-    out_stride,
-    inter,
-    l_tmp,
-    l_b,
-    l_indptr,
-    l_slots,
-    l_ranks,
-    l_scales,
-    l_num_segs,
-    l_rmax,
-    l_boff1,
-    l_boff2,
-    l_sb0,
-    l_sb1,
-    l_sb2,
-    l_st_split,
-    l_st_slice,
-    l_st_m,
-    l_st_rank,
-    l_st_scale,
-    BLOCK: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    LORA_SPLITS: tl.constexpr,
-    LORA_BLOCK_R: tl.constexpr,
-    LORA_SEG_BLOCK: tl.constexpr,
-    LORA_BY_RANK: tl.constexpr,
-    PART0: tl.constexpr,
-    PART1: tl.constexpr,
-    PART2: tl.constexpr,
-):
-    """Columns [pid1 * BLOCK, +BLOCK) of row pid0: out = silu(gate).to(dtype) * up; with HAS_LORA,
-    gate and up first get their pending LoRA delta (rounded to the dtype, as the expand stores it)."""
+def _silu_and_mul_kernel(gu_ptr, gu_stride, out_ptr, out_stride, inter, BLOCK: tl.constexpr):
+    """Columns [pid1 * BLOCK, +BLOCK) of row pid0: out = silu(gate).to(dtype) * up."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -141,42 +94,6 @@ def _silu_and_mul_kernel(
     dtype = out_ptr.dtype.element_ty
     g = tl.load(gu_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_LORA:
-        # Parts: 0 = gate, 1 = up; PARTi is the pending delta's slice for part i (-1: none).
-        slot = _row_slot(l_indptr, l_slots, l_num_segs, row, LORA_SEG_BLOCK)
-        k = tl.maximum(slot, 0)
-        for part in tl.static_range(2):
-            sl = row * 0 + (PART0 if part == 0 else PART1)
-            b_base, rank, vec, use = _slice_state(
-                row,
-                k,
-                slot >= 0,
-                sl,
-                l_tmp,
-                l_ranks,
-                l_scales,
-                l_b,
-                l_boff1,
-                l_boff2,
-                l_sb0,
-                l_sb1,
-                l_sb2,
-                l_rmax,
-                l_st_split,
-                l_st_slice,
-                l_st_m,
-                l_st_rank,
-                l_st_scale,
-                LORA_SPLITS,
-                LORA_BLOCK_R,
-                dtype,
-                LORA_BY_RANK,
-            )
-            d = _slice_delta_1d(b_base, cols, mask, use, rank, vec, l_rmax, LORA_BLOCK_R, LORA_BY_RANK)
-            if part == 0:
-                g = (g + d).to(dtype).to(tl.float32)
-            else:
-                u = (u + d).to(dtype).to(tl.float32)
     # F.silu rounds its result to the activation dtype before the product; so do we.
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * out_stride + cols, (act * u).to(dtype), mask=mask)
@@ -196,35 +113,9 @@ def _rope_and_cache_kernel(
     num_slots,
     NUM_Q_HEADS,
     NUM_KV_HEADS,
-    l_tmp,
-    l_b,
-    l_indptr,
-    l_slots,
-    l_ranks,
-    l_scales,
-    l_num_segs,
-    l_rmax,
-    l_boff1,
-    l_boff2,
-    l_sb0,
-    l_sb1,
-    l_sb2,
-    l_st_split,
-    l_st_slice,
-    l_st_m,
-    l_st_rank,
-    l_st_scale,
     HEAD_DIM: tl.constexpr,
     HALF_BLOCK: tl.constexpr,
     HEAD_BLOCK: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    LORA_SPLITS: tl.constexpr,
-    LORA_BLOCK_R: tl.constexpr,
-    LORA_SEG_BLOCK: tl.constexpr,
-    LORA_BY_RANK: tl.constexpr,
-    PART0: tl.constexpr,
-    PART1: tl.constexpr,
-    PART2: tl.constexpr,
 ):
     """Heads [pid1 * HEAD_BLOCK, +HEAD_BLOCK) of the q|k|v heads of row pid0.
 
@@ -232,8 +123,7 @@ def _rope_and_cache_kernel(
     heads: that is their column order in qkv), each as its two halves [HEAD_BLOCK, D/2]. Query
     heads are rotated and stored back in place, key heads rotated and stored to k_cache, value
     heads copied to v_cache; which store applies to a head is a mask, so one tile may mix kinds.
-    k and v in qkv are left as they were, except that with HAS_LORA every head first gets its pending
-    LoRA delta, and k and v with it are stored back to qkv (as the separate expand would leave them).
+    k and v in qkv are left as they were.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     row = tl.program_id(0).to(tl.int64)
@@ -245,53 +135,6 @@ def _rope_and_cache_kernel(
     lo_ptr = qkv_ptr + row * qkv_stride + heads[:, None] * HEAD_DIM + d[None, :]
     x_lo = tl.load(lo_ptr, mask=tile_mask, other=0.0)
     x_hi = tl.load(lo_ptr + HALF, mask=tile_mask, other=0.0)
-    qkv_dtype = qkv_ptr.dtype.element_ty
-    if HAS_LORA:
-        # A tile's heads are of one part (q, k or v: the launcher sizes tiles to divide Hq and Hkv);
-        # PART0..2 are the pending delta's slices for q, k and v (-1: none).
-        first = tl.program_id(1) * HEAD_BLOCK
-        kind = (first >= NUM_Q_HEADS).to(tl.int32) + (first >= NUM_Q_HEADS + NUM_KV_HEADS).to(tl.int32)
-        sl = tl.where(kind == 0, PART0, tl.where(kind == 1, PART1, PART2))
-        part_head = tl.where(kind == 0, 0, tl.where(kind == 1, NUM_Q_HEADS, NUM_Q_HEADS + NUM_KV_HEADS))
-        slot = _row_slot(l_indptr, l_slots, l_num_segs, row, LORA_SEG_BLOCK)
-        b_base, rank, vec, use = _slice_state(
-            row,
-            tl.maximum(slot, 0),
-            slot >= 0,
-            sl,
-            l_tmp,
-            l_ranks,
-            l_scales,
-            l_b,
-            l_boff1,
-            l_boff2,
-            l_sb0,
-            l_sb1,
-            l_sb2,
-            l_rmax,
-            l_st_split,
-            l_st_slice,
-            l_st_m,
-            l_st_rank,
-            l_st_scale,
-            LORA_SPLITS,
-            LORA_BLOCK_R,
-            qkv_dtype,
-            LORA_BY_RANK,
-        )
-        n_lo = (heads - part_head)[:, None] * HEAD_DIM + d[None, :]
-        x_lo = (
-            x_lo.to(tl.float32)
-            + _slice_delta(b_base, n_lo, tile_mask, use, rank, vec, l_rmax, LORA_BLOCK_R, LORA_BY_RANK)
-        ).to(qkv_dtype)
-        n_hi = n_lo + HALF
-        x_hi = (
-            x_hi.to(tl.float32)
-            + _slice_delta(b_base, n_hi, tile_mask, use, rank, vec, l_rmax, LORA_BLOCK_R, LORA_BY_RANK)
-        ).to(qkv_dtype)
-        kv_mask = tile_mask & (heads >= NUM_Q_HEADS)[:, None]
-        tl.store(lo_ptr, x_lo, mask=kv_mask)
-        tl.store(lo_ptr + HALF, x_hi, mask=kv_mask)
     cos_row = cos_ptr + row * cos_stride
     sin_row = sin_ptr + row * sin_stride
     c_lo = tl.load(cos_row + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
@@ -306,6 +149,7 @@ def _rope_and_cache_kernel(
 
     is_q = (heads < NUM_Q_HEADS)[:, None]
     q_mask = tile_mask & is_q
+    qkv_dtype = qkv_ptr.dtype.element_ty
     tl.store(lo_ptr, r_lo.to(qkv_dtype), mask=q_mask)
     tl.store(lo_ptr + HALF, r_hi.to(qkv_dtype), mask=q_mask)
 
@@ -369,60 +213,23 @@ def launch_rms_norm(x, residual, weight, out, eps: float) -> None:  # tensors va
     )
 
 
-def launch_silu_and_mul(gate_up, out, lora=None) -> None:  # lora: a PendingLoraDelta over gate_up
+def launch_silu_and_mul(gate_up, out) -> None:
     T, inter = out.shape
     block = min(triton.next_power_of_2(inter), SILU_BLOCK)
-    warps = _warps(block)
-    slices: tuple[int, ...] = ()
-    if lora is not None:
-        slices = part_slices(lora, [(0, inter), (inter, inter)]) or ()
-        if not slices:  # a slice that is not exactly gate or up: the separate expand, on a copy
-            gate_up = gate_up.clone()
-            lora.apply(gate_up)
-            lora = None
-        else:
-            # Two B tiles (gate and up) of block x rank each: keep them near TILE_ELEMS.
-            block = min(block, max(16, lora_fused_triton.TILE_ELEMS // (2 * block_r(lora))))
-            warps = max(4, min(8, _warps(2 * block * block_r(lora))))
-    largs, lconst = lora_args(lora, gate_up, slices)
     grid = (T, triton.cdiv(inter, block))
     _silu_and_mul_kernel[grid](
-        gate_up, gate_up.stride(0), out, out.stride(0), inter, *largs, BLOCK=block, **lconst, num_warps=warps
+        gate_up, gate_up.stride(0), out, out.stride(0), inter, BLOCK=block, num_warps=_warps(block)
     )
 
 
 def launch_rope_and_cache(
-    qkv,
-    cos,
-    sin,
-    k_cache,
-    v_cache,
-    slot_mapping,
-    num_q_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    lora=None,  # a PendingLoraDelta over qkv
+    qkv, cos, sin, k_cache, v_cache, slot_mapping, num_q_heads: int, num_kv_heads: int, head_dim: int
 ) -> None:
     T = qkv.shape[0]
     total = num_q_heads + 2 * num_kv_heads
     half_block = triton.next_power_of_2(head_dim // 2)
     head_block = min(triton.next_power_of_2(total), max(1, ROPE_TILE_ELEMS // half_block))
-    slices: tuple[int, ...] = ()
-    if lora is not None:
-        q, kv = num_q_heads * head_dim, num_kv_heads * head_dim
-        slices = part_slices(lora, [(0, q), (q, kv), (q + kv, kv)]) or ()
-        if not slices:  # a slice that is not exactly q, k or v: the separate expand first
-            lora.apply(qkv)
-            lora = None
-        else:
-            head_block = min(
-                head_block, max(1, lora_fused_triton.TILE_ELEMS // (2 * half_block * block_r(lora)))
-            )
-            # Every tile within one part: the largest power of two dividing both head counts.
-            common = math.gcd(num_q_heads, num_kv_heads)
-            head_block = min(head_block, common & -common)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    largs, lconst = lora_args(lora, qkv, slices)
     grid = (T, triton.cdiv(total, head_block))
     _rope_and_cache_kernel[grid](
         qkv,
@@ -437,10 +244,8 @@ def launch_rope_and_cache(
         num_slots,
         num_q_heads,
         num_kv_heads,
-        *largs,
         HEAD_DIM=head_dim,
         HALF_BLOCK=half_block,
         HEAD_BLOCK=head_block,
-        **lconst,
-        num_warps=_warps(2 * head_block * half_block * block_r(lora)),
+        num_warps=_warps(2 * head_block * half_block),
     )

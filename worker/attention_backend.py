@@ -18,7 +18,6 @@ from typing import Protocol
 import torch
 
 from lorafleet.kernels.fused_ops import rope_and_cache
-from lorafleet.kernels.lora_deferred import PendingLoraDelta
 from lorafleet.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from lorafleet.worker.attention import build_metadata, paged_attention, write_kv
 from lorafleet.worker.batch import BatchLayout
@@ -44,10 +43,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         batch: BatchLayout,
         state: object,
-        lora: PendingLoraDelta | None = None,
-    ) -> torch.Tensor:
-        """``lora``: the q|k|v projection's pending LoRA expand, added to qkv before RoPE."""
-        ...
+    ) -> torch.Tensor: ...
 
 
 class TorchAttention:
@@ -62,11 +58,9 @@ class TorchAttention:
     def row_seq_lens(self, batch: BatchLayout, state: object) -> torch.Tensor:
         return state.row_seq_lens  # type: ignore[attr-defined]
 
-    def __call__(self, qkv, cos, sin, k_cache, v_cache, batch, state, lora=None) -> torch.Tensor:
+    def __call__(self, qkv, cos, sin, k_cache, v_cache, batch, state) -> torch.Tensor:
         cfg = self.config
         t = qkv.shape[0]
-        if lora is not None:
-            lora.apply(qkv)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.reshape(t, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_key_value_heads, cfg.head_dim)
@@ -92,7 +86,7 @@ class TritonAttention:
         starts = batch.query_start_loc
         return torch.repeat_interleave(batch.seq_lens, starts[1:] - starts[:-1], output_size=batch.num_tokens)
 
-    def __call__(self, qkv, cos, sin, k_cache, v_cache, batch, state, lora=None) -> torch.Tensor:
+    def __call__(self, qkv, cos, sin, k_cache, v_cache, batch, state) -> torch.Tensor:
         cfg = self.config
         t, hq, hkv, d = qkv.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         rope_and_cache(
@@ -105,7 +99,6 @@ class TritonAttention:
             num_q_heads=hq,
             num_kv_heads=hkv,
             head_dim=d,
-            lora=lora,
             backend=self.kernel_backend,
         )
         q = qkv[:, : hq * d].view(t, hq, d)

@@ -118,8 +118,6 @@ class Engine:
         )
         if cfg.lora_side_stream and self.device.type == "cuda":
             self.lora_pool.stream = torch.cuda.Stream(self.device)
-        fused = cfg.lora_fused_expand
-        self.model.defer_lora_expand = self.device.type == "cuda" if fused is None else fused
         self.runner.capture()
         log_captures(self.startup, self.runner.capture_timings, len(self.runner.schedule.pending()))
         self.sampler = Sampler(cfg.seed)

@@ -42,11 +42,6 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # CUDA: run the LoRA kernels on a second stream beside each base matmul (ignored on the CPU).
     lora_side_stream: bool = False
-    # Decode steps: add the LoRA deltas of q|k|v and gate|up inside the RoPE + KV-write and SiLU·up
-    # kernels, so those projections cost one LoRA launch (the shrink) instead of two. None = on for
-    # CUDA; on the CPU it changes nothing but the order of work (the torch path applies the delta
-    # first). Not combined with lora_side_stream, which keeps its own expand.
-    lora_fused_expand: bool | None = None
     # torch intra-op threads of the process the engine runs in (set when the engine is built, so the
     # threads it starts later, like a worker actor's step thread, inherit it). None leaves torch's
     # default: one per core in a plain process, 1 in a Ray worker actor (Ray sets OMP_NUM_THREADS).
@@ -71,8 +66,6 @@ class EngineConfig:
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if not isinstance(self.lora_side_stream, bool):
             raise ValueError(f"lora_side_stream must be true or false, got {self.lora_side_stream!r}")
-        if self.lora_fused_expand is not None and not isinstance(self.lora_fused_expand, bool):
-            raise ValueError(f"lora_fused_expand must be true, false or null, got {self.lora_fused_expand!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:

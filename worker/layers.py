@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from lorafleet.kernels import add_lora_slices
 from lorafleet.kernels.fused_ops import fused_add_rms_norm, rms_norm
-from lorafleet.kernels.lora_deferred import PendingLoraDelta, shrink_lora_slices
 
 if TYPE_CHECKING:
     from lorafleet.worker.batch import BatchLayout
@@ -94,31 +93,6 @@ class FusedLinear(torch.nn.Module):
         y = F.linear(x, self.weight, self.bias)
         main.wait_stream(side)
         return y.add_(delta)
-
-    def forward_deferred(
-        self, x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout
-    ) -> tuple[torch.Tensor, PendingLoraDelta | None]:
-        """The base projection, and its LoRA as a shrink whose expand is left to the output's
-        consumer (``lora_deferred.py``): one LoRA launch instead of two or more. Every targeted
-        slice goes into the one pending delta, adjacent or not; None when no slice is targeted."""
-        idx = [i for i, name in enumerate(self.slice_names) if lora.get(layer, name) is not None]
-        y = F.linear(x, self.weight, self.bias)
-        if not idx:
-            return y, None
-        names = [self.slice_names[i] for i in idx]
-        projs = [lora.get(layer, name) for name in names]
-        ranks, scales = lora.rank_scale_tables(layer, names)
-        pending = shrink_lora_slices(
-            x,
-            [p.a for p in projs],  # type: ignore[union-attr]
-            [p.b for p in projs],  # type: ignore[union-attr]
-            batch.lora_seg_indptr,
-            batch.lora_seg_slots,
-            cols=[self.slice_offsets[i] for i in idx],
-            ranks=ranks,
-            scales=scales,
-        )
-        return y, pending
 
     def add_lora(
         self, y: torch.Tensor, x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout

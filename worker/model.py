@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.kernels.fused_ops import silu_and_mul
-from lorafleet.kernels.lora_deferred import PendingLoraDelta
 from lorafleet.worker.attention_backend import AttentionBackend, make_attention
 from lorafleet.worker.batch import BatchLayout
 from lorafleet.worker.kv_cache import KVCache, resolve_device, resolve_dtype
@@ -57,32 +56,21 @@ class DecoderLayer(torch.nn.Module):
         attn_state: object,
         lora: LoraSlotPool | None,
         batch: BatchLayout,
-        defer_lora: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer. The stream is kept as ``residual + delta`` so that each residual add is fused
         with the norm after it; the first layer gets the embeddings as ``delta`` and no residual.
-        With ``defer_lora``, the LoRA expands of q|k|v and gate|up run inside the RoPE and SiLU
-        kernels that read those outputs (``FusedLinear.forward_deferred``).
         Returns the layer's (delta, residual)."""
         if residual is None:
             residual = delta
             x = self.input_layernorm(delta)
         else:
             x = self.input_layernorm.add_and_norm(delta, residual)
-        qkv, qkv_lora = self._project(self.qkv_proj, x, lora, batch, defer_lora)
+        qkv = self.qkv_proj(x, lora, self.index, batch)
         k_cache, v_cache = kv.layer(self.index)
-        attn = attention(qkv, cos, sin, k_cache, v_cache, batch, attn_state, qkv_lora)
+        attn = attention(qkv, cos, sin, k_cache, v_cache, batch, attn_state)
         x = self.post_attention_layernorm.add_and_norm(self.o_proj(attn, lora, self.index, batch), residual)
-        gate_up, gate_up_lora = self._project(self.gate_up_proj, x, lora, batch, defer_lora)
-        act = silu_and_mul(gate_up, lora=gate_up_lora)
+        act = silu_and_mul(self.gate_up_proj(x, lora, self.index, batch))
         return self.down_proj(act, lora, self.index, batch), residual
-
-    def _project(
-        self, proj: FusedLinear, x: torch.Tensor, lora: LoraSlotPool | None, batch: BatchLayout, defer: bool
-    ) -> tuple[torch.Tensor, PendingLoraDelta | None]:
-        if defer and lora is not None:
-            return proj.forward_deferred(x, lora, self.index, batch)
-        return proj(x, lora, self.index, batch), None
 
 
 class LlamaModel(torch.nn.Module):
@@ -115,9 +103,6 @@ class LlamaModel(torch.nn.Module):
             )
         self.rope = RotaryEmbedding(config, self.device)
         self.attention: AttentionBackend = make_attention(config, self.rope, self.device)
-        # In decode steps, add q|k|v's and gate|up's LoRA deltas inside the RoPE and SiLU kernels
-        # instead of separate expand launches (EngineConfig.lora_fused_expand sets it).
-        self.defer_lora_expand = False
 
     def set_attention_backend(self, backend: str) -> None:
         """``torch`` or ``triton`` (``auto``: Triton on CUDA); tests compare the two."""
@@ -143,13 +128,8 @@ class LlamaModel(torch.nn.Module):
         row_seq_lens = self.attention.row_seq_lens(batch, state) if self.rope.dynamic_factor else None
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype, row_seq_lens)
         residual = None
-        # Decode rows: about one per adapter, where a separate expand is mostly fixed cost. A prefill
-        # chunk's long segments keep the tensor-core expand.
-        defer = self.defer_lora_expand and lora is not None and lora.stream is None and batch.is_decode_only
         for layer in self.layers:
-            hidden, residual = layer(
-                hidden, residual, cos, sin, kv, self.attention, state, lora, batch, defer
-            )
+            hidden, residual = layer(hidden, residual, cos, sin, kv, self.attention, state, lora, batch)
         assert residual is not None
         return self.norm.add_and_norm(hidden, residual)
 

@@ -187,15 +187,9 @@ def load_adapter_into_slot(pool: LoraSlotPool, slot: int, adapter_dir: Path) -> 
             pl.scales[slot] = alpha / (math.sqrt(r) if cfg["use_rslora"] else r)
 
 
-def run_lora_case(
-    demo: Path, device: str, dtype: torch.dtype, defer: bool = False, attention: str = "auto"
-):
-    """One batch of base rows beside four adapters, prefill + 3 decode steps; returns (got, wanted).
-
-    ``defer``: the decode steps add q|k|v's and gate|up's LoRA inside the RoPE and SiLU kernels."""
+def run_lora_case(demo: Path, device: str, dtype: torch.dtype):
+    """One batch of base rows beside four adapters, prefill + 3 decode steps; returns (got, wanted)."""
     lm = load_model(demo, device=device, dtype=dtype)
-    lm.model.defer_lora_expand = defer
-    lm.model.set_attention_backend(attention)
     names = ["adapter-1", "adapter-2", "adapter-5", "adapter-6"]  # all-7 r4, rsLoRA, rank_pattern, k+up
     pool = LoraSlotPool(lm.config.num_hidden_layers, lm.config.lora_shapes(), 5, 16, dtype, device)
     slot_of = {name: s for s, name in zip([3, 0, 4, 1], names)}
@@ -242,9 +236,8 @@ def run_lora_case(
     return {s: torch.cat(rows[s]) for s in prompts}, wanted
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["expand", "deferred-expand"])
-def test_multi_lora_batch_matches_peft(demo, defer):
-    got, wanted = run_lora_case(demo, "cpu", torch.float32, defer=defer)
+def test_multi_lora_batch_matches_peft(demo):
+    got, wanted = run_lora_case(demo, "cpu", torch.float32)
     for s in got:
         assert_logits_close(got[s], wanted[s])
 
@@ -371,14 +364,6 @@ needs_interpreter = pytest.mark.skipif(
 
 
 @needs_interpreter
-def test_triton_rope_with_deferred_lora_matches_peft(demo):
-    # The decode steps' q|k|v LoRA deltas are added inside the Triton RoPE + KV-write kernel.
-    got, wanted = run_lora_case(demo, "cpu", torch.float32, defer=True, attention="triton")
-    for s in got:
-        assert_logits_close(got[s], wanted[s])
-
-
-@needs_interpreter
 def test_triton_attention_prefill_chunks_decode_and_mixed_batch(demo, reference):
     lm = load_model(demo)
     lm.model.set_attention_backend("triton")
@@ -435,8 +420,7 @@ def assert_bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("defer", [False, True], ids=["expand", "deferred-expand"])
-def test_bf16_cuda_multi_lora_matches_peft(demo, defer):
-    got, wanted = run_lora_case(demo, "cuda", torch.bfloat16, defer=defer)
+def test_bf16_cuda_multi_lora_matches_peft(demo):
+    got, wanted = run_lora_case(demo, "cuda", torch.bfloat16)
     for s in got:
         assert_bf16_close(got[s], wanted[s])
