@@ -2,10 +2,11 @@
 
 GPU time per call with host launch overhead excluded: every timed call is queued behind a spin
 kernel, so the host has enqueued all repetitions before the GPU reaches them, and each call is
-bracketed by CUDA events. The L2 cache is flushed (a 256 MB write) before each call. Reports the
-median, the bytes that must move (adapter weights of the distinct slots touched + x + y read and
-written) over that time, and that as a percentage of the device-to-device copy bandwidth measured
-in the same run. Compares against the best public kernels' figures (issue 2's anchor table).
+bracketed by CUDA events. The L2 cache is flushed before each call (a 256 MB write; `--flush read
+--flush-mib 512`: a 512 MiB read). Reports the median, the bytes that must move (adapter weights of
+the distinct slots touched + x + y read and written) over that time, and that as a percentage of
+the device-to-device copy bandwidth measured in the same run. Compares against the best public
+kernels' figures (issue 2's anchor table).
 
     python3 benchmarks/bench_sgmv.py --out DIR [--quick] [--sweep]
     python3 benchmarks/bench_sgmv.py --out DIR --sweep-only [--sweep-cases o4096:64:32:distinct,...]
@@ -60,13 +61,15 @@ ANCHORS.update(
 class Timer:
     """Queues `reps` calls behind a spin kernel; returns per-call GPU times in microseconds.
 
-    ``flush``: how the L2 is emptied before each call: "write" (a 256 MB write, leaving dirty lines)
-    or "read" (a 256 MB read, leaving clean lines)."""
+    ``flush``: how the L2 is emptied before each call: "write" (a ``flush_mib`` MiB write, leaving
+    dirty lines) or "read" (a read of as much, leaving clean lines)."""
 
-    def __init__(self, flush: str = "write") -> None:
+    def __init__(self, flush: str = "write", flush_mib: int = 256) -> None:
         if flush not in ("write", "read"):
             raise ValueError(f"flush: expected 'write' or 'read', got {flush!r}")
-        self.flush_buf = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        if flush_mib < 64:
+            raise ValueError(f"flush_mib: at least 64 (the L2 is 50-60 MB), got {flush_mib}")
+        self.flush_buf = torch.empty(flush_mib * 1024 * 1024, dtype=torch.uint8, device="cuda")
         self.flush_sum = torch.empty((), dtype=torch.int64, device="cuda")
         self.flush = flush
 
@@ -216,6 +219,10 @@ def main() -> int:
         "--sweep-cases", help="sweep these cases instead: shape:rank:T:popularity, comma-separated"
     )
     ap.add_argument("--sweep-variants", help="sweep only these variants (comma-separated names)")
+    ap.add_argument(
+        "--flush", choices=("write", "read"), default="write", help="how the L2 is emptied before each call"
+    )
+    ap.add_argument("--flush-mib", type=int, default=256, help="MiB written or read to empty the L2")
     args = ap.parse_args()
     cases = SWEEP_CASES
     if args.sweep_cases:
@@ -234,7 +241,7 @@ def main() -> int:
         print("bench_sgmv needs a CUDA GPU", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    timer = Timer()
+    timer = Timer(args.flush, args.flush_mib)
     bw = copy_bandwidth(timer)
     dev_name = torch.cuda.get_device_name()
     print(f"device {dev_name}; copy bandwidth {bw:.0f} GB/s (read+write)", flush=True)

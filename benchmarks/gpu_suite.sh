@@ -2,7 +2,7 @@
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
 #                                                adapters, engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b,
-#                                                sgmv, sgmv-quick, sgmv-sweep, decode-floor, profile-engine, profile-7b,
+#                                                sgmv, sgmv-quick, sgmv-side, sgmv-sweep, decode-floor, profile-engine, profile-7b,
 #                                                startup-7b, fleet-assets, fleet, fleet-f32, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
@@ -135,6 +135,8 @@ for stage in "$@"; do
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv" ;;
     sgmv-quick)  # the anchored cases only (issue 2's table), with the torch baselines
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv-quick" --quick ;;
+    sgmv-side)  # the anchored cases again with the L2 emptied by a 512 MiB read (the side-by-side's flush)
+        python3 benchmarks/bench_sgmv.py --out "$out/sgmv-side" --quick --flush read --flush-mib 512 ;;
     tests-sgmv)  # the SGMV kernels' GPU tests (tile and row-wise paths, graphs, PDL); SGMV_TESTS_K selects
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_sgmv_gpu.py ${SGMV_TESTS_K:+-k "$SGMV_TESTS_K"} ;;
     sgmv-sweep)  # decode-shaped cases under the row-wise and long-segment launch variants
