@@ -89,11 +89,7 @@ class Engine:
             self.adapters = AdapterCache(
                 mc, self.lora_pool, host_cache_bytes=cfg.host_cache_bytes, dtype=self.dtype
             )
-            if self.device.type == "cuda":
-                # Page-locking a packed buffer is slow (tens of ms for 80 MB) and holds the driver while
-                # the step thread launches; done once here, torch's caching host allocator hands the
-                # block to the first adapter load instead (the suspect of a 58 ms step at a load's start).
-                self.lora_pool.new_buffer(pin=True)  # freed at once, kept by the allocator
+            self.adapters.reserve_pinned_buffers()
         with self.startup.phase("KV cache"):
             num_blocks = self._num_kv_blocks()
             self.kv = KVCache(mc, num_blocks, cfg.block_size, self.dtype, self.device)

@@ -287,3 +287,18 @@ def test_loader_thread_keeps_torch_on_one_core_and_leaves_other_threads_alone(
         cache.close()
     finally:
         torch.set_num_threads(before)
+
+
+def test_pinned_buffers_reserved_for_the_host_cache_and_one_load() -> None:
+    mb = 1 << 20
+    rule = adapter_cache_module.pinned_buffers_to_reserve
+    assert rule(0, 128 * mb) == 1  # no host cache: the load in flight
+    assert rule(300 * mb, 128 * mb) == 3  # two cached + one loading
+    assert rule(64 << 30, 128 * mb) == adapter_cache_module.MAX_RESERVED_PINNED
+    assert rule(1, 0) == 2  # a degenerate size never divides by zero
+
+
+def test_reserving_pinned_buffers_is_a_no_op_off_cuda(config) -> None:
+    pool = LoraSlotPool(config.num_hidden_layers, config.lora_shapes(), 2, 8, torch.float32, "cpu")
+    cache = AdapterCache(config, pool, host_cache_bytes=1 << 30, dtype=torch.float32)
+    assert cache.reserve_pinned_buffers() == 0
