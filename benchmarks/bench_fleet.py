@@ -175,6 +175,8 @@ class FleetBench(KillSteps, InProcessSteps):
         serve += ["--port", "0", "--http-port", "off", "--metrics-port", "off", "--max-queue", "8192"]
         serve += ["--idle-release-s", f"{prof.idle_release_s:g}", "--consolidation-interval-s", "1"]
         serve += ["--drain-timeout-s", "5", "--engine", f"max_batch_size={prof.max_batch_size}"]
+        if policy == "packing" and not pair_run and prof.pack_batch_target is not None:
+            serve += ["--pack-batch-target", str(prof.pack_batch_target)]
         for option in prof.engine:
             serve += ["--engine", option]
         bench = ["--trace", self.args.trace, "--servegen", self.args.servegen]

@@ -242,7 +242,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"- model: {prof['shape'] or 'tiny demo'} ({prof['dtype']} on {prof['device']}), "
         f"{result['stages'].get('assets', {}).get('info', {}).get('num_adapters', '?')} registered adapters; "
         f"engine max_batch_size={prof['max_batch_size']} {' '.join(prof['engine'])}; "
-        f"serve --idle-release-s {prof['idle_release_s']:g} --consolidation-interval-s 1",
+        f"serve --idle-release-s {prof['idle_release_s']:g} --consolidation-interval-s 1"
+        + (
+            f" (packing: --pack-batch-target {prof['pack_batch_target']})"
+            if prof.get("pack_batch_target") is not None
+            else ""
+        ),
     ]
     if runs:
         r0 = runs[0]

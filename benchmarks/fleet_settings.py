@@ -68,6 +68,8 @@ class Profile:
     # full batch; the replay's arrivals come in bursts, and the kill run re-prefills its resumed
     # sequences on the one worker left.
     pair_rate_margin: float
+    # serve --pack-batch-target for the packing run (not the kill pair); None: the engine's batch.
+    pack_batch_target: int | None = None
 
 
 PROFILES = {
@@ -221,6 +223,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         help="size the kill pair at this share of the speed its reference's warm-up measures (default "
         "0.7; above 1 overestimates it, which forces cut-off runs: a check of their accounting)",
     )
+    p.add_argument(
+        "--pack-batch-target",
+        type=int,
+        help="serve --pack-batch-target for the packing run: fill a worker to N sequences before the "
+        "fleet grows (default: the engine's max_batch_size)",
+    )
     p.add_argument("--migration-contexts", help="comma-separated context lengths (default 1024,4096 GPU)")
     p.add_argument("--migration-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -270,6 +278,11 @@ def settings(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         if not args.pair_rate_margin > 0:
             raise ValueError(f"--pair-rate-margin must be > 0, got {args.pair_rate_margin}")
         changes["pair_rate_margin"] = args.pair_rate_margin
+    if args.pack_batch_target is not None:
+        batch = changes.get("max_batch_size", prof.max_batch_size)
+        if not 1 <= args.pack_batch_target <= batch:
+            raise ValueError(f"--pack-batch-target must be in [1, {batch}], got {args.pack_batch_target}")
+        changes["pack_batch_target"] = args.pack_batch_target
     if args.kill_min_running is not None:
         if args.kill_min_running < 1:
             raise ValueError(f"--kill-min-running must be >= 1, got {args.kill_min_running}")

@@ -354,6 +354,9 @@ def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
     given, _ = bf.settings(bf.build_parser().parse_args([*base, "--rates", "3,18", "--decisive-gap", "0.1"]))
     assert given.rates == (3.0, 18.0) and given.decisive_gap == 0.1
     assert bf.settings(bf.build_parser().parse_args([*base, "--rates", "warmup"]))[0].rates is None
+    assert gpu.pack_batch_target is None
+    target, _ = bf.settings(bf.build_parser().parse_args([*base, "--pack-batch-target", "28"]))
+    assert target.pack_batch_target == 28
     for flags, needle in [
         (["--policies", "least_loaded,packing"], "start with packing"),
         (["--phases-s", "1,2"], "3 numbers"),
@@ -361,6 +364,7 @@ def test_settings_refuse_bad_flags(mods, tmp_path: Path) -> None:
         (["--rates", "5,2"], "QUIET < BURST"),
         (["--decisive-gap", "0"], "decisive-gap"),
         (["--kill-min-running", "0"], "kill-min-running"),
+        (["--pack-batch-target", "33"], r"pack-batch-target must be in \[1, 32\]"),
         (["--servegen", str(tmp_path / "none")], "does not exist"),
     ]:
         with pytest.raises(ValueError, match=needle):

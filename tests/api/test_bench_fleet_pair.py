@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import sys
@@ -195,6 +196,14 @@ def test_pair_sizes_from_its_own_warmup_and_the_reference_gets_its_time(mods, tm
     policy = bench.spec("least_loaded", "least_loaded", False)
     assert "--max-prompt-tokens 1024" in " ".join(policy.bench_args) and policy.max_requests is None
     assert "--dtype bfloat16 --workers 1" in " ".join(policy.serve_args)
+    # --pack-batch-target reaches the packing run's server only (not the pair, not other policies).
+    bench.prof = dataclasses.replace(bench.prof, pack_batch_target=28)
+    assert "--pack-batch-target 28" in " ".join(bench.spec("packing", "packing", False).serve_args)
+    for spec in (
+        bench.spec("round_robin", "round_robin", False),
+        bench.spec("p", "packing", False, pair_run=True),
+    ):
+        assert "--pack-batch-target" not in spec.serve_args
 
 
 def test_the_first_attempts_timeline_now_skips_the_pair_instead_of_cutting_it(mods, tmp_path: Path) -> None:
