@@ -152,12 +152,13 @@ class AdapterCache:
     def reserve_pinned_buffers(self) -> int:
         """CUDA: page-lock the pinned buffers that loads will read into, now, and return how many.
 
-        Page-locking a packed adapter's buffer (cudaHostAlloc, 128 MB for the 7B shape) takes tens
-        of milliseconds and holds the CUDA driver, so a load that allocates one stalls the step
-        thread's launches for as long (measured on an H200: a 62-68 ms step at the start of a load
-        while the host cache held an earlier adapter's buffer). Allocated together here and freed at
-        once, the buffers stay in torch's caching host allocator, which hands them to loads; new
-        ones are page-locked only when more adapters than that are in host memory at once."""
+        Page-locking a packed adapter's buffer (cudaHostAlloc, 128 MB for the 7B shape at r16) takes
+        tens of milliseconds and holds the CUDA driver, so a load that allocates one stalls the step
+        thread's launches for as long: on an H200, a 58-68 ms step at the start of a load, when the
+        one buffer reserved before was held by an adapter in the host cache. Allocated together here
+        and freed at once, the buffers stay in torch's caching host allocator, which hands them to
+        loads; new ones are page-locked only when more adapters than that are in host memory at
+        once. It is no more than the host cache pins as it fills, plus one load."""
         if not self._cuda:
             return 0
         n = pinned_buffers_to_reserve(self.host_cache_bytes, self.pool.packed_nbytes)
