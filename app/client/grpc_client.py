@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,8 +70,12 @@ def _check_target(target: str) -> str:
     return target
 
 
-class Client:
-    """Blocking client; `timeout` (seconds) is the default deadline of every call (None = none)."""
+class _ClientBase:
+    """The set-up both clients share: the checked address, the default deadline, the auth metadata,
+    the channel (plain or TLS) and the stubs. `_channels` is the module whose `insecure_channel` /
+    `secure_channel` open it: `grpc` for the blocking client, `grpc.aio` for the asyncio one."""
+
+    _channels: ClassVar[ModuleType] = grpc
 
     def __init__(
         self,
@@ -87,10 +92,19 @@ class Client:
         self._metadata = _auth_metadata(token)
         credentials = _tls(tls_ca, tls_client_cert, tls_client_key)
         self._channel = (
-            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+            self._channels.insecure_channel(target)
+            if credentials is None
+            else self._channels.secure_channel(target, credentials)
         )
         self._stub = serving_pb2_grpc.LoraFleetStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class Client(_ClientBase):
+    """Blocking client; `timeout` (seconds) is the default deadline of every call (None = none)."""
 
     def __enter__(self) -> Client:
         return self
@@ -100,9 +114,6 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the server reports SERVING; TimeoutError (naming the address) otherwise."""
@@ -168,30 +179,10 @@ class Client:
         )
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """asyncio client; create and use it inside one running event loop."""
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = None,
-        token: str | None = None,
-        tls_ca: str | None = None,
-        tls_client_cert: str | None = None,
-        tls_client_key: str | None = None,
-    ) -> None:
-        self.target = _check_target(target)
-        self.timeout = timeout
-        self._metadata = _auth_metadata(token)
-        credentials = _tls(tls_ca, tls_client_cert, tls_client_key)
-        self._channel = (
-            grpc.aio.insecure_channel(target)
-            if credentials is None
-            else grpc.aio.secure_channel(target, credentials)
-        )
-        self._stub = serving_pb2_grpc.LoraFleetStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _channels = grpc.aio
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -201,9 +192,6 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._channel.close()
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout

@@ -189,6 +189,23 @@ def adapters_from_proto(msg: pb.ListAdaptersResponse) -> dict[str, str]:
 
 # ------------------------------------------------------------------ cluster status
 
+# One list for both directions, so a field added to WorkerStatus is converted both ways or neither.
+# resident_adapters and last_error are not here: their type or their "none" differs between forms.
+_SAME_WORKER_FIELDS = (
+    "worker_id",
+    "state",
+    "num_running",
+    "max_batch_size",
+    "free_kv_blocks",
+    "total_kv_blocks",
+    "pid",
+)
+
+
+def _same_worker_fields(worker: WorkerStatus | pb.WorkerStatus) -> dict[str, Any]:
+    """The fields of a worker status (dataclass or message) that both forms hold as is, by name."""
+    return {name: getattr(worker, name) for name in _SAME_WORKER_FIELDS}
+
 
 def status_to_proto(status: ClusterStatus, model: ModelView) -> pb.ClusterStatus:
     msg = pb.ClusterStatus(
@@ -201,15 +218,9 @@ def status_to_proto(status: ClusterStatus, model: ModelView) -> pb.ClusterStatus
     for w in status.workers:
         msg.workers.append(
             pb.WorkerStatus(
-                worker_id=w.worker_id,
-                state=w.state,
-                num_running=w.num_running,
-                max_batch_size=w.max_batch_size,
-                free_kv_blocks=w.free_kv_blocks,
-                total_kv_blocks=w.total_kv_blocks,
+                **_same_worker_fields(w),
                 resident_adapters=sorted(w.resident_adapters),
                 last_error=w.last_error or "",
-                pid=w.pid,
             )
         )
     return msg
@@ -220,15 +231,9 @@ def cluster_from_proto(msg: pb.ClusterStatus) -> ClusterView:
     return ClusterView(
         workers=tuple(
             WorkerStatus(
-                worker_id=w.worker_id,
-                state=w.state,
-                num_running=w.num_running,
-                max_batch_size=w.max_batch_size,
-                free_kv_blocks=w.free_kv_blocks,
-                total_kv_blocks=w.total_kv_blocks,
+                **_same_worker_fields(w),
                 resident_adapters=tuple(w.resident_adapters),
                 last_error=w.last_error or None,
-                pid=w.pid,
             )
             for w in msg.workers
         ),

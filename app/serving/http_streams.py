@@ -27,12 +27,12 @@ from lorafleet.scheduler.errors import (
     UnknownAdapterError,
 )
 from lorafleet.serving import openai_types as oai
+from lorafleet.serving.fleet_abort import abort_quietly
 from lorafleet.serving.metrics import RequestTracker, ServerMetrics
 from lorafleet.serving.validation import FieldError
 from lorafleet.worker.types import FinishReason, Request, TokenDelta
 
 log = logging.getLogger(__name__)
-_ABORT_TIMEOUT_S = 10.0
 _KINDS = {
     400: "invalid_request_error",
     404: "invalid_request_error",  # OpenAI's kind for an unknown model (code model_not_found)
@@ -191,15 +191,11 @@ class ChoiceStreams:
             if not task.done():
                 task.cancel()
                 self.trackers[i].finish("cancelled", now)
-                aborts.append(self._abort(self.requests[i].request_id))
+                aborts.append(
+                    abort_quietly(self.fleet, self.requests[i].request_id, log, "abort of %s raised")
+                )
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if aborts:
             await asyncio.gather(*aborts)
-
-    async def _abort(self, request_id: str) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(self.fleet.abort(request_id)), _ABORT_TIMEOUT_S)
-        except Exception:  # already gone; the fleet logs its own failures
-            log.debug("abort of %s raised", request_id, exc_info=True)

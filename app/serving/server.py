@@ -31,11 +31,11 @@ from lorafleet.scheduler.errors import (
 )
 from lorafleet.serving import convert
 from lorafleet.serving.api_types import ModelView, Usage
+from lorafleet.serving.fleet_abort import abort_quietly
 from lorafleet.serving.metrics import RequestTracker, ServerMetrics
 from lorafleet.worker.types import FinishReason, Request, TokenDelta
 
 log = logging.getLogger(__name__)
-_ABORT_TIMEOUT_S = 10.0
 
 
 class FleetLike(Protocol):
@@ -176,10 +176,7 @@ class LoraFleetServicer(serving_pb2_grpc.LoraFleetServicer):
             await _close(stream)
 
     async def _abort_quietly(self, request_id: str) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(self.fleet.abort(request_id)), _ABORT_TIMEOUT_S)
-        except Exception:  # the request may already be gone; the fleet logs its own failures
-            log.debug("abort of %s after cancellation raised", request_id, exc_info=True)
+        await abort_quietly(self.fleet, request_id, log, "abort of %s after cancellation raised")
 
     # ------------------------------------------------------------------ adapters
 
