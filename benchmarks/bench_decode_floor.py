@@ -15,7 +15,12 @@ and these kernels:
 - ``stream``, ``stream_4k``: one launch that reads the adapter weights add_lora must read (each
   segment's A and B at its true rank) and nothing else, 16 KB or 8 KB per program: what the weight
   traffic alone costs (measured, not a proven lower bound);
-- ``shrink``, ``expand``, ``add_lora`` (lorafleet's kernels, as in bench_sgmv).
+- ``shrink``, ``expand``, ``add_lora`` (lorafleet's kernels, as in bench_sgmv);
+- ``fused_1k``, ``fused_2k``: a one-launch add_lora for rows of one adapter each (a probe, not
+  lorafleet's kernel): program (row, chunk of 1,024 or 2,048 output columns) loads its chunk of B
+  first (the address needs only the slot), then computes the row's whole shrink (re-reading A[slot]
+  once per chunk, from L2 after the first) and adds the product into y. Its error against add_lora
+  is printed; it tells whether one launch could reach the 1.3x target before anything is built.
 
     python3 benchmarks/bench_decode_floor.py --out DIR
     python3 benchmarks/bench_decode_floor.py --ncu-case 64   # a few add_lora calls, for ncu
@@ -69,6 +74,79 @@ def _stream_kernel(
         tl.store(out_ptr + seg, s)
 
 
+@triton.jit
+def _fused_rows_kernel(
+    x_ptr,
+    a_ptr,
+    b_ptr,
+    y_ptr,
+    row_slots_ptr,
+    scales_ptr,
+    H_IN,
+    H_OUT,
+    stride_x,
+    stride_y,
+    stride_a_slot,
+    stride_b_slot,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y[row, chunk] += scale * (x[row] @ A[slot].T) @ B[slot, chunk].T, slot = row_slots[row]."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < H_OUT
+    slot = tl.load(row_slots_ptr + row)
+    k_slot = tl.maximum(slot, 0).to(tl.int64)
+    use = (n * 0 + slot) >= 0
+    r = tl.arange(0, R)
+    bt = tl.load(
+        b_ptr + k_slot * stride_b_slot + n.to(tl.int64)[:, None] * R + r[None, :],
+        mask=(n_mask & use)[:, None],
+        other=0.0,
+    )
+    acc = tl.zeros((R,), dtype=tl.float32)
+    for k0 in range(0, H_IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < H_IN
+        xv = tl.load(x_ptr + row * stride_x + k, mask=k_mask, other=0.0).to(tl.float32)
+        at = tl.load(
+            a_ptr + k_slot * stride_a_slot + r[:, None] * H_IN + k[None, :], mask=k_mask[None, :], other=0.0
+        )
+        acc += tl.sum(at.to(tl.float32) * xv[None, :], axis=1)
+    dtype = y_ptr.dtype.element_ty
+    v = (acc * tl.load(scales_ptr + k_slot)).to(dtype).to(tl.float32)
+    delta = tl.sum(bt.to(tl.float32) * v[None, :], axis=1)
+    y_row = y_ptr + row * stride_y + n
+    yv = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_row, (yv + delta).to(dtype), mask=n_mask & use)
+
+
+def fused_rows(x, a, b, y, row_slots, scales, block_n: int, block_k: int = 512) -> None:
+    """Launch the probe: x [T, H_IN], a [slots, R, H_IN], b [slots, H_OUT, R], y [T, H_OUT],
+    row_slots [T] (-1: no adapter), scales [slots] float32; every stack contiguous."""
+    T, h_out = y.shape
+    rank = a.shape[1]
+    _fused_rows_kernel[(T, triton.cdiv(h_out, block_n))](
+        x,
+        a,
+        b,
+        y,
+        row_slots,
+        scales,
+        a.shape[2],
+        h_out,
+        x.stride(0),
+        y.stride(0),
+        a.stride(0),
+        b.stride(0),
+        R=rank,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        num_warps=8,
+    )
+
+
 class Probes:
     def __init__(self, case: Case) -> None:
         self.case = case
@@ -97,6 +175,20 @@ class Probes:
             BLOCK=block,
             num_warps=8,
         )
+
+    def fused(self, block_n: int) -> None:
+        c = self.case
+        fused_rows(c.x, self.a, self.b, c.y, c.token_slots, c.scales, block_n)
+
+    def fused_error(self, block_n: int) -> float:
+        """Max |fused - add_lora| over y, both from the same start."""
+        c = self.case
+        c.y.copy_(c.y_init)
+        c.add_lora()
+        want = c.y.clone()
+        c.y.copy_(c.y_init)
+        self.fused(block_n)
+        return float((c.y.float() - want.float()).abs().max())
 
 
 def main() -> int:
@@ -134,7 +226,11 @@ def main() -> int:
                 "shrink": case.shrink,
                 "expand": case.expand,
                 "add_lora": case.add_lora,
+                "fused_1k": lambda p=probes: p.fused(1024),
+                "fused_2k": lambda p=probes: p.fused(2048),
             }
+            errors = {n: probes.fused_error(n) for n in (1024, 2048)}
+            print(f"r16 T={T:<3d} {pop:9s} fused probe max error against add_lora: {errors}", flush=True)
             for policy, timer in timers.items():
                 med = {k: statistics.median(timer(fn, args.reps)) for k, fn in fns.items()}
                 rows.append(dict(T=T, popularity=pop, policy=policy, weight_bytes=case.weight_bytes, us=med))

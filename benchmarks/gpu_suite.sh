@@ -2,7 +2,7 @@
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
 #                                                adapters, engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b,
-#                                                sgmv, sgmv-quick, sgmv-side, sgmv-sweep, decode-floor, profile-engine, profile-7b,
+#                                                sgmv, sgmv-quick, sgmv-side, sgmv-sweep, decode-floor, pdl-probe, profile-engine, profile-7b,
 #                                                startup-7b, fleet-assets, fleet, fleet-f32, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
@@ -143,7 +143,9 @@ for stage in "$@"; do
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv-sweep" --sweep-only --reps 200 \
             --sweep-cases "${SGMV_SWEEP_CASES:-$SGMV_DECODE_CASES}" \
             --sweep-variants "${SGMV_SWEEP_VARIANTS:-$SGMV_ROW_VARIANTS}" ;;
-    decode-floor)
+    pdl-probe)  # an elementwise Triton kernel after a cuBLAS matmul: plain launch against PDL
+        python3 benchmarks/bench_pdl_after_matmul.py ;;
+    decode-floor)  # add_lora against single-purpose probe kernels, a one-launch fused probe among them
         (cd benchmarks && python3 bench_decode_floor.py --out "$out/decode-floor") ;;
     engine-rows)  # decode steps with the row-wise SGMV kernels against the tile kernels only (7B)
         python3 benchmarks/bench_engine.py --out "$out/rows" --shapes llama2-7b --batches 16,64 \
