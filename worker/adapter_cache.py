@@ -21,6 +21,7 @@ batch uses.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,8 @@ from lorafleet.worker.adapter_reader import init_loader_thread, read_packed
 from lorafleet.worker.adapters import validate_adapter_dir
 from lorafleet.worker.lora_pool import LoraSlotPool, PackedAdapter
 from lorafleet.worker.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Pinned buffers page-locked at start-up for adapter loads (at most this many; see
 # AdapterCache.reserve_pinned_buffers).
@@ -150,7 +153,7 @@ class AdapterCache:
         self._loading.clear()
 
     def reserve_pinned_buffers(self) -> int:
-        """CUDA: page-lock the pinned buffers that loads will read into, now, and return how many.
+        """CUDA: page-lock the pinned buffers that loads will read into, now; how many it got.
 
         Page-locking a packed adapter's buffer (cudaHostAlloc, 128 MB for the 7B shape at r16) takes
         tens of milliseconds and holds the CUDA driver, so a load that allocates one stalls the step
@@ -162,9 +165,15 @@ class AdapterCache:
         if not self._cuda:
             return 0
         n = pinned_buffers_to_reserve(self.host_cache_bytes, self.pool.packed_nbytes)
-        buffers = [self.pool.new_buffer(pin=True) for _ in range(n)]
-        del buffers
-        return n
+        buffers: list[torch.Tensor] = []
+        try:
+            for _ in range(n):
+                buffers.append(self.pool.new_buffer(pin=True))
+        except RuntimeError as exc:  # the OS caps page-locked memory; loads then lock their own
+            log.warning("reserved %d of %d pinned adapter buffers: %s", len(buffers), n, exc)
+        reserved = len(buffers)
+        del buffers  # freed into torch's caching host allocator, which keeps them page-locked
+        return reserved
 
     # --- host tier (loads on the loader thread) ---
     def loading(self) -> bool:
