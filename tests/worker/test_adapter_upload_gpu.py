@@ -151,3 +151,17 @@ def test_an_upload_evicted_before_it_finished_is_still_timed(demo, config) -> No
     assert len(cache.take_load_seconds()) == 2
     assert cache.bookkeeping_sizes()["evicted_pending_uploads"] == 0
     cache.close()
+
+
+def test_pinned_buffers_reserved_at_start_serve_the_loads(demo, config) -> None:
+    pool = make_pool(config)
+    cache = AdapterCache(config, pool, host_cache_bytes=2 * pool.packed_nbytes, dtype=torch.bfloat16)
+    assert cache.reserve_pinned_buffers() == 3  # two host-cache entries + the load in flight
+    for name in ("adapter-1", "adapter-2", "adapter-3"):
+        cache.register(name, demo.adapters[name])
+        slot = cache.acquire(name)  # a synchronous load into a reserved buffer, then the upload
+        cache.wait_for([name])
+        cache.release(name)
+        assert slot >= 0
+    torch.cuda.synchronize()
+    cache.close()
