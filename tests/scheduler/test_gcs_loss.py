@@ -103,10 +103,12 @@ def test_killed_gcs_fails_every_stream_unavailable_and_serve_exits_1(ray_nodes, 
             assert status == "UNAVAILABLE", outcomes
             assert "lost the Ray cluster" in message and "GCS did not answer" in message, message
         assert ended < LOST_AFTER_S + 30
-        # New calls are refused too, with UNAVAILABLE, until the server is gone.
+        # New calls are refused too, never served: UNAVAILABLE until the server is gone. A call that
+        # reaches the port while gRPC's server is stopping (2 s of grace after the loss) is cancelled
+        # by that stop, which the client sees as CANCELLED (seen once in CI, under load).
         with Client(address, timeout=30) as client, pytest.raises(ApiError) as refused:
             client.generate([1, 2, 3], sampling={"max_new_tokens": 4})
-        assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+        assert refused.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused.value
         rc = proc.wait(60)
     finally:
         if proc.poll() is None:
