@@ -7,18 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from lorafleet.sim.plots import pyplot, save_cdfs
 
 
 def plot_tradeoff(families: list[str], runs: list[dict], levels: list[float], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for family in families:
         mine = sorted((r for r in runs if r["family"] == family), key=lambda r: r["slo_attainment"])
@@ -43,7 +36,7 @@ def plot_tradeoff(families: list[str], runs: list[dict], levels: list[float], pa
 
 
 def plot_gpus(chosen: list[dict], runs_dir: Path, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in chosen:
         gpus = np.load(runs_dir / f"{r['key']}.npz")["gpus"]
@@ -61,23 +54,11 @@ def plot_gpus(chosen: list[dict], runs_dir: Path, path: Path) -> None:
 
 
 def plot_cdfs(chosen: list[dict], runs_dir: Path, path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    series = []
     for r in chosen:
         data = np.load(runs_dir / f"{r['key']}.npz")
-        for ax, name in zip(axes, ("ttft", "tpot")):
-            xs = np.sort(data[name])
-            if len(xs):
-                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=r["key"])
-    for ax, name in zip(axes, ("TTFT", "TPOT")):
-        ax.set_xlabel(f"{name} (s)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        series.append((r["key"], [data["ttft"], data["tpot"]]))
+    save_cdfs(series, ("TTFT", "TPOT"), path, figsize=(11, 4), legend_fontsize=7)
 
 
 def write_study_plots(families: list[str], runs: list[dict], picks: list[dict], out: Path) -> None:

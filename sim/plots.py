@@ -14,7 +14,8 @@ from lorafleet.sim.report import latencies
 from lorafleet.sim.sim_types import SimResult
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: the simulator never needs it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +25,7 @@ def _pyplot():
 
 
 def plot_gpus(results: Sequence[SimResult], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     end = max(r.end_s for r in results)
     for r in results:
@@ -50,23 +51,37 @@ def plot_gpus(results: Sequence[SimResult], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_latency_cdfs(results: Sequence[SimResult], path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for r in results:
-        for ax, values in zip(axes, latencies(r)):
+def save_cdfs(
+    series: Sequence[tuple[str, Sequence[np.ndarray]]],
+    names: Sequence[str],
+    path: Path,
+    *,
+    figsize: tuple[float, float],
+    legend_fontsize: float,
+) -> None:
+    """One panel per quantity in ``names`` (seconds, log scale), each series' empirical CDF in it:
+    ``series`` is (label, one array of values per panel)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=figsize)
+    for label, per_panel in series:
+        for ax, values in zip(axes, per_panel):
             if len(values):
                 xs = np.sort(values)
-                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=r.config.label)
-    for ax, name in zip(axes, ("TTFT", "TPOT", "end-to-end latency")):
+                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+    for ax, name in zip(axes, names):
         ax.set_xlabel(f"{name} (s)")
         ax.set_ylabel("fraction of requests")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=legend_fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_latency_cdfs(results: Sequence[SimResult], path: Path) -> None:
+    series = [(r.config.label, latencies(r)) for r in results]
+    save_cdfs(series, ("TTFT", "TPOT", "end-to-end latency"), path, figsize=(13, 4), legend_fontsize=8)
 
 
 def write_plots(results: Sequence[SimResult], out_dir: Path) -> list[Path]:
