@@ -18,6 +18,7 @@ from lorafleet.worker.demo_assets import make_demo
 from lorafleet.worker.graph_capture import GraphTiming
 from lorafleet.worker.graph_schedule import CaptureSchedule, GraphKey
 from lorafleet.worker.startup_timing import StartupTimes, capture_digest, describe
+from tests.worker.test_engine import make_engine
 
 ADAPTERS = [None, "adapter-0", "adapter-1", None]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
@@ -32,13 +33,6 @@ IDLE_ORDER = [
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory):
     return make_demo(tmp_path_factory.mktemp("idle") / "demo", num_adapters=2, seed=2)
-
-
-def make_engine(demo, **tuning) -> Engine:
-    engine = Engine.from_pretrained(demo.model_dir, **tuning)
-    for name, path in demo.adapters.items():
-        engine.add_adapter(name, path)
-    return engine
 
 
 def prompts() -> list[list[int]]:
