@@ -167,7 +167,7 @@ def run_steps(
 ) -> None:
     rng = random.Random(0)
     if engine.lora_pool.stream is not None:
-        tag += " (LoRA side stream)"
+        tag += f" (LoRA side stream: {engine.lora_pool.side_mode})"
     steps = args.steps
     for context in args.contexts:
         for batch in args.batches:
@@ -346,8 +346,11 @@ def main() -> int:
     parser.add_argument("--sync", action="store_true", help="turn overlapped stepping off")
     parser.add_argument(
         "--compare-lora-stream",
-        action="store_true",
-        help="time the adapter cases again with the LoRA kernels on a side stream",
+        nargs="?",
+        const="full,shrink",
+        default="",
+        help="time the adapter cases again with LoRA kernels on a side stream, in each mode named "
+        "(EngineConfig.lora_side_stream: full, shrink; bare: both)",
     )
     parser.add_argument(
         "--compare-sgmv-rows",
@@ -358,6 +361,9 @@ def main() -> int:
         "--compare-sync", action="store_true", help="also time each decode case without overlapped stepping"
     )
     args = parser.parse_args()
+    side_modes = [m for m in args.compare_lora_stream.split(",") if m]
+    if any(m not in ("full", "shrink") for m in side_modes):
+        parser.error(f"--compare-lora-stream: modes are full and shrink, got {args.compare_lora_stream!r}")
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.popularities = args.popularities.split(",")
@@ -400,8 +406,9 @@ def main() -> int:
         fill_pool(engine.lora_pool, [16])
         run_steps(engine, config, bw, rows, shape, args, args.popularities)
         with_lora = [p for p in args.popularities if p != "backbone"]
-        if args.compare_lora_stream and with_lora:
+        for mode in side_modes if with_lora else []:
             engine.lora_pool.stream = torch.cuda.Stream()
+            engine.lora_pool.side_mode = mode
             engine.runner.recapture()
             run_steps(engine, config, bw, rows, shape, args, with_lora)
             engine.lora_pool.stream = None

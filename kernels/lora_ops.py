@@ -1,4 +1,5 @@
-"""Public multi-LoRA operators: ``add_lora``, ``add_lora_slices``, ``sgmv_shrink``, ``sgmv_expand``.
+"""Public multi-LoRA operators: ``add_lora``, ``add_lora_slices`` (also in two halves: ``shrink_slices``,
+``expand_slices``), ``sgmv_shrink``, ``sgmv_expand``.
 
 Each checks its arguments before anything is launched (a bad argument raises ``ValueError`` naming
 it) and dispatches to the Triton kernels or to the plain torch path.
@@ -324,19 +325,107 @@ def add_lora_slices(
     ``y[i, off_s:off_s+w_s] += scales_s[k] * (x[i] @ A_s[k, :r].T) @ B_s[k, :, :r].T``, r = ranks_s[k].
     """
     c = _validate(y, x, lora_a, lora_b, seg_indptr, seg_slots, ranks, scales)
+    # Back to back on one stream, the expand may start as the shrink's programmatic dependent.
+    _expand(y, _shrink(c, x, seg_indptr, seg_slots, backend, pdl=True), adjacent=True)
+
+
+@dataclass(frozen=True)
+class LoraShrunk:
+    """``add_lora_slices`` cut at its rank-sized intermediate: what the expand half still needs.
+
+    Made by ``shrink_slices``, consumed by ``expand_slices``. In between the caller may run other
+    work, on another stream too, as long as the expand is ordered after the shrink: the engine runs
+    the shrink beside the base matmul that reads the same ``x``, and the expand after it."""
+
+    inter: (
+        torch.Tensor
+    )  # Triton: float32 partial sums [split_k, n_slices, T, r_max]; torch: [n_slices, T, r_max]
+    lora_bs: list[torch.Tensor]
+    seg_indptr: torch.Tensor
+    seg_slots: torch.Tensor
+    ranks: torch.Tensor  # [n_slices, n_slots] int32
+    scales: torch.Tensor  # [n_slices, n_slots] float32
+    rows: int
+    dtype: torch.dtype
+    on_torch: bool  # the torch path made it (and will expand it)
+
+
+def _shrink(
+    c: _Checked,
+    x: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    backend: str,
+    *,
+    pdl: bool,
+) -> LoraShrunk:
     assert c.lora_as is not None and c.lora_bs is not None
-    if resolve_backend(backend, y.device) == "torch":
-        rank_list = list(c.ranks)
-        inter = sgmv_torch.shrink_torch(x, c.lora_as, seg_indptr, seg_slots, rank_list)
+    on_torch = resolve_backend(backend, x.device) == "torch"
+    if on_torch:
+        inter = sgmv_torch.shrink_torch(x, c.lora_as, seg_indptr, seg_slots, list(c.ranks))
+    else:
+        from lorafleet.kernels import sgmv_launch
+
+        pdl = pdl and sgmv_launch.pdl_enabled(x)
+        inter = sgmv_launch.shrink(x, c.lora_as, seg_indptr, seg_slots, c.ranks, zero_fill=False, pdl=pdl)
+    return LoraShrunk(
+        inter, c.lora_bs, seg_indptr, seg_slots, c.ranks, c.scales, x.shape[0], x.dtype, on_torch
+    )
+
+
+def _expand(y: torch.Tensor, s: LoraShrunk, *, adjacent: bool) -> None:
+    if s.on_torch:
         sgmv_torch.expand_torch(
-            y, inter, c.lora_bs, seg_indptr, seg_slots, rank_list, list(c.scales), _offsets(c.lora_bs)
+            y,
+            s.inter,
+            s.lora_bs,
+            s.seg_indptr,
+            s.seg_slots,
+            list(s.ranks),
+            list(s.scales),
+            _offsets(s.lora_bs),
         )
         return
     from lorafleet.kernels import sgmv_launch
 
-    pdl = sgmv_launch.pdl_enabled(y)
-    partials = sgmv_launch.shrink(x, c.lora_as, seg_indptr, seg_slots, c.ranks, zero_fill=False, pdl=pdl)
-    sgmv_launch.expand(y, partials, c.lora_bs, seg_indptr, seg_slots, c.ranks, c.scales, pdl=pdl)
+    pdl = adjacent and sgmv_launch.pdl_enabled(y)
+    sgmv_launch.expand(y, s.inter, s.lora_bs, s.seg_indptr, s.seg_slots, s.ranks, s.scales, pdl=pdl)
+
+
+def shrink_slices(
+    x: torch.Tensor,
+    lora_a: torch.Tensor | Sequence[torch.Tensor],
+    lora_b: torch.Tensor | Sequence[torch.Tensor],
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    *,
+    ranks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    scales: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    backend: str = "auto",
+) -> LoraShrunk:
+    """The first half of ``add_lora_slices`` (same arguments but ``y``): ``x @ A_s[k, :r].T`` per
+    row and slice, kept for ``expand_slices``. One launch on the Triton path, no host sync."""
+    c = _validate(None, x, lora_a, lora_b, seg_indptr, seg_slots, ranks, scales)
+    return _shrink(c, x, seg_indptr, seg_slots, backend, pdl=False)
+
+
+def expand_slices(y: torch.Tensor, shrunk: LoraShrunk) -> None:
+    """The second half of ``add_lora_slices``: ``y[i, off_s:off_s+w_s] += scales_s[k] *
+    shrunk_s[i] @ B_s[k, :, :r].T`` in place. y: [T, sum(w_s)], T and dtype as the shrunk ``x``'s.
+
+    Launched plainly (not as a programmatic dependent): the kernel just before it on the stream
+    need not be the shrink."""
+    if not isinstance(shrunk, LoraShrunk):
+        fail("shrunk", f"expected the LoraShrunk of shrink_slices, got {type(shrunk).__name__}")
+    _check_rows(y, "y", shrunk.inter.device, None)
+    if y.dtype != shrunk.dtype:
+        fail("y", f"dtype {y.dtype} differs from the shrunk x's {shrunk.dtype}")
+    if y.shape[0] != shrunk.rows:
+        fail("y", f"has {y.shape[0]} rows but the shrunk x had {shrunk.rows}")
+    widths = [b.shape[1] for b in shrunk.lora_bs]
+    if sum(widths) != y.shape[1]:
+        fail("lora_b", f"output widths {widths} sum to {sum(widths)}, y has {y.shape[1]} columns")
+    _expand(y, shrunk, adjacent=False)
 
 
 def add_lora(

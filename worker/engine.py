@@ -112,8 +112,9 @@ class Engine:
             max_graph_tokens=cfg.max_graph_tokens,
             graph_capture=cfg.graph_capture,
         )
-        if cfg.lora_side_stream and self.device.type == "cuda":
+        if cfg.lora_side_stream != "off" and self.device.type == "cuda":
             self.lora_pool.stream = torch.cuda.Stream(self.device)
+            self.lora_pool.side_mode = cfg.lora_side_stream
         self.runner.capture()
         log_captures(self.startup, self.runner.capture_timings, len(self.runner.schedule.pending()))
         self.sampler = Sampler(cfg.seed)

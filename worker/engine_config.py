@@ -9,6 +9,7 @@ from lorafleet.worker.graph_schedule import GRAPH_CAPTURE_MODES
 from lorafleet.worker.lora_pool import PROJECTIONS
 
 _GIB = 1 << 30
+LORA_SIDE_STREAM_MODES = ("off", "full", "shrink")
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class EngineConfig:
     # Overlap the host's work for the next step with the device's current one (step() then returns
     # the previous step's tokens). None = on for CUDA, off for the CPU, where nothing would overlap.
     async_scheduling: bool | None = None
-    # CUDA: run the LoRA kernels on a second stream beside each base matmul (ignored on the CPU).
-    lora_side_stream: bool = False
+    # CUDA: run LoRA kernels on a second stream beside each base matmul (ignored on the CPU). "off";
+    # "full": shrink and expand beside it, joined by an add; "shrink": the shrink beside it, the
+    # expand after it. true / false mean "full" / "off".
+    lora_side_stream: str = "off"
     # torch intra-op threads of the process the engine runs in (set when the engine is built, so the
     # threads it starts later, like a worker actor's step thread, inherit it). None leaves torch's
     # default: one per core in a plain process, 1 in a Ray worker actor (Ray sets OMP_NUM_THREADS).
@@ -64,8 +67,11 @@ class EngineConfig:
             raise ValueError(f"graph_capture must be one of {modes}, got {self.graph_capture!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
-        if not isinstance(self.lora_side_stream, bool):
-            raise ValueError(f"lora_side_stream must be true or false, got {self.lora_side_stream!r}")
+        side = self.lora_side_stream
+        if isinstance(side, bool):
+            object.__setattr__(self, "lora_side_stream", "full" if side else "off")
+        elif side not in LORA_SIDE_STREAM_MODES:
+            raise ValueError(f"lora_side_stream must be one of {LORA_SIDE_STREAM_MODES}, got {side!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be true, false or null, got {self.async_scheduling!r}")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lorafleet.kernels import add_lora_slices
 from lorafleet.kernels.fused_ops import fused_add_rms_norm, rms_norm
+from lorafleet.kernels.lora_ops import LoraShrunk, expand_slices, shrink_slices
 
 if TYPE_CHECKING:
     from lorafleet.worker.batch import BatchLayout
@@ -80,13 +81,28 @@ class FusedLinear(torch.nn.Module):
             y = F.linear(x, self.weight, self.bias)
             self.add_lora(y, x, lora, layer, batch)
             return y
-        # The LoRA kernels run on a second stream beside the base matmul and leave their deltas
-        # in ``delta``; one add joins them. Each kernel's fixed cost (launch, ramp-up, tail) then
-        # hides behind the matmul instead of adding to it. ``delta`` is allocated on this stream
-        # and freed after the join, so no other work can take its memory while the side writes it.
         main = torch.cuda.current_stream(x.device)
-        delta = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         side.wait_stream(main)
+        if lora.side_mode == "shrink":
+            # Only the shrink runs beside the base matmul (it reads the same x); the expand adds
+            # into the matmul's output after it, so no delta buffer, memset or add is needed. The
+            # partial sums are allocated on the side stream and read on this one without
+            # record_stream: the side stream's next allocation comes after the next
+            # ``side.wait_stream(main)``, which orders it after this expand.
+            with torch.cuda.stream(side):
+                shrunk = [
+                    (run, self._shrink_run(run, x, lora, layer, batch)) for run in self._runs(lora, layer)
+                ]
+            y = F.linear(x, self.weight, self.bias)
+            main.wait_stream(side)
+            for run, part in shrunk:
+                expand_slices(y[:, self._columns(run)], part)
+            return y
+        # "full": the LoRA kernels run on a second stream beside the base matmul and leave their
+        # deltas in ``delta``; one add joins them. Each kernel's fixed cost (launch, ramp-up, tail)
+        # then hides behind the matmul instead of adding to it. ``delta`` is allocated on this stream
+        # and freed after the join, so no other work can take its memory while the side writes it.
+        delta = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         with torch.cuda.stream(side):
             delta.zero_()
             self.add_lora(delta, x, lora, layer, batch)
@@ -102,33 +118,41 @@ class FusedLinear(torch.nn.Module):
         Adjacent targeted slices go to the kernel together (one shrink + one expand launch for a
         fully targeted q|k|v); a slice the pool does not hold is skipped.
         """
-        run: list[int] = []
+        for run in self._runs(lora, layer):
+            names = [self.slice_names[i] for i in run]
+            projs = [lora.get(layer, name) for name in names]
+            ranks, scales = lora.rank_scale_tables(layer, names)
+            add_lora_slices(
+                y[:, self._columns(run)],
+                x,
+                [p.a for p in projs],  # type: ignore[union-attr]
+                [p.b for p in projs],  # type: ignore[union-attr]
+                batch.lora_seg_indptr,
+                batch.lora_seg_slots,
+                ranks=ranks,
+                scales=scales,
+            )
+
+    def _runs(self, lora: LoraSlotPool, layer: int) -> list[list[int]]:
+        """Maximal runs of adjacent slices that the pool holds LoRA weights for."""
+        runs: list[list[int]] = [[]]
         for i, name in enumerate(self.slice_names):
             if lora.get(layer, name) is not None:
-                run.append(i)
-                continue
-            self._apply_run(run, y, x, lora, layer, batch)
-            run = []
-        self._apply_run(run, y, x, lora, layer, batch)
+                runs[-1].append(i)
+            elif runs[-1]:
+                runs.append([])
+        return [run for run in runs if run]
 
-    def _apply_run(
-        self,
-        run: list[int],
-        y: torch.Tensor,
-        x: torch.Tensor,
-        lora: LoraSlotPool,
-        layer: int,
-        batch: BatchLayout,
-    ) -> None:
-        if not run:
-            return
+    def _columns(self, run: list[int]) -> slice:
+        return slice(self.slice_offsets[run[0]], self.slice_offsets[run[-1]] + self.slice_widths[run[-1]])
+
+    def _shrink_run(
+        self, run: list[int], x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout
+    ) -> LoraShrunk:
         names = [self.slice_names[i] for i in run]
         projs = [lora.get(layer, name) for name in names]
         ranks, scales = lora.rank_scale_tables(layer, names)
-        start = self.slice_offsets[run[0]]
-        stop = self.slice_offsets[run[-1]] + self.slice_widths[run[-1]]
-        add_lora_slices(
-            y[:, start:stop],
+        return shrink_slices(
             x,
             [p.a for p in projs],  # type: ignore[union-attr]
             [p.b for p in projs],  # type: ignore[union-attr]

@@ -82,8 +82,10 @@ class LoraSlotPool:
         target_modules: tuple[str, ...] = PROJECTIONS,
     ) -> None:
         # Where the model runs the LoRA kernels: None = on the caller's stream, after each base
-        # matmul; a CUDA stream = beside it (EngineConfig.lora_side_stream).
+        # matmul; a CUDA stream = beside it, all of them ("full") or the shrinks only ("shrink"),
+        # as EngineConfig.lora_side_stream says.
         self.stream: torch.cuda.Stream | None = None
+        self.side_mode = "full"
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if n_slots < 1:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lorafleet.kernels import add_lora, add_lora_slices, sgmv_expand, sgmv_shrink
+from lorafleet.kernels.lora_ops import expand_slices, shrink_slices
 from lorafleet.kernels.selfcheck import popularity_slots, reference_add_lora, segments_from_slots
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
@@ -200,6 +201,46 @@ def test_shrink_then_expand_public(backend, dtype, tol):
     ref = reference_add_lora(y, x, a, b, seg_indptr, seg_slots, ranks, scales)
     sgmv_expand(y, inter, b, seg_indptr, seg_slots, ranks=ranks, scales=scales, backend=backend)
     assert rel_err(y, ref) < tol
+
+
+@pytest.mark.parametrize("backend,dtype,tol", BACKEND_DTYPES)
+def test_two_halves_equal_add_lora_slices(backend, dtype, tol, triton_path):
+    """shrink_slices then expand_slices (the engine's shrink-beside-the-matmul mode), with other
+    work between them, add what add_lora_slices adds."""
+    gen = torch.Generator().manual_seed(8)
+    indptr, slots = [0, 1, 2, 3, 7, 8], [4, -1, 0, 2, 5]
+    widths = (32, 16)
+    x, _, _, _, seg_indptr, seg_slots, _, _ = make_problem(gen, dtype, indptr, slots, h_out=8)
+    n_slots, r_max, h_in = 6, 16, x.shape[1]
+    a_s = [(torch.randn(n_slots, r_max, h_in, generator=gen) / 8).to(dtype) for _ in widths]
+    b_s = [(torch.randn(n_slots, w, r_max, generator=gen) / 4).to(dtype) for w in widths]
+    ranks_s = [torch.randint(1, r_max + 1, (n_slots,), generator=gen, dtype=torch.int32) for _ in widths]
+    scales_s = [torch.rand(n_slots, generator=gen) + 0.5 for _ in widths]
+    y = torch.randn(x.shape[0], sum(widths), generator=gen).to(dtype)
+    want = y.clone()
+    add_lora_slices(want, x, a_s, b_s, seg_indptr, seg_slots, ranks=ranks_s, scales=scales_s, backend=backend)
+    shrunk = shrink_slices(
+        x, a_s, b_s, seg_indptr, seg_slots, ranks=ranks_s, scales=scales_s, backend=backend
+    )
+    x.fill_(float("nan"))  # the expand must not read x again
+    expand_slices(y, shrunk)
+    assert rel_err(y, want.double()) < tol
+
+
+def test_expand_slices_checks_y():
+    gen = torch.Generator().manual_seed(9)
+    x, y, a, b, seg_indptr, seg_slots, ranks, scales = make_problem(gen, torch.float32, [0, 2, 5], [1, 3])
+    shrunk = shrink_slices(x, a, b, seg_indptr, seg_slots, ranks=ranks, scales=scales)
+    with pytest.raises(ValueError, match="y: has 4 rows"):
+        expand_slices(y[:4], shrunk)
+    with pytest.raises(ValueError, match="lora_b: output widths"):
+        expand_slices(y[:, :8], shrunk)
+    with pytest.raises(ValueError, match="y: dtype"):
+        expand_slices(y.half(), shrunk)
+    with pytest.raises(ValueError, match="shrunk: expected the LoraShrunk"):
+        expand_slices(y, torch.zeros(1, 5, 16))
+    with pytest.raises(ValueError, match="lora_a: h_in"):
+        shrink_slices(x[:, :8], a, b, seg_indptr, seg_slots)
 
 
 def test_defaults_full_rank_unit_scale():

@@ -22,7 +22,7 @@ def run(
     dtype: str,
     eager: bool,
     overlap: bool = True,
-    side_stream: bool = False,
+    side_stream: str = "off",
     graph_capture: str = "start",
     between_waves: Callable[[Engine], None] | None = None,
     max_prompt: int = 39,
@@ -119,11 +119,14 @@ def test_overlapped_stepping_matches_step_by_step(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 5e-2)])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
-def test_lora_on_a_side_stream_matches(tmp_path: Path, dtype: str, tol: float, eager: bool) -> None:
+@pytest.mark.parametrize("mode", ["full", "shrink"])
+def test_lora_on_a_side_stream_matches(
+    tmp_path: Path, dtype: str, tol: float, eager: bool, mode: str
+) -> None:
     demo = make_demo(tmp_path, num_adapters=8, seed=3)
     _, want_out, want_logits = run(demo.model_dir, demo.adapters, dtype, eager)
-    engine, got_out, got_logits = run(demo.model_dir, demo.adapters, dtype, eager, side_stream=True)
-    assert engine.lora_pool.stream is not None
+    engine, got_out, got_logits = run(demo.model_dir, demo.adapters, dtype, eager, side_stream=mode)
+    assert engine.lora_pool.stream is not None and engine.lora_pool.side_mode == mode
     assert_same_generation(want_out, want_logits, got_out, got_logits, tol)
 
 

@@ -160,6 +160,10 @@ def test_overlap_switches_are_validated(demo) -> None:
         with pytest.raises(ValueError, match=name):
             EngineConfig(**{name: "yes"})
     assert EngineConfig.from_dict({"async_scheduling": None}).async_scheduling is None
+    # YAML's booleans still name the two original modes.
+    assert EngineConfig(lora_side_stream=True).lora_side_stream == "full"
+    assert EngineConfig(lora_side_stream=False).lora_side_stream == "off"
+    assert EngineConfig.from_dict({"lora_side_stream": "shrink"}).lora_side_stream == "shrink"
     # Defaults: on CUDA only; the CPU would gain nothing and deltas would come a step later.
     cpu = make_engine(demo, overlap=None)
     assert not cpu._overlap and cpu.lora_pool.stream is None
