@@ -119,14 +119,12 @@ class FusedLinear(torch.nn.Module):
         fully targeted q|k|v); a slice the pool does not hold is skipped.
         """
         for run in self._runs(lora, layer):
-            names = [self.slice_names[i] for i in run]
-            projs = [lora.get(layer, name) for name in names]
-            ranks, scales = lora.rank_scale_tables(layer, names)
+            a, b, ranks, scales = self._run_operands(run, lora, layer)
             add_lora_slices(
                 y[:, self._columns(run)],
                 x,
-                [p.a for p in projs],  # type: ignore[union-attr]
-                [p.b for p in projs],  # type: ignore[union-attr]
+                a,
+                b,
                 batch.lora_seg_indptr,
                 batch.lora_seg_slots,
                 ranks=ranks,
@@ -146,21 +144,20 @@ class FusedLinear(torch.nn.Module):
     def _columns(self, run: list[int]) -> slice:
         return slice(self.slice_offsets[run[0]], self.slice_offsets[run[-1]] + self.slice_widths[run[-1]])
 
-    def _shrink_run(
-        self, run: list[int], x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout
-    ) -> LoraShrunk:
+    def _run_operands(
+        self, run: list[int], lora: LoraSlotPool, layer: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """A run's A and B stacks (slice order) and its [n_slices, n_slots] rank and scale tables."""
         names = [self.slice_names[i] for i in run]
         projs = [lora.get(layer, name) for name in names]
         ranks, scales = lora.rank_scale_tables(layer, names)
-        return shrink_slices(
-            x,
-            [p.a for p in projs],  # type: ignore[union-attr]
-            [p.b for p in projs],  # type: ignore[union-attr]
-            batch.lora_seg_indptr,
-            batch.lora_seg_slots,
-            ranks=ranks,
-            scales=scales,
-        )
+        return [p.a for p in projs], [p.b for p in projs], ranks, scales  # type: ignore[union-attr]
+
+    def _shrink_run(
+        self, run: list[int], x: torch.Tensor, lora: LoraSlotPool, layer: int, batch: BatchLayout
+    ) -> LoraShrunk:
+        a, b, ranks, scales = self._run_operands(run, lora, layer)
+        return shrink_slices(x, a, b, batch.lora_seg_indptr, batch.lora_seg_slots, ranks=ranks, scales=scales)
 
     def load_slices(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None) -> None:
         """Copy per-slice checkpoint tensors (in slice order) into the fused parameters."""
