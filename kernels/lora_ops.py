@@ -337,9 +337,9 @@ class LoraShrunk:
     work, on another stream too, as long as the expand is ordered after the shrink: the engine runs
     the shrink beside the base matmul that reads the same ``x``, and the expand after it."""
 
-    inter: (
-        torch.Tensor
-    )  # Triton: float32 partial sums [split_k, n_slices, T, r_max]; torch: [n_slices, T, r_max]
+    # float32: the Triton path's partial sums [split_k, n_slices, T, r_max], or the torch path's
+    # finished [n_slices, T, r_max]
+    inter: torch.Tensor
     lora_bs: list[torch.Tensor]
     seg_indptr: torch.Tensor
     seg_slots: torch.Tensor
