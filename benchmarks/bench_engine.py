@@ -49,6 +49,7 @@ from engine_shapes import (
 from lorafleet.kernels import sgmv_launch
 from lorafleet.worker import Engine, SamplingParams
 from lorafleet.worker.demo_assets import write_random_adapter
+from lorafleet.worker.engine_config import LORA_SIDE_STREAM_MODES
 from lorafleet.worker.kv_cache import KVCache
 from lorafleet.worker.lora_pool import LoraSlotPool
 from lorafleet.worker.types import Request
@@ -362,8 +363,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     side_modes = [m for m in args.compare_lora_stream.split(",") if m]
-    if any(m not in ("full", "shrink") for m in side_modes):
-        parser.error(f"--compare-lora-stream: modes are full and shrink, got {args.compare_lora_stream!r}")
+    on_modes = [m for m in LORA_SIDE_STREAM_MODES if m != "off"]
+    if any(m not in on_modes for m in side_modes):
+        modes = ", ".join(on_modes)
+        parser.error(f"--compare-lora-stream: modes are {modes}, got {args.compare_lora_stream!r}")
     args.batches = [int(x) for x in args.batches.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.popularities = args.popularities.split(",")
