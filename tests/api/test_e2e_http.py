@@ -337,7 +337,10 @@ def test_cli_bench_through_http(server) -> None:
     report = json.loads(done.stdout)
     assert report["requests"] == report["completed"] > 5
     assert report["generated_tokens"] >= 4 * report["requests"]
-    assert report["ttft_s"]["p50"] > 0 and report["tpot_s"]["p50"] > 0
+    assert 0 < report["ttft_s"]["p50"] <= report["e2e_s"]["p50"]
+    # Measured for every request, but it may honestly be 0: a worker that outruns the head merges
+    # several steps into one report, and their chunks then share one socket read on the client.
+    assert all(report["tpot_s"][q] is not None and report["tpot_s"][q] >= 0 for q in ("p50", "p90", "p99"))
 
 
 def test_zz_sigint_drains_http_streams_and_refuses_new_calls(server) -> None:
