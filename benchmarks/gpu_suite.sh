@@ -2,7 +2,7 @@
 # One call on a GPU machine: install lorafleet offline, run the GPU tests, then the benchmarks named.
 #   benchmarks/gpu_suite.sh OUT_DIR STAGE...     stages: tests, tests-new, tests-sgmv, graph-tests, attention,
 #                                                adapters, engine-quick, engine-rows, engine-e2e, engine-7b, engine-8b,
-#                                                sgmv, sgmv-quick, sgmv-side, sgmv-sweep, decode-floor, pdl-probe, profile-engine, profile-7b,
+#                                                sgmv, sgmv-quick, sgmv-side, sgmv-ab, sgmv-sweep, decode-floor, pdl-probe, profile-engine, profile-7b,
 #                                                startup-7b, fleet-assets, fleet, fleet-f32, sim-validate
 # Each stage logs to OUT_DIR/<stage>.log; a failing stage does not stop the next one.
 #
@@ -137,6 +137,15 @@ for stage in "$@"; do
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv-quick" --quick ;;
     sgmv-side)  # the anchored cases again with the L2 emptied by a 512 MiB read (the side-by-side's flush)
         python3 benchmarks/bench_sgmv.py --out "$out/sgmv-side" --quick --flush read --flush-mib 512 ;;
+    sgmv-ab)  # bench_sgmv --quick as A (the tree), B (SGMV_AB_PATCH applied), A, B; sgmv_ab.py compares
+        ab=/tmp/sgmv-ab patch=${SGMV_AB_PATCH:?sgmv-ab needs SGMV_AB_PATCH=a patch file (patch -p1)}
+        rm -rf "$ab" && for i in 1 2; do
+            python3 benchmarks/bench_sgmv.py --out "$ab/a$i" --quick --baseline-reps 5 >"$ab-a$i.log" 2>&1
+            patch -p1 -s <"$patch" || break
+            python3 benchmarks/bench_sgmv.py --out "$ab/b$i" --quick --baseline-reps 5 >"$ab-b$i.log" 2>&1
+            patch -R -p1 -s <"$patch" || break
+        done
+        python3 benchmarks/sgmv_ab.py "$ab" --md "$out/sgmv-ab.md" ;;
     tests-sgmv)  # the SGMV kernels' GPU tests (tile and row-wise paths, graphs, PDL); SGMV_TESTS_K selects
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_sgmv_gpu.py ${SGMV_TESTS_K:+-k "$SGMV_TESTS_K"} ;;
     sgmv-sweep)  # decode-shaped cases under the row-wise and long-segment launch variants
