@@ -16,7 +16,11 @@ request indices in both runs, over the requests completed in both.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,7 @@ import numpy as np
 RESAMPLES = 2000
 SEED = 20261130
 QUANTILES = (50, 99)
+TAIL_QUANTILES = (75, 90, 95, 99)
 PHASES = ("quiet", "burst", "quiet after")
 
 Run = Mapping[str, Any]
@@ -122,6 +127,20 @@ def difference_table(reference: Run, others: Sequence[Run]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def tail_table(reference: Run, others: Sequence[Run], quantiles: Sequence[float] = TAIL_QUANTILES) -> str:
+    """TPOT differences (reference minus each run) across the upper half, paired as above: whether
+    a p99 gap is a few requests or the whole tail shifted."""
+    head = f"| {reference['name']} minus | " + " | ".join(f"TPOT p{q:g} ms" for q in quantiles) + " |\n"
+    head += "|---|" + "---|" * len(quantiles) + "\n"
+    ref = per_request(reference)["tpot"]
+    rows = []
+    for run in others:
+        m = per_request(run)["tpot"]
+        cells = [_ci(difference(ref, m, q), signed=True) for q in quantiles]
+        rows.append(f"| {run['name']} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
 def phase_table(runs: Sequence[Run]) -> str:
     """TPOT p50 / p99 (with the p99's interval) and request count by arrival phase."""
     head = "| run | " + " | ".join(f"{p}: n, TPOT p50 / p99 ms [p99 95% CI]" for p in PHASES) + " |\n"
@@ -166,3 +185,28 @@ def markdown(runs: Sequence[Run], reference: str = "packing") -> str:
     if pair:
         text += "\nThe kill pair (its own prefix of the plan):\n\n" + interval_table(pair)
     return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render a stored fleet.json's tables, and the TPOT tail table, without re-running it."""
+    p = argparse.ArgumentParser(description="bootstrap tables of a bench_fleet.py fleet.json")
+    p.add_argument("fleet_json", type=Path)
+    p.add_argument("--reference", default="packing", help="the run the others are subtracted from")
+    args = p.parse_args(argv)
+    try:
+        runs = json.loads(args.fleet_json.read_text())["runs"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fleet_stats: error: cannot read runs from {args.fleet_json}: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(runs, args.reference))
+    whole = [r for r in runs if not r.get("pair") and r.get("requests")]
+    ref = next((r for r in whole if r["name"] == args.reference), None)
+    others = [r for r in whole if r is not ref and not r.get("kill")]
+    if ref is not None and others:
+        print(f"TPOT across the tail, {args.reference} minus each other policy (paired, 95% CI):\n")
+        print(tail_table(ref, others))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
