@@ -1,6 +1,8 @@
 """How sure bench_fleet.py's latency percentiles are: bootstrap 95% confidence intervals of TTFT and
 TPOT p50 / p99 per run, and of the difference packing minus each other policy, and TPOT by the
-phase of the plan a request arrived in. Pure numpy on the run records of fleet.json.
+phase of the plan a request arrived in. Pure numpy on the run records of fleet.json. Run alone
+(`python3 benchmarks/fleet_stats.py fleet.json`), it re-renders a stored run's tables and adds the
+TPOT differences at p75-p99 (`tail_table`).
 
 Definitions (those of `lorafleet bench`): TTFT = first token - sent; TPOT = (last token - first
 token) / (tokens - 1) over completed requests with more than one token (records written before

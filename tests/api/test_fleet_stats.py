@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -107,3 +108,25 @@ def test_markdown_tables(stats) -> None:
     ]
     assert "| packing-f32 |" in md.split("The kill pair")[1]
     assert stats.markdown([runs[3]]) == ""
+
+
+def test_tail_table_and_the_cli(stats, tmp_path, capsys) -> None:
+    rng = np.random.default_rng(3)
+    n = 600
+    ttft = rng.exponential(0.5, n)
+    tpot = 0.014 + rng.exponential(0.002, n)
+    # Slower only above the median: the tail table shows p75-p99 shifted; p50 tables would not.
+    slow_tail = np.where(tpot > np.median(tpot), tpot + 0.003, tpot)
+    runs = [_run("packing", ttft, slow_tail), _run("least_loaded", ttft, tpot)]
+    row = stats.tail_table(runs[0], runs[1:]).splitlines()[2]
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert len(cells) == len(stats.TAIL_QUANTILES) and all(
+        c.startswith("+3.0 [") and c.endswith("*") for c in cells
+    )
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert stats.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "TPOT across the tail" in out and "| least_loaded | +3.0 [" in out.split("TPOT across the tail")[1]
+    assert stats.main([str(tmp_path / "missing.json")]) == 2
+    assert "cannot read runs" in capsys.readouterr().err
