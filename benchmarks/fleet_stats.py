@@ -166,17 +166,23 @@ def phase_table(runs: Sequence[Run]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def policy_runs(runs: Sequence[Run], reference: str) -> tuple[list[Run], Run | None, list[Run]]:
+    """The runs of the whole plan (not the kill pair's prefix), the reference among them, and the
+    policies it is compared with (a kill run is not a policy)."""
+    whole = [r for r in runs if not r.get("pair") and r.get("requests")]
+    ref = next((r for r in whole if r["name"] == reference), None)
+    return whole, ref, [r for r in whole if r is not ref and not r.get("kill")]
+
+
 def markdown(runs: Sequence[Run], reference: str = "packing") -> str:
     """The three tables for the runs of one plan (the kill pair's, which replay a prefix, apart)."""
-    whole = [r for r in runs if not r.get("pair") and r.get("requests")]
+    whole, ref, others = policy_runs(runs, reference)
     if not whole:
         return ""
     text = (
         f"\nLatency percentiles with bootstrap 95% confidence intervals (fleet_stats.py: requests "
         f"resampled {RESAMPLES} times, seed {SEED}; point [low, high]):\n\n" + interval_table(whole)
     )
-    ref = next((r for r in whole if r["name"] == reference), None)
-    others = [r for r in whole if r is not ref and not r.get("kill")]
     if ref is not None and others:
         text += (
             f"\n{reference} minus each other policy, paired over the same plan's requests (95% CI; "
@@ -201,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleet_stats: error: cannot read runs from {args.fleet_json}: {exc}", file=sys.stderr)
         return 2
     print(markdown(runs, args.reference))
-    whole = [r for r in runs if not r.get("pair") and r.get("requests")]
-    ref = next((r for r in whole if r["name"] == args.reference), None)
-    others = [r for r in whole if r is not ref and not r.get("kill")]
+    _, ref, others = policy_runs(runs, args.reference)
     if ref is not None and others:
         print(f"TPOT across the tail, {args.reference} minus each other policy (paired, 95% CI):\n")
         print(tail_table(ref, others))
