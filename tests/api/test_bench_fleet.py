@@ -6,17 +6,13 @@ import argparse
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def mods(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
+def mods(bench_import):
     names = (
         "fleet_plan",
         "fleet_report",
@@ -28,9 +24,7 @@ def mods(monkeypatch):
         "fleet_delivery",
         "bench_fleet",
     )
-    yield {n: importlib.import_module(n) for n in names}
-    for n in (*names, "fleet_kill", "fleet_inprocess", "fleet_server", "fleet_migration", "fleet_sim_check"):
-        sys.modules.pop(n, None)
+    return {n: bench_import(n) for n in names}
 
 
 def test_phase_sizing_fits_the_budget(mods) -> None:

@@ -4,11 +4,8 @@ flight then are "unfinished", never "ok", and the token comparison leaves them o
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -16,16 +13,12 @@ from lorafleet.bench.runner import RequestRecord, _one_request
 from lorafleet.bench.workload import synthetic_workload
 from lorafleet.client.grpc_client import AsyncClient
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 NAMES = ("fleet_server", "fleet_tokens", "fleet_run")
 
 
 @pytest.fixture
-def mods(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
-    yield {n: importlib.import_module(n) for n in NAMES}
-    for n in NAMES:
-        sys.modules.pop(n, None)
+def mods(bench_import):
+    return {n: bench_import(n) for n in NAMES}
 
 
 def test_a_cancelled_stream_is_not_a_completed_request() -> None:

@@ -8,13 +8,11 @@ import asyncio
 import dataclasses
 import importlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 NAMES = (
     "fleet_plan",
     "fleet_pair",
@@ -27,20 +25,8 @@ NAMES = (
 
 
 @pytest.fixture
-def mods(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the fleet_*.py modules import each other by name
-    yield {n: importlib.import_module(n) for n in NAMES}
-    for n in (
-        *NAMES,
-        "fleet_kill",
-        "fleet_inprocess",
-        "fleet_run",
-        "fleet_server",
-        "fleet_assets",
-        "fleet_delivery",
-        "fleet_migration",
-    ):
-        sys.modules.pop(n, None)
+def mods(bench_import):
+    return {n: bench_import(n) for n in NAMES}
 
 
 def test_pair_prefix_is_the_longest_that_fits(mods) -> None:

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_http_overhead.py"
 
-
-@pytest.fixture(scope="module")
-def bench() -> Iterator[Any]:
-    spec = importlib.util.spec_from_file_location("bench_http_overhead", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
-    sys.path.insert(0, str(BENCH.parent))  # it imports its sibling proc_tree by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH.parent))
-        del sys.modules[spec.name]
+@pytest.fixture
+def bench(bench_import) -> Any:
+    return bench_import("bench_http_overhead")
 
 
 def run(bench: Any, pair: int, api: str, tps: float, itl: float, **kw: Any) -> Any:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def stats(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    yield importlib.import_module("fleet_stats")
-    sys.modules.pop("fleet_stats", None)
+def stats(bench_import):
+    return bench_import("fleet_stats")
 
 
 def _run(name: str, ttft: np.ndarray, tpot: np.ndarray, sent: np.ndarray | None = None) -> dict:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture
-def ab(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    yield importlib.import_module("sgmv_ab")
-    sys.modules.pop("sgmv_ab", None)
+def ab(bench_import):
+    return bench_import("sgmv_ab")
 
 
 def _write(folder: Path, name: str, us: dict[tuple, tuple[float, float, float]]) -> None:

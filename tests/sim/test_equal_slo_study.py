@@ -3,23 +3,17 @@ attainment, and one tiny sweep end to end (tiny profile, synthetic trace)."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 PROFILE = str(Path(__file__).parent / "tiny_profile.yaml")
 
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    yield importlib.import_module("sim_equal_slo")
-    for name in ("sim_equal_slo", "sim_equal_slo_plots"):
-        sys.modules.pop(name, None)
+def study(bench_import):
+    return bench_import("sim_equal_slo")
 
 
 def _run(family: str, target: int | None, cap: int, gpu_s: float, slo: float) -> dict:

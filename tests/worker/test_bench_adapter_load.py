@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from lorafleet.worker.model_config import ModelConfig
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_adapter_load.py"
 
-
-def test_bench_adapter_load_tiny_cpu(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(BENCH.parent))  # it imports its sibling engine_shapes.py
-    spec = importlib.util.spec_from_file_location("bench_adapter_load", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_adapter_load_tiny_cpu(tmp_path: Path, bench_import) -> None:
+    bench = bench_import("bench_adapter_load")
     config = ModelConfig(**bench.TINY)
     dirs = [bench.write_adapter(tmp_path / f"a{i}", config, i, torch.float32) for i in range(4)]
     up = bench.bench_upload(config, dirs[:2], torch.float32, "cpu", reps=2)
