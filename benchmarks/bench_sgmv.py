@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -397,7 +396,7 @@ def summarize(rows: list[dict], bw: float) -> dict:
     others = [r["us_add_lora"] / r["best_other"] for r in rows if r.get("best_other")]
     worst_other = max(rows, key=lambda r: r["us_add_lora"] / r["best_other"]) if others else None
     return dict(
-        geomean_vs_best_other=math.exp(statistics.mean(math.log(x) for x in others)) if others else None,
+        geomean_vs_best_other=statistics.geometric_mean(others) if others else None,
         worst_vs_best_other=(worst_other["us_add_lora"] / worst_other["best_other"]) if worst_other else None,
         worst_other_case=(
             (worst_other["shape"], worst_other["rank"], worst_other["T"], worst_other["popularity"])
@@ -405,7 +404,7 @@ def summarize(rows: list[dict], bw: float) -> dict:
             else None
         ),
         cases_over_1_1_vs_best_other=sum(x > 1.1 for x in others),
-        geomean_vs_best_peer=math.exp(statistics.mean(math.log(x) for x in ratios)) if ratios else None,
+        geomean_vs_best_peer=statistics.geometric_mean(ratios) if ratios else None,
         worst_vs_best_peer=(worst["us_add_lora"] / worst["anchor"]) if worst else None,
         worst_case=(worst["shape"], worst["rank"], worst["T"], worst["popularity"]) if worst else None,
         distinct_r64_t256_pct_copy=d256[0]["pct_copy"] if d256 else None,

@@ -115,32 +115,27 @@ def interval_table(runs: Sequence[Run]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def difference_table(reference: Run, others: Sequence[Run]) -> str:
-    head = (
-        f"| {reference['name']} minus | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |\n"
-        "|---|---|---|---|---|\n"
-    )
+def difference_table(
+    reference: Run, others: Sequence[Run], columns: Sequence[tuple[str, float]] | None = None
+) -> str:
+    """Each run's (metric, percentile) `columns` subtracted from the reference's, paired as above;
+    by default TTFT and TPOT at QUANTILES."""
+    columns = columns or [(k, q) for k in ("ttft", "tpot") for q in QUANTILES]
+    names = " | ".join(f"{k.upper()} p{q:g} ms" for k, q in columns)
+    head = f"| {reference['name']} minus | {names} |\n|---|" + "---|" * len(columns) + "\n"
     ref = per_request(reference)
     rows = []
     for run in others:
         m = per_request(run)
-        cells = [_ci(difference(ref[k], m[k], q), signed=True) for k in ("ttft", "tpot") for q in QUANTILES]
+        cells = [_ci(difference(ref[k], m[k], q), signed=True) for k, q in columns]
         rows.append(f"| {run['name']} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
 
-def tail_table(reference: Run, others: Sequence[Run], quantiles: Sequence[float] = TAIL_QUANTILES) -> str:
-    """TPOT differences (reference minus each run) across the upper half, paired as above: whether
-    a p99 gap is a few requests or the whole tail shifted."""
-    head = f"| {reference['name']} minus | " + " | ".join(f"TPOT p{q:g} ms" for q in quantiles) + " |\n"
-    head += "|---|" + "---|" * len(quantiles) + "\n"
-    ref = per_request(reference)["tpot"]
-    rows = []
-    for run in others:
-        m = per_request(run)["tpot"]
-        cells = [_ci(difference(ref, m, q), signed=True) for q in quantiles]
-        rows.append(f"| {run['name']} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
+def tail_table(reference: Run, others: Sequence[Run]) -> str:
+    """TPOT differences across the upper half (TAIL_QUANTILES): whether a p99 gap is a few
+    requests or the whole tail shifted."""
+    return difference_table(reference, others, [("tpot", q) for q in TAIL_QUANTILES])
 
 
 def phase_table(runs: Sequence[Run]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -40,10 +39,6 @@ def medians(runs: list[dict[tuple, dict]], kernel: str) -> dict[tuple, float]:
     return {k: statistics.median(r[k][f"us_{kernel}"] for r in runs) for k in keys}
 
 
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def compare(folder: Path) -> tuple[list[str], dict]:
     a_runs, b_runs = load_runs(folder, "a"), load_runs(folder, "b")
     if not a_runs or not b_runs:
@@ -63,7 +58,7 @@ def compare(folder: Path) -> tuple[list[str], dict]:
         ]
         worst = max(ratios, key=ratios.get)
         summary[kernel] = {
-            "geomean_b_over_a": geomean(list(ratios.values())),
+            "geomean_b_over_a": statistics.geometric_mean(ratios.values()),
             "worst_b_over_a": ratios[worst],
             "worst_case": list(worst),
             "a_spread_median": statistics.median(spread),
